@@ -1,0 +1,159 @@
+"""The ``probekit`` command line: a thin Typer layer over the library.
+
+Installed as ``probekit.cli`` (from the top-level ``cli/`` folder of the repository). Every
+user error prints one ``probekit: error: ...`` block and exits 2; see ``probekit.errors``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    name="probekit",
+    help="Train probes: classifiers that read a pretrained transformer's hidden states.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+components_app = typer.Typer(help="Registered components: poolers, heads, freezers, schedulers, presets.")
+config_app = typer.Typer(help="Configs: the JSON schema, presets, validation.")
+app.add_typer(components_app, name="components", no_args_is_help=True)
+app.add_typer(config_app, name="config", no_args_is_help=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from probekit._version import __version__
+
+        typer.echo(f"probekit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Train probes: classifiers that read a pretrained transformer's hidden states."""
+
+
+def _discover() -> Any:
+    import probekit
+
+    return probekit.discover()
+
+
+@components_app.command("list")
+def components_list(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object for machines.")] = False,
+) -> None:
+    """Every registered kind per family, with where it came from (plugins included)."""
+    import probekit
+
+    report = _discover()
+    families = probekit.components()
+    unavailable = {name: reg.unavailable() for name, reg in probekit.REGISTRIES.items()}
+    if as_json:
+        payload = {
+            family: [
+                {"kind": e.kind, "source": e.source, "distribution": e.distribution, "builtin": e.builtin}
+                for e in entries
+            ]
+            for family, entries in families.items()
+        }
+        payload_out: dict[str, Any] = {
+            "families": payload,
+            "unavailable": {f: u for f, u in unavailable.items() if u},
+            "plugins_disabled": report.disabled,
+        }
+        typer.echo(json.dumps(payload_out, indent=2))
+        return
+    for family, entries in families.items():
+        typer.echo(f"{family}:")
+        width = max((len(e.kind) for e in entries), default=0)
+        for entry in entries:
+            typer.echo(f"  {entry.kind:<{width}}  {entry.source}")
+        for kind, reason in unavailable[family].items():
+            typer.echo(f"  {kind:<{width}}  UNAVAILABLE: {reason}")
+    if report.disabled:
+        typer.echo("(plugin autoload disabled by PROBEKIT_DISABLE_PLUGIN_AUTOLOAD)")
+
+
+@config_app.command("schema")
+def config_schema() -> None:
+    """Print the JSON schema of the full config (every registered kind, plugins included)."""
+    import probekit
+
+    _discover()
+    typer.echo(json.dumps(probekit.json_schema(), indent=2))
+
+
+@config_app.command("show")
+def config_show(
+    preset: Annotated[str | None, typer.Option(help="A registered preset, e.g. safety8k.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="A JSON or YAML config file.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="yaml or json.")] = "yaml",
+) -> None:
+    """Print a validated config with every default filled in."""
+    import probekit
+    from probekit.errors import UserError
+
+    _discover()
+    if (preset is None) == (config is None):
+        raise UserError("give exactly one of --preset or --config")
+    if fmt not in {"yaml", "json"}:
+        raise UserError(f"--format must be yaml or json, got {fmt!r}")
+    cfg = probekit.preset(preset) if preset is not None else probekit.load_config(config)
+    typer.echo(probekit.dump_config(cfg, fmt), nl=False)
+
+
+@config_app.command("validate")
+def config_validate(path: Annotated[Path, typer.Argument(help="A JSON or YAML config file.")]) -> None:
+    """Check a config file; print every problem with its line and field, exit 2 if any."""
+    import probekit
+
+    _discover()
+    probekit.load_config(path)
+    typer.echo(f"{path}: ok")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; map probekit errors to exit codes (see ``probekit.errors``)."""
+    from probekit.errors import EXIT_INTERRUPTED, ProbekitError
+
+    logging.basicConfig(format="probekit: warning: %(message)s", level=logging.WARNING, stream=sys.stderr)
+    try:
+        code = app(args=argv, prog_name="probekit", standalone_mode=False)
+    except ProbekitError as exc:
+        for line in str(exc).splitlines() or [type(exc).__name__]:
+            typer.echo(f"probekit: error: {line}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        typer.echo("probekit: interrupted", err=True)
+        return EXIT_INTERRUPTED
+    except typer.Exit as exc:
+        return int(exc.exit_code)
+    except typer.Abort:
+        typer.echo("probekit: aborted", err=True)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        # Usage errors of click (vendored by recent typer): unknown option or command, missing
+        # argument. They know how to print themselves and carry exit code 2.
+        show, exit_code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
+        if callable(show) and isinstance(exit_code, int):
+            show()
+            return exit_code
+        raise
+    return code if isinstance(code, int) else 0
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""probekit: train probes, classifiers that read a pretrained transformer's hidden states.
+
+Quick use::
+
+    import probekit
+    from transformers import AutoModel
+
+    backbone = AutoModel.from_pretrained(path)
+    probe = probekit.build(probekit.preset("safety8k"), backbone)
+    logits = probe(input_ids, attention_mask)
+
+Built-in components register on import; third-party ones load only when
+:func:`probekit.discover` is called.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+import probekit.builtins  # noqa: F401  (registers the built-in components)
+from probekit._version import __version__
+from probekit.config import ProbeConfig, config_model, dump_config, json_schema, load_config, preset
+from probekit.probe import Probe
+from probekit.registry import (
+    FREEZERS,
+    HEADS,
+    POOLERS,
+    PRESETS,
+    REGISTRIES,
+    SCHEDULERS,
+    Entry,
+    discover,
+    isolated_registries,
+)
+from probekit.spec import BuildContext
+
+__all__ = [
+    "FREEZERS",
+    "HEADS",
+    "POOLERS",
+    "PRESETS",
+    "REGISTRIES",
+    "SCHEDULERS",
+    "BuildContext",
+    "Probe",
+    "ProbeConfig",
+    "__version__",
+    "build",
+    "components",
+    "config_model",
+    "discover",
+    "dump_config",
+    "isolated_registries",
+    "json_schema",
+    "load_config",
+    "preset",
+]
+
+
+def build(config: ProbeConfig | dict[str, Any], backbone: nn.Module) -> Probe:
+    """Build the :class:`Probe` a config describes on ``backbone``, freezing plan applied.
+
+    ``config`` is a :class:`ProbeConfig` (e.g. from :func:`preset` or :func:`load_config`) or a
+    plain mapping, validated first.
+    """
+    if not isinstance(config, ProbeConfig):
+        config = load_config(config)
+    return Probe.from_config(config, backbone)
+
+
+def components() -> dict[str, list[Entry[Any]]]:
+    """Every registered kind per family (``poolers``, ``heads``, ...), with where it came from."""
+    return {family: registry.entries() for family, registry in REGISTRIES.items()}

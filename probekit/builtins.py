@@ -1,0 +1,7 @@
+"""Imports every built-in component module so that each registers itself."""
+
+import probekit.freezers
+import probekit.heads
+import probekit.poolers
+import probekit.presets
+import probekit.schedulers  # noqa: F401

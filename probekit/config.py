@@ -1,0 +1,267 @@
+"""The top-level config: one discriminated union per family, assembled from the registries.
+
+:func:`config_model` builds the pydantic model after built-ins (and, when :func:`discover` ran,
+plugins) are registered, so a plugin's spec validates, dumps with all its fields and appears in
+the JSON schema. The result is cached until a registry changes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, create_model
+
+from probekit.errors import ConfigError, did_you_mean
+from probekit.freezers.all import FreezeAllSpec
+from probekit.heads.linear import LinearHeadSpec
+from probekit.optim import OptimizerSpec
+from probekit.poolers.masked_mean import MaskedMeanSpec
+from probekit.registry import FREEZERS, HEADS, POOLERS, PRESETS, SCHEDULERS, Registry
+from probekit.schedulers.cosine import CosineSpec
+from probekit.spec import FreezerSpec, HeadSpec, PoolerSpec, SchedulerSpec
+
+FAMILY_FIELDS: dict[str, Registry[Any]] = {
+    "pooler": POOLERS,
+    "head": HEADS,
+    "freezer": FREEZERS,
+    "scheduler": SCHEDULERS,
+}
+"""Top-level config field -> the registry whose kinds it accepts."""
+
+_NESTED_FIELDS: dict[str, Registry[Any]] = {"token_pooler": POOLERS}
+
+
+class ProbeConfig(BaseModel):
+    """Everything needed to build and train a probe on a backbone.
+
+    Validate raw data with :func:`load_config` (or ``config_model().model_validate``), which knows
+    every registered kind; this class is the static type those models derive from.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pooler: SerializeAsAny[PoolerSpec] = Field(default_factory=MaskedMeanSpec)
+    head: SerializeAsAny[HeadSpec] = Field(default_factory=LinearHeadSpec)
+    freezer: SerializeAsAny[FreezerSpec] = Field(default_factory=FreezeAllSpec)
+    scheduler: SerializeAsAny[SchedulerSpec] = Field(default_factory=CosineSpec)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+
+
+_cache: tuple[tuple[int, ...], type[ProbeConfig]] | None = None
+
+
+def _union(registry: Registry[Any]) -> Any:
+    classes = tuple(entry.obj for entry in registry.entries())
+    if len(classes) == 1:
+        return classes[0]
+    return Annotated[Union[classes], Field(discriminator="kind")]  # noqa: UP007  (a runtime tuple)
+
+
+def config_model() -> type[ProbeConfig]:
+    """The config model for the kinds registered now (cached until a registry changes)."""
+    global _cache
+    key = tuple(reg.version for reg in FAMILY_FIELDS.values())
+    if _cache is not None and _cache[0] == key:
+        return _cache[1]
+    fields: dict[str, Any] = {}
+    for name, registry in FAMILY_FIELDS.items():
+        default = ProbeConfig.model_fields[name].default_factory
+        fields[name] = (_union(registry), Field(default_factory=default))  # type: ignore[arg-type]
+    model = create_model("ProbeConfig", __base__=ProbeConfig, __module__=__name__, **fields)
+    model.__doc__ = ProbeConfig.__doc__
+    _cache = (key, model)
+    return model
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON schema of the full config, every registered kind included."""
+    return config_model().model_json_schema()
+
+
+# -- loading and dumping -----------------------------------------------------------------------
+def _parse_text(text: str, source: str) -> tuple[Any, yaml.Node | None]:
+    """Parse JSON or YAML text with the safe loader; return the data and its YAML node tree."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML/JSON: {problem}") from None
+    return data, node
+
+
+def read_config_file(path: str | Path) -> tuple[dict[str, Any], yaml.Node | None]:
+    """Read a ``.json``, ``.yaml`` or ``.yml`` config file (safe loader only)."""
+    path = Path(path)
+    if path.suffix.lower() not in {".json", ".yaml", ".yml"}:
+        raise ConfigError(f"{path}: config files must end in .json, .yaml or .yml")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    data, node = _parse_text(text, str(path))
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: a config must be a mapping, got {type(data).__name__}")
+    return data, node
+
+
+def load_config(source: Mapping[str, Any] | str | Path | None = None) -> ProbeConfig:
+    """Validate a config given as a mapping or a JSON/YAML file path; errors name their place.
+
+    Raises:
+        ConfigError: one line per problem, each naming file:line (for files), the field path,
+            the allowed kinds and a did-you-mean where one is close.
+    """
+    node = None
+    label = "config"
+    if source is None:
+        data: dict[str, Any] = {}
+    elif isinstance(source, Mapping):
+        data = dict(source)
+    else:
+        data, node = read_config_file(source)
+        label = str(source)
+    return validate(data, label=label, node=node)
+
+
+def validate(data: Mapping[str, Any], *, label: str = "config", node: yaml.Node | None = None) -> ProbeConfig:
+    """Validate ``data`` against :func:`config_model`, turning errors into one located line each."""
+    model = config_model()
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe(error, model, data, label, node) for error in exc.errors()]
+        raise ConfigError("\n".join(dict.fromkeys(lines))) from None
+
+
+def preset(name: str) -> ProbeConfig:
+    """The validated config of a registered preset, e.g. ``preset("safety8k")``."""
+    return validate(PRESETS.get(name).config, label=f"preset {name}")
+
+
+def dump_config(config: ProbeConfig, fmt: str = "yaml") -> str:
+    """Serialise ``config`` as ``yaml`` or ``json`` text that :func:`load_config` reads back."""
+    data = config.model_dump(mode="json")
+    if fmt == "json":
+        return json.dumps(data, indent=2) + "\n"
+    if fmt == "yaml":
+        return yaml.safe_dump(data, sort_keys=False)
+    raise ValueError(f"unknown format {fmt!r}; use 'yaml' or 'json'")
+
+
+# -- error messages ----------------------------------------------------------------------------
+def _strip_tags(loc: tuple[Any, ...], data: Any) -> tuple[list[Any], Any, Any]:
+    """Drop pydantic's union-tag entries from ``loc``; return the path, its parent and value data."""
+    path: list[Any] = []
+    parent: Any = None
+    current: Any = data
+    for item in loc:
+        if isinstance(current, Mapping) and isinstance(item, str) and item not in current and item == current.get("kind"):
+            continue
+        path.append(item)
+        parent = current
+        if isinstance(current, Mapping):
+            current = current.get(item)
+        elif isinstance(current, (list, tuple)) and isinstance(item, int) and 0 <= item < len(current):
+            current = current[item]
+        else:
+            current = None
+    return path, parent, current
+
+
+def _format_path(path: list[Any]) -> str:
+    text = ""
+    for item in path:
+        text += f"[{item}]" if isinstance(item, int) else (f".{item}" if text else str(item))
+    return text or "(top level)"
+
+
+def _registry_for(path: list[Any]) -> Registry[Any] | None:
+    for item in reversed(path):
+        if isinstance(item, str) and item != "kind":
+            return FAMILY_FIELDS.get(item) or _NESTED_FIELDS.get(item)
+    return None
+
+
+def _fields_at(model: type[BaseModel], path: list[Any], data: Any) -> list[str]:
+    """Field names allowed in the mapping at ``path`` (for did-you-mean on unknown keys)."""
+    current: type[BaseModel] | None = model
+    value: Any = data
+    for item in path:
+        if current is None or not isinstance(value, Mapping):
+            return []
+        value = value.get(item)
+        registry = FAMILY_FIELDS.get(item) or _NESTED_FIELDS.get(item)
+        if registry is not None and isinstance(value, Mapping):
+            kind = value.get("kind")
+            current = registry.get(kind) if isinstance(kind, str) and kind in registry else None
+            continue
+        info = current.model_fields.get(item)
+        annotation = info.annotation if info is not None else None
+        current = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return list(current.model_fields) if current is not None else []
+
+
+def _line(node: yaml.Node | None, path: list[Any]) -> int | None:
+    """1-based line of the value (or key) at ``path`` in a composed YAML/JSON document."""
+    if node is None:
+        return None
+    line = node.start_mark.line + 1
+    for item in path:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if key.value == item:
+                    node = value
+                    line = key.start_mark.line + 1
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(item, int) and item < len(node.value):
+            node = node.value[item]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _describe(error: Any, model: type[BaseModel], data: Any, label: str, node: yaml.Node | None) -> str:
+    path, parent, _value = _strip_tags(tuple(error["loc"]), data)
+    kind = error["type"]
+    message = str(error["msg"])
+    if kind == "extra_forbidden":
+        name = str(path[-1]) if path else ""
+        allowed = _fields_at(model, path[:-1], data)
+        hint = did_you_mean(name, allowed)
+        message = f"unknown field {name!r}" + (f"; {hint}" if hint else "") + (
+            f" (allowed: {', '.join(allowed)})" if allowed else ""
+        )
+    elif kind in {"union_tag_invalid", "union_tag_not_found"}:
+        registry = _registry_for(path)
+        tag = str(error.get("ctx", {}).get("tag", "")) if kind == "union_tag_invalid" else ""
+        path = [*path, "kind"]
+        if registry is not None:
+            unavailable = registry.unavailable()
+            if tag in unavailable:
+                message = f"{registry.family} kind {tag!r} is unavailable: {unavailable[tag]}"
+            else:
+                hint = did_you_mean(tag, registry.kinds()) if tag else ""
+                head = f"unknown {registry.family} kind {tag!r}" if tag else f"missing {registry.family} kind"
+                message = head + (f"; {hint}" if hint else "") + f" (allowed kinds: {', '.join(registry.kinds())})"
+    elif kind.startswith("value_error") or kind == "assertion_error":
+        message = message.removeprefix("Value error, ")
+    where = label
+    line = _line(node, path)
+    if line is not None:
+        where = f"{label}:{line}"
+    del parent
+    return f"{where}: {_format_path(path)}: {message}"

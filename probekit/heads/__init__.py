@@ -1,0 +1,6 @@
+"""Heads: pooled features -> class logits. Built-ins register in :data:`probekit.registry.HEADS`."""
+
+from probekit.heads.linear import LinearHeadSpec
+from probekit.heads.mlp import MLPHeadSpec
+
+__all__ = ["LinearHeadSpec", "MLPHeadSpec"]

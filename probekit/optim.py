@@ -1,0 +1,78 @@
+"""Optimiser spec and parameter groups derived from the freezing plan.
+
+Groups: ``head`` (pooler + head) at ``lr_head`` and ``body`` (trainable backbone parameters) at
+``lr_body``, each split into a decayed part and a part without weight decay. Parameters of one
+dimension or less (biases, norm weights, scalar-mix weights) never get weight decay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
+from torch import nn
+
+if TYPE_CHECKING:
+    from probekit.probe import Probe
+
+
+class OptimizerSpec(BaseModel):
+    """AdamW with separate learning rates for the head and the unfrozen backbone blocks."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["adamw"] = "adamw"
+    lr_head: PositiveFloat = Field(default=2e-4, description="Learning rate of pooler and head.")
+    lr_body: PositiveFloat = Field(default=2e-5, description="Learning rate of trainable backbone blocks.")
+    weight_decay: float = Field(default=0.1, ge=0.0, description="Decoupled weight decay (not on biases/norms).")
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: PositiveFloat = 1e-8
+
+
+def no_weight_decay(name: str, param: nn.Parameter) -> bool:
+    """True for biases, norm weights and other parameters of at most one dimension."""
+    return param.ndim <= 1 or name.endswith(".bias")
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """One optimiser group, with the parameter names it holds (for printing and tests)."""
+
+    name: str
+    lr: float
+    weight_decay: float
+    names: tuple[str, ...]
+    params: tuple[nn.Parameter, ...]
+
+    def as_torch(self) -> dict[str, Any]:
+        return {"params": list(self.params), "lr": self.lr, "weight_decay": self.weight_decay, "name": self.name}
+
+
+def param_groups(probe: Probe, spec: OptimizerSpec) -> list[ParamGroup]:
+    """Trainable parameters of ``probe`` split into head/body x decay/no-decay; empty groups dropped.
+
+    Backbone parameters are taken from the probe's freezing plan, so frozen parameters never
+    reach the optimiser even if someone flipped ``requires_grad`` by hand.
+    """
+    trainable_body = probe.plan.trainable
+    parts: list[tuple[str, float, list[tuple[str, nn.Parameter]]]] = [
+        ("head", spec.lr_head, [(f"pooler.{n}", p) for n, p in probe.pooler.named_parameters()]
+         + [(f"head.{n}", p) for n, p in probe.head.named_parameters()]),
+        ("body", spec.lr_body, [(f"backbone.{n}", p) for n, p in probe.backbone.named_parameters() if n in trainable_body]),
+    ]
+    groups: list[ParamGroup] = []
+    for part, lr, named in parts:
+        for suffix, decay in (("decay", spec.weight_decay), ("no_decay", 0.0)):
+            chosen = [(n, p) for n, p in named if no_weight_decay(n, p) == (suffix == "no_decay")]
+            if chosen:
+                names, params = zip(*chosen, strict=True)
+                groups.append(ParamGroup(f"{part}/{suffix}", lr, decay, tuple(names), tuple(params)))
+    return groups
+
+
+def build_optimizer(probe: Probe, spec: OptimizerSpec) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups`."""
+    groups = [g.as_torch() for g in param_groups(probe, spec)]
+    return torch.optim.AdamW(groups, lr=spec.lr_head, betas=spec.betas, eps=spec.eps)
