@@ -17,16 +17,16 @@ from torch import Tensor, nn
 
 from probekit.errors import BackboneError
 
-# model_type -> (path of the block list, prefixes of the embedding parameters)
+_BERT_LIKE = ("bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "electra", "camembert", "ernie", "mpnet")
+_LLAMA_LIKE = (
+    *("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"),
+    *("gemma", "gemma2", "gemma3_text", "phi", "phi3", "olmo", "olmo2", "granite", "starcoder2", "cohere"),
+)
+_DEBERTA_EMBEDDINGS = ("embeddings", "encoder.rel_embeddings", "encoder.LayerNorm")
+
 KNOWN_LAYOUTS: dict[str, tuple[str, tuple[str, ...]]] = {
-    **{
-        t: ("encoder.layer", ("embeddings",))
-        for t in ("bert", "roberta", "xlm-roberta", "electra", "camembert", "ernie", "mpnet", "xlm-roberta-xl")
-    },
-    **{
-        t: ("encoder.layer", ("embeddings", "encoder.rel_embeddings", "encoder.LayerNorm"))
-        for t in ("deberta", "deberta-v2")
-    },
+    **dict.fromkeys(_BERT_LIKE, ("encoder.layer", ("embeddings",))),
+    **dict.fromkeys(("deberta", "deberta-v2"), ("encoder.layer", _DEBERTA_EMBEDDINGS)),
     "distilbert": ("transformer.layer", ("embeddings",)),
     "gpt2": ("h", ("wte", "wpe")),
     "gptj": ("h", ("wte",)),
@@ -36,29 +36,9 @@ KNOWN_LAYOUTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "gpt_neox": ("layers", ("embed_in",)),
     "opt": ("decoder.layers", ("decoder.embed_tokens", "decoder.embed_positions", "decoder.project_in")),
     "modernbert": ("layers", ("embeddings",)),
-    **{
-        t: ("layers", ("embed_tokens",))
-        for t in (
-            "llama",
-            "mistral",
-            "mixtral",
-            "qwen2",
-            "qwen2_moe",
-            "qwen3",
-            "qwen3_moe",
-            "gemma",
-            "gemma2",
-            "gemma3_text",
-            "phi",
-            "phi3",
-            "olmo",
-            "olmo2",
-            "granite",
-            "starcoder2",
-            "cohere",
-        )
-    },
+    **dict.fromkeys(_LLAMA_LIKE, ("layers", ("embed_tokens",))),
 }
+"""``config.model_type`` -> (path of the block list, prefixes of the embedding parameters)."""
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -145,13 +125,21 @@ def locate(backbone: nn.Module) -> Layout:
     embeddings = tuple(
         sorted(
             set(before)
-            | {n.rsplit(".", 1)[0] for n, _ in backbone.named_parameters() if "embed" in n.lower() and not n.startswith(path + ".")}
+            | {
+                n.rsplit(".", 1)[0]
+                for n, _ in backbone.named_parameters()
+                if "embed" in n.lower() and not n.startswith(path + ".")
+            }
         )
     )
-    return Layout(model_type, path, len(backbone.get_submodule(path)), embeddings, hidden_size)
+    blocks = backbone.get_submodule(path)
+    assert isinstance(blocks, nn.ModuleList)
+    return Layout(model_type, path, len(blocks), embeddings, hidden_size)
 
 
-def resolve_layers(indices: Iterable[int], num_blocks: int, *, field: str = "pooler.layers") -> tuple[int, ...]:
+def resolve_layers(
+    indices: Iterable[int], num_blocks: int, *, field: str = "pooler.layers"
+) -> tuple[int, ...]:
     """Map hidden-state indices (negative from the end) to ``0..num_blocks``.
 
     Raises:
@@ -172,7 +160,7 @@ def resolve_layers(indices: Iterable[int], num_blocks: int, *, field: str = "poo
     return tuple(resolved)
 
 
-class _Stop(Exception):
+class _StopForwardError(Exception):
     """Raised from a hook once the highest needed hidden state is captured."""
 
 
@@ -206,7 +194,7 @@ def capture(
 
     def stop_if_done() -> None:
         if not runs_to_end and all(i in captured for i in layers):
-            raise _Stop
+            raise _StopForwardError
 
     if 0 in layers:
 
@@ -227,7 +215,7 @@ def capture(
         output = backbone(**inputs)
         if runs_to_end:
             captured[layout.num_blocks] = _first(output)
-    except _Stop:
+    except _StopForwardError:
         pass
     finally:
         for handle in handles:

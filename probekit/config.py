@@ -166,7 +166,12 @@ def _strip_tags(loc: tuple[Any, ...], data: Any) -> tuple[list[Any], Any, Any]:
     parent: Any = None
     current: Any = data
     for item in loc:
-        if isinstance(current, Mapping) and isinstance(item, str) and item not in current and item == current.get("kind"):
+        if (
+            isinstance(current, Mapping)
+            and isinstance(item, str)
+            and item not in current
+            and item == current.get("kind")
+        ):
             continue
         path.append(item)
         parent = current
@@ -242,8 +247,10 @@ def _describe(error: Any, model: type[BaseModel], data: Any, label: str, node: y
         name = str(path[-1]) if path else ""
         allowed = _fields_at(model, path[:-1], data)
         hint = did_you_mean(name, allowed)
-        message = f"unknown field {name!r}" + (f"; {hint}" if hint else "") + (
-            f" (allowed: {', '.join(allowed)})" if allowed else ""
+        message = (
+            f"unknown field {name!r}"
+            + (f"; {hint}" if hint else "")
+            + (f" (allowed: {', '.join(allowed)})" if allowed else "")
         )
     elif kind in {"union_tag_invalid", "union_tag_not_found"}:
         registry = _registry_for(path)
@@ -256,7 +263,9 @@ def _describe(error: Any, model: type[BaseModel], data: Any, label: str, node: y
             else:
                 hint = did_you_mean(tag, registry.kinds()) if tag else ""
                 head = f"unknown {registry.family} kind {tag!r}" if tag else f"missing {registry.family} kind"
-                message = head + (f"; {hint}" if hint else "") + f" (allowed kinds: {', '.join(registry.kinds())})"
+                message = (
+                    head + (f"; {hint}" if hint else "") + f" (allowed kinds: {', '.join(registry.kinds())})"
+                )
     elif kind.startswith("value_error") or kind == "assertion_error":
         message = message.removeprefix("Value error, ")
     where = label

@@ -26,7 +26,9 @@ class OptimizerSpec(BaseModel):
     kind: Literal["adamw"] = "adamw"
     lr_head: PositiveFloat = Field(default=2e-4, description="Learning rate of pooler and head.")
     lr_body: PositiveFloat = Field(default=2e-5, description="Learning rate of trainable backbone blocks.")
-    weight_decay: float = Field(default=0.1, ge=0.0, description="Decoupled weight decay (not on biases/norms).")
+    weight_decay: float = Field(
+        default=0.1, ge=0.0, description="Decoupled weight decay (not on biases/norms)."
+    )
     betas: tuple[float, float] = (0.9, 0.999)
     eps: PositiveFloat = 1e-8
 
@@ -47,7 +49,12 @@ class ParamGroup:
     params: tuple[nn.Parameter, ...]
 
     def as_torch(self) -> dict[str, Any]:
-        return {"params": list(self.params), "lr": self.lr, "weight_decay": self.weight_decay, "name": self.name}
+        return {
+            "params": list(self.params),
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "name": self.name,
+        }
 
 
 def param_groups(probe: Probe, spec: OptimizerSpec) -> list[ParamGroup]:
@@ -58,9 +65,17 @@ def param_groups(probe: Probe, spec: OptimizerSpec) -> list[ParamGroup]:
     """
     trainable_body = probe.plan.trainable
     parts: list[tuple[str, float, list[tuple[str, nn.Parameter]]]] = [
-        ("head", spec.lr_head, [(f"pooler.{n}", p) for n, p in probe.pooler.named_parameters()]
-         + [(f"head.{n}", p) for n, p in probe.head.named_parameters()]),
-        ("body", spec.lr_body, [(f"backbone.{n}", p) for n, p in probe.backbone.named_parameters() if n in trainable_body]),
+        (
+            "head",
+            spec.lr_head,
+            [(f"pooler.{n}", p) for n, p in probe.pooler.named_parameters()]
+            + [(f"head.{n}", p) for n, p in probe.head.named_parameters()],
+        ),
+        (
+            "body",
+            spec.lr_body,
+            [(f"backbone.{n}", p) for n, p in probe.backbone.named_parameters() if n in trainable_body],
+        ),
     ]
     groups: list[ParamGroup] = []
     for part, lr, named in parts:

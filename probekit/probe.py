@@ -56,7 +56,9 @@ class Probe(nn.Module):
         self.freezer_spec = freezer
         self.plan: FreezePlan = freezer.resolve(self.backbone)
         self.plan.apply(self.backbone)
-        self._positions_from_mask = accepts(self.backbone, "position_ids") and not _derives_positions(self.backbone)
+        self._positions_from_mask = accepts(self.backbone, "position_ids") and not _derives_positions(
+            self.backbone
+        )
 
     @classmethod
     def from_config(cls, config: ProbeConfig, backbone: nn.Module) -> Probe:
@@ -65,7 +67,9 @@ class Probe(nn.Module):
 
     def _inputs(self, input_ids: Tensor, attention_mask: Tensor, extra: dict[str, Any]) -> dict[str, Any]:
         inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
-        if getattr(self.backbone.config, "use_cache", None) is not None and accepts(self.backbone, "use_cache"):
+        if getattr(self.backbone.config, "use_cache", None) is not None and accepts(
+            self.backbone, "use_cache"
+        ):
             inputs.setdefault("use_cache", False)
         left_padded = bool((attention_mask[:, 0] == 0).logical_and(attention_mask.any(dim=1)).any())
         if self._positions_from_mask and left_padded and "position_ids" not in inputs:
@@ -76,7 +80,9 @@ class Probe(nn.Module):
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, **extra: Any) -> tuple[Tensor, ...]:
         """The hidden states of ``self.layers``, in that order, as the backbone computed them."""
-        captured = capture(self.backbone, self.layout, self.layers, self._inputs(input_ids, attention_mask, extra))
+        captured = capture(
+            self.backbone, self.layout, self.layers, self._inputs(input_ids, attention_mask, extra)
+        )
         return tuple(captured[i] for i in self.layers)
 
     def features(self, input_ids: Tensor, attention_mask: Tensor, **extra: Any) -> Tensor:

@@ -63,9 +63,7 @@ def spec_kind(cls: type[BaseModel]) -> str:
             f"{cls.__module__}.{cls.__qualname__} must declare `kind: Literal['<name>'] = '<name>'`"
         )
     if field_info is not None and field_info.default != args[0]:
-        raise TypeError(
-            f"{cls.__module__}.{cls.__qualname__}: the default of `kind` must be {args[0]!r}"
-        )
+        raise TypeError(f"{cls.__module__}.{cls.__qualname__}: the default of `kind` must be {args[0]!r}")
     return args[0]
 
 

@@ -21,10 +21,14 @@ def make_backbone(family: str, num_layers: int = 4, hidden: int = 32, seed: int 
     common: dict[str, Any] = {"vocab_size": 100}
     heads = 4
     if family == "gpt2":
-        config = tf.GPT2Config(n_embd=hidden, n_layer=num_layers, n_head=heads, bos_token_id=0, eos_token_id=0, **common)
+        config = tf.GPT2Config(
+            n_embd=hidden, n_layer=num_layers, n_head=heads, bos_token_id=0, eos_token_id=0, **common
+        )
         model_cls: Any = tf.GPT2Model
     elif family == "distilbert":
-        config = tf.DistilBertConfig(dim=hidden, n_layers=num_layers, n_heads=heads, hidden_dim=2 * hidden, pad_token_id=0, **common)
+        config = tf.DistilBertConfig(
+            dim=hidden, n_layers=num_layers, n_heads=heads, hidden_dim=2 * hidden, pad_token_id=0, **common
+        )
         model_cls = tf.DistilBertModel
     elif family in ("bert", "roberta", "deberta-v2"):
         cfg_cls, model_cls = {
@@ -68,7 +72,9 @@ def make_backbone(family: str, num_layers: int = 4, hidden: int = 32, seed: int 
     return model
 
 
-def make_batch(batch: int = 3, tokens: int = 7, seed: int = 0, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def make_batch(
+    batch: int = 3, tokens: int = 7, seed: int = 0, pad_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``input_ids`` and ``attention_mask`` with rows of different lengths (ids 2..99)."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, 100, (batch, tokens), generator=gen)

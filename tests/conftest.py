@@ -21,7 +21,6 @@ settings.register_profile("dev", max_examples=100, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 from probekit.testing.fixtures import isolated_registry  # noqa: E402, F401
-
 from tests.backbones import make_backbone  # noqa: E402
 
 

@@ -18,7 +18,9 @@ class MaskedMean(Pooler):
 
     def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
         keep = as_bool_mask(mask, hidden)
-        kept = torch.where(keep.unsqueeze(-1), hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
+        kept = torch.where(
+            keep.unsqueeze(-1), hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device)
+        )
         total = reduce(kept, "b t h -> b h", "sum")
         count = reduce(keep.to(hidden.dtype), "b t -> b", "sum").clamp(min=1.0)
         return total / count.unsqueeze(-1)

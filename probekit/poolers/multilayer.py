@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-from einops import einsum, rearrange
+from einops import rearrange
 from pydantic import Field, SerializeAsAny, field_validator
 from pydantic_core import PydanticCustomError
 from torch import Tensor, nn
@@ -49,7 +49,7 @@ class MultiLayerPooler(Pooler):
         if self.combine == "mean":
             return stacked.mean(dim=0)
         weights = torch.softmax(self.mix_logits, dim=0).to(stacked.dtype)
-        return self.mix_scale.to(stacked.dtype) * einsum(weights, stacked, "k, k ... -> ...")
+        return self.mix_scale.to(stacked.dtype) * torch.einsum("k,k...->...", weights, stacked)
 
     def forward(self, hiddens: Sequence[Tensor], mask: Tensor) -> Tensor:
         if len(hiddens) != self.num_layers:
@@ -59,7 +59,8 @@ class MultiLayerPooler(Pooler):
         keep = as_bool_mask(mask, hiddens[0]).unsqueeze(-1)
         zero = torch.zeros((), dtype=hiddens[0].dtype, device=hiddens[0].device)
         # Padding is zeroed before mixing so that nothing it holds (even nan) reaches a weight.
-        return self.token_pooler(self._mix([torch.where(keep, h, zero) for h in hiddens]), mask)
+        pooled: Tensor = self.token_pooler(self._mix([torch.where(keep, h, zero) for h in hiddens]), mask)
+        return pooled
 
     def output_dim(self, hidden_size: int) -> int:
         k = self.num_layers if self.combine == "concat" else 1
@@ -128,4 +129,6 @@ class MultiLayerSpec(PoolerSpec):
     def build(self, ctx: BuildContext) -> MultiLayerPooler:
         width = ctx.hidden_size * (len(self.layers) if self.combine == "concat" else 1)
         inner_ctx = ctx if self.combine_at == "pooled" else dataclasses.replace(ctx, hidden_size=width)
-        return MultiLayerPooler(len(self.layers), self.combine, self.combine_at, self.token_pooler.build(inner_ctx))
+        return MultiLayerPooler(
+            len(self.layers), self.combine, self.combine_at, self.token_pooler.build(inner_ctx)
+        )

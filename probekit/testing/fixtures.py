@@ -1,6 +1,6 @@
 """Pytest fixtures for plugin authors; use them from a ``conftest.py``::
 
-    from probekit.testing.fixtures import isolated_registry  # noqa: F401
+from probekit.testing.fixtures import isolated_registry  # noqa: F401
 """
 
 from __future__ import annotations

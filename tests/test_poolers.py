@@ -1,0 +1,251 @@
+"""The pooler contract, property-tested over every registered pooler kind (plugins included).
+
+Also shows that each contract check fails on a pooler that breaks it, so the checks can catch
+what they claim to catch.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Literal
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor
+
+import probekit
+from probekit.poolers import ClsSpec, LastTokenSpec, MaskedMeanSpec, MaxSpec, MultiLayerSpec
+from probekit.poolers.base import Pooler
+from probekit.registry import POOLERS
+from probekit.spec import BuildContext, PoolerSpec, TokenPoolerSpec
+from probekit.testing import (
+    PoolerCase,
+    check_all_masked,
+    check_left_right_padding,
+    check_masked_gradient,
+    check_output_shape,
+    check_padding_invariance,
+    check_permutation_invariance,
+    check_pooler,
+    random_case,
+)
+from probekit.testing.strategies import padding_fills, pooler_cases
+
+probekit.discover()  # installed plugin poolers are held to the same contract
+
+TOKEN_KINDS = [k for k in POOLERS.kinds() if issubclass(POOLERS.get(k), TokenPoolerSpec)]
+
+
+def example_specs(kind: str) -> list[PoolerSpec]:
+    """Configurations of ``kind`` worth testing: every multilayer mode, defaults elsewhere."""
+    if kind == "multilayer":
+        return [
+            MultiLayerSpec(layers=layers, combine=combine, combine_at=at, token_pooler=POOLERS.get(inner)())
+            for (combine, at, inner), layers in zip(
+                itertools.product(["mean", "concat", "scalar_mix"], ["tokens", "pooled"], TOKEN_KINDS),
+                itertools.cycle([(-3, -2, -1), (0, 2), (-1,)]),
+            )
+        ]
+    return [POOLERS.get(kind)()]
+
+
+SPECS = [spec for kind in POOLERS.kinds() for spec in example_specs(kind)]
+IDS = [f"{s.kind}-{i}" for i, s in enumerate(SPECS)]
+BUILTIN = {"masked_mean", "cls", "last_token", "max", "multilayer"}
+
+
+def cases(spec: PoolerSpec, min_length: int = 1) -> Any:
+    layers = len(spec.layer_indices()) if spec.multi_layer else 1
+    return pooler_cases(num_layers=layers, min_length=min_length)
+
+
+def test_every_builtin_kind_is_covered() -> None:
+    assert {s.kind for s in SPECS} >= BUILTIN
+    assert set(POOLERS.kinds()) == {s.kind for s in SPECS}
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+@settings(max_examples=15)
+@given(data=st.data())
+def test_output_shape(spec: PoolerSpec, data: st.DataObject) -> None:
+    check_output_shape(spec, data.draw(cases(spec)))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+@settings(max_examples=15)
+@given(data=st.data(), extra=st.integers(0, 5), fill=padding_fills)
+def test_padding_of_any_value_and_amount_changes_nothing(
+    spec: PoolerSpec, data: st.DataObject, extra: int, fill: Literal["random", "inf", "-inf", "nan"]
+) -> None:
+    check_padding_invariance(spec, data.draw(cases(spec)), extra, fill)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+@settings(max_examples=15)
+@given(data=st.data())
+def test_left_and_right_padding_agree(spec: PoolerSpec, data: st.DataObject) -> None:
+    check_left_right_padding(spec, data.draw(cases(spec)))
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.is_permutation_invariant()])
+@settings(max_examples=15)
+@given(data=st.data())
+def test_mean_and_max_ignore_token_order(spec: PoolerSpec, data: st.DataObject) -> None:
+    check_permutation_invariance(spec, data.draw(cases(spec)))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+@settings(max_examples=15)
+@given(data=st.data())
+def test_masked_positions_get_zero_gradient(spec: PoolerSpec, data: st.DataObject) -> None:
+    check_masked_gradient(spec, data.draw(cases(spec)))
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.kind in BUILTIN], ids=lambda s: s.kind)
+@settings(max_examples=10)
+@given(data=st.data())
+def test_all_masked_rows_pool_to_zeros(spec: PoolerSpec, data: st.DataObject) -> None:
+    check_all_masked(spec, data.draw(cases(spec)), expect="zeros")
+
+
+def test_permutation_invariance_is_declared_where_it_holds() -> None:
+    assert MaskedMeanSpec().is_permutation_invariant() and MaxSpec().is_permutation_invariant()
+    assert not ClsSpec().is_permutation_invariant() and not LastTokenSpec().is_permutation_invariant()
+    assert MultiLayerSpec(token_pooler=MaxSpec()).is_permutation_invariant()
+    assert not MultiLayerSpec(token_pooler=ClsSpec()).is_permutation_invariant()
+
+
+# -- exact values on hand-made inputs -------------------------------------------------------
+HIDDEN = torch.tensor(
+    [
+        [[1.0, 2.0], [3.0, -4.0], [99.0, 99.0]],
+        [[-1.0, 5.0], [8.0, 8.0], [2.0, 0.0]],
+    ]
+)
+MASK = torch.tensor([[1, 1, 0], [0, 1, 1]])  # row 0 right-padded, row 1 left-padded
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        (MaskedMeanSpec(), [[2.0, -1.0], [5.0, 4.0]]),
+        (MaxSpec(), [[3.0, 2.0], [8.0, 8.0]]),
+        (ClsSpec(), [[1.0, 2.0], [8.0, 8.0]]),
+        (LastTokenSpec(), [[3.0, -4.0], [2.0, 0.0]]),
+    ],
+    ids=lambda v: getattr(v, "kind", ""),
+)
+def test_token_poolers_compute_the_documented_value(spec: PoolerSpec, expected: list[list[float]]) -> None:
+    pooler = spec.build(BuildContext(hidden_size=2, num_layers=1))
+    assert torch.equal(pooler(HIDDEN, MASK), torch.tensor(expected))
+
+
+def test_multilayer_modes_compute_the_documented_values() -> None:
+    ctx = BuildContext(hidden_size=2, num_layers=2)
+    layers = (HIDDEN, 3 * HIDDEN)
+    mean = MaskedMeanSpec().build(ctx)(HIDDEN, MASK)
+    tokens_mean = MultiLayerSpec(layers=(0, 1)).build(ctx)
+    assert torch.allclose(tokens_mean(layers, MASK), 2 * mean)
+    concat = MultiLayerSpec(layers=(0, 1), combine="concat", combine_at="pooled").build(ctx)
+    assert concat.output_dim(2) == 4
+    assert torch.allclose(concat(layers, MASK), torch.cat([mean, 3 * mean], dim=-1))
+    mix = MultiLayerSpec(layers=(0, 1), combine="scalar_mix").build(ctx)
+    with torch.no_grad():
+        mix.mix_logits.copy_(torch.tensor([0.0, float(torch.log(torch.tensor(3.0)))]))  # weights 1/4, 3/4
+        mix.mix_scale.fill_(2.0)
+    assert torch.allclose(mix(layers, MASK), 2.0 * (0.25 * mean + 0.75 * 3 * mean))
+    assert sum(p.numel() for p in mix.parameters()) == 3
+
+
+def test_scalar_mix_weights_learn() -> None:
+    ctx = BuildContext(hidden_size=2, num_layers=2)
+    mix = MultiLayerSpec(layers=(0, 1), combine="scalar_mix").build(ctx)
+    out = mix((HIDDEN, -HIDDEN), MASK)
+    out.sum().backward()
+    assert mix.mix_logits.grad is not None and mix.mix_logits.grad.abs().sum() > 0
+
+
+def test_multilayer_rejects_a_multilayer_token_pooler_and_a_nested_layer() -> None:
+    with pytest.raises(Exception, match="single-layer pooler"):
+        MultiLayerSpec(token_pooler={"kind": "multilayer"})
+    with pytest.raises(Exception, match="not used inside multilayer"):
+        MultiLayerSpec(token_pooler={"kind": "max", "layer": 3})
+    with pytest.raises(Exception, match="distinct"):
+        MultiLayerSpec(layers=(-1, -1))
+
+
+# -- the checks themselves catch broken poolers ----------------------------------------------
+class _Broken(Pooler):
+    def __init__(self, flaw: str) -> None:
+        super().__init__()
+        self.flaw = flaw
+
+    def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        keep = mask.bool().unsqueeze(-1)
+        if self.flaw == "ignores_mask":
+            return hidden.mean(dim=1)
+        if self.flaw == "multiplies_mask":  # 0 * nan leaks nan, and grads are only nearly masked
+            return (hidden * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)
+        if self.flaw == "position_weighted":  # depends on where tokens sit
+            weights = torch.arange(1, hidden.shape[1] + 1, dtype=hidden.dtype).view(1, -1, 1)
+            return torch.where(keep, hidden * weights, 0.0).sum(dim=1)
+        if self.flaw == "wrong_width":
+            return torch.where(keep, hidden, 0.0).sum(dim=1)[:, :1]
+        if self.flaw == "nan_when_empty":
+            return torch.where(keep, hidden, 0.0).sum(dim=1) / keep.sum(dim=1)
+        if self.flaw == "leaks_first_token_when_empty":
+            valid = torch.where(keep, hidden, 0.0).sum(dim=1)
+            return torch.where(keep.any(dim=1), valid, hidden[:, 0])
+        if self.flaw == "gradient_leak":  # the last position, padding or not, nudges the output
+            return torch.where(keep, hidden, 0.0).sum(dim=1) + 1e-12 * hidden[:, -1]
+        raise AssertionError(self.flaw)
+
+    def output_dim(self, hidden_size: int) -> int:
+        return hidden_size
+
+
+def _broken_spec(flaw: str, invariant: bool = False) -> PoolerSpec:
+    class BrokenSpec(TokenPoolerSpec):
+        kind: Literal["broken"] = "broken"
+
+        def build(self, ctx: BuildContext) -> Pooler:
+            return _Broken(flaw)
+
+        def is_permutation_invariant(self) -> bool:
+            return invariant
+
+    return BrokenSpec()
+
+
+CASE: PoolerCase = random_case(seed=3, batch=3, tokens=5, hidden_size=4, num_layers=1, lengths=[2, 5, 3])
+
+
+@pytest.mark.parametrize(
+    ("flaw", "check", "kwargs"),
+    [
+        ("wrong_width", check_output_shape, {}),
+        ("ignores_mask", check_padding_invariance, {"fill": "random"}),
+        ("multiplies_mask", check_padding_invariance, {"fill": "nan"}),
+        ("position_weighted", check_left_right_padding, {}),
+        ("gradient_leak", check_masked_gradient, {}),
+        ("nan_when_empty", check_all_masked, {}),
+        ("leaks_first_token_when_empty", check_all_masked, {}),
+    ],
+)
+def test_each_check_fails_on_a_pooler_that_breaks_it(flaw: str, check: Any, kwargs: dict[str, Any]) -> None:
+    with pytest.raises(AssertionError, match="pooler 'broken'"):
+        check(_broken_spec(flaw), CASE, **kwargs)
+
+
+def test_permutation_check_fails_on_an_order_dependent_pooler_claiming_invariance() -> None:
+    with pytest.raises(AssertionError, match="permuted"):
+        check_permutation_invariance(_broken_spec("position_weighted", invariant=True), CASE)
+
+
+def test_check_pooler_runs_every_check_and_passes_builtins() -> None:
+    for spec in (MaskedMeanSpec(), MultiLayerSpec(combine="scalar_mix", token_pooler=LastTokenSpec())):
+        check_pooler(spec, examples=5, all_masked="zeros")
+    with pytest.raises(AssertionError):
+        check_pooler(_broken_spec("ignores_mask"), examples=5)

@@ -1,0 +1,55 @@
+"""The README's commands and code work verbatim, and .ci/run runs exactly them."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def _blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.DOTALL)
+
+
+def _section_block(title: str) -> str:
+    section = README.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL)[0]
+
+
+def test_ci_runs_exactly_the_readme_setup_checks_and_test_commands() -> None:
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    for title in ("Set up", "Test", "Checks"):
+        for line in _section_block(title).strip().splitlines():
+            assert line in ci, f"README '{title}' command missing from .ci/run: {line}"
+
+
+def test_setup_command_pins_the_cpu_torch_and_pyproject_does_not() -> None:
+    assert "torch==2.13.0" in _section_block("Set up")
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert '"torch>=2.2"' in pyproject and "torch==" not in pyproject
+
+
+@pytest.mark.slow
+def test_readme_python_example_runs_as_written() -> None:
+    (code,) = _blocks("python")
+    assert len([line for line in code.splitlines() if line.strip()]) <= 6  # imports + the 3 lines
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == "torch.Size([1, 2])"
+
+
+def test_readme_listing_one_liner_lists_every_family() -> None:
+    line = next(line for line in README.splitlines() if line.startswith(".venv/bin/python -c"))
+    code = line.split('-c "', 1)[1].rstrip('"')
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr
+    listing = ast.literal_eval(run.stdout)
+    assert set(listing) == {"poolers", "heads", "freezers", "schedulers", "presets"}
+    assert {"masked_mean", "cls", "last_token", "max", "multilayer"} <= set(listing["poolers"])
