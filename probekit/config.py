@@ -20,7 +20,7 @@ from probekit.freezers.all import FreezeAllSpec
 from probekit.heads.linear import LinearHeadSpec
 from probekit.optim import OptimizerSpec
 from probekit.poolers.masked_mean import MaskedMeanSpec
-from probekit.registry import FREEZERS, HEADS, POOLERS, PRESETS, SCHEDULERS, Registry
+from probekit.registry import FREEZERS, HEADS, POOLERS, PRESETS, SCHEDULERS, Registry, last_report
 from probekit.schedulers.cosine import CosineSpec
 from probekit.spec import FreezerSpec, HeadSpec, PoolerSpec, SchedulerSpec
 
@@ -160,10 +160,9 @@ def dump_config(config: ProbeConfig, fmt: str = "yaml") -> str:
 
 
 # -- error messages ----------------------------------------------------------------------------
-def _strip_tags(loc: tuple[Any, ...], data: Any) -> tuple[list[Any], Any, Any]:
-    """Drop pydantic's union-tag entries from ``loc``; return the path, its parent and value data."""
+def _strip_tags(loc: tuple[Any, ...], data: Any) -> list[Any]:
+    """Drop pydantic's union-tag entries (the ``kind`` value pydantic inserts) from ``loc``."""
     path: list[Any] = []
-    parent: Any = None
     current: Any = data
     for item in loc:
         if (
@@ -174,14 +173,13 @@ def _strip_tags(loc: tuple[Any, ...], data: Any) -> tuple[list[Any], Any, Any]:
         ):
             continue
         path.append(item)
-        parent = current
         if isinstance(current, Mapping):
             current = current.get(item)
         elif isinstance(current, (list, tuple)) and isinstance(item, int) and 0 <= item < len(current):
             current = current[item]
         else:
             current = None
-    return path, parent, current
+    return path
 
 
 def _format_path(path: list[Any]) -> str:
@@ -240,7 +238,7 @@ def _line(node: yaml.Node | None, path: list[Any]) -> int | None:
 
 
 def _describe(error: Any, model: type[BaseModel], data: Any, label: str, node: yaml.Node | None) -> str:
-    path, parent, _value = _strip_tags(tuple(error["loc"]), data)
+    path = _strip_tags(tuple(error["loc"]), data)
     kind = error["type"]
     message = str(error["msg"])
     if kind == "extra_forbidden":
@@ -266,11 +264,12 @@ def _describe(error: Any, model: type[BaseModel], data: Any, label: str, node: y
                 message = (
                     head + (f"; {hint}" if hint else "") + f" (allowed kinds: {', '.join(registry.kinds())})"
                 )
+                if last_report() is None:
+                    message += "; plugin kinds load when probekit.discover() is called"
     elif kind.startswith("value_error") or kind == "assertion_error":
         message = message.removeprefix("Value error, ")
     where = label
     line = _line(node, path)
     if line is not None:
         where = f"{label}:{line}"
-    del parent
     return f"{where}: {_format_path(path)}: {message}"

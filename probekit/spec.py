@@ -43,6 +43,17 @@ class Spec(BaseModel):
 
     kind: str
 
+    @model_validator(mode="before")
+    @classmethod
+    def _concrete_only(cls, data: Any) -> Any:
+        annotation = cls.model_fields["kind"].annotation
+        if typing.get_origin(annotation) is not typing.Literal:
+            raise ValueError(
+                f"{cls.__name__} is a base class, not a kind; validate configs with "
+                "probekit.load_config() so that `kind` picks the spec"
+            )
+        return data
+
     @classmethod
     def kind_name(cls) -> str:
         """The ``kind`` this spec class answers to (the single value of its ``Literal``)."""
