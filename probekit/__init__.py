@@ -1,16 +1,18 @@
 """probekit: train probes, classifiers that read a pretrained transformer's hidden states.
 
-Quick use::
+Quick use:
 
-    import probekit
-    from transformers import AutoModel
+```python
+import probekit
+from transformers import AutoModel
 
-    backbone = AutoModel.from_pretrained(path)
-    probe = probekit.build(probekit.preset("safety8k"), backbone)
-    logits = probe(input_ids, attention_mask)
+backbone = AutoModel.from_pretrained(path)
+probe = probekit.build(probekit.preset("safety8k"), backbone)
+logits = probe(input_ids, attention_mask)
+```
 
 Built-in components register on import; third-party ones load only when
-:func:`probekit.discover` is called.
+`probekit.discover` is called.
 """
 
 from __future__ import annotations
@@ -60,9 +62,9 @@ __all__ = [
 
 
 def build(config: ProbeConfig | dict[str, Any], backbone: nn.Module) -> Probe:
-    """Build the :class:`Probe` a config describes on ``backbone``, freezing plan applied.
+    """Build the `Probe` a config describes on ``backbone``, freezing plan applied.
 
-    ``config`` is a :class:`ProbeConfig` (e.g. from :func:`preset` or :func:`load_config`) or a
+    ``config`` is a `ProbeConfig` (e.g. from `preset` or `load_config`) or a
     plain mapping, validated first.
     """
     if not isinstance(config, ProbeConfig):

@@ -1,6 +1,6 @@
 """The top-level config: one discriminated union per family, assembled from the registries.
 
-:func:`config_model` builds the pydantic model after built-ins (and, when :func:`discover` ran,
+`config_model` builds the pydantic model after built-ins (and, when `discover` ran,
 plugins) are registered, so a plugin's spec validates, dumps with all its fields and appears in
 the JSON schema. The result is cached until a registry changes.
 """
@@ -38,7 +38,7 @@ _NESTED_FIELDS: dict[str, Registry[Any]] = {"token_pooler": POOLERS}
 class ProbeConfig(BaseModel):
     """Everything needed to build and train a probe on a backbone.
 
-    Validate raw data with :func:`load_config` (or ``config_model().model_validate``), which knows
+    Validate raw data with `load_config` (or ``config_model().model_validate``), which knows
     every registered kind; this class is the static type those models derive from.
     """
 
@@ -135,7 +135,7 @@ def load_config(source: Mapping[str, Any] | str | Path | None = None) -> ProbeCo
 
 
 def validate(data: Mapping[str, Any], *, label: str = "config", node: yaml.Node | None = None) -> ProbeConfig:
-    """Validate ``data`` against :func:`config_model`, turning errors into one located line each."""
+    """Validate ``data`` against `config_model`, turning errors into one located line each."""
     model = config_model()
     try:
         return model.model_validate(data)
@@ -150,7 +150,7 @@ def preset(name: str) -> ProbeConfig:
 
 
 def dump_config(config: ProbeConfig, fmt: str = "yaml") -> str:
-    """Serialise ``config`` as ``yaml`` or ``json`` text that :func:`load_config` reads back."""
+    """Serialise ``config`` as ``yaml`` or ``json`` text that `load_config` reads back."""
     data = config.model_dump(mode="json")
     if fmt == "json":
         return json.dumps(data, indent=2) + "\n"

@@ -88,6 +88,6 @@ def param_groups(probe: Probe, spec: OptimizerSpec) -> list[ParamGroup]:
 
 
 def build_optimizer(probe: Probe, spec: OptimizerSpec) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups`."""
+    """AdamW over `param_groups`."""
     groups = [g.as_torch() for g in param_groups(probe, spec)]
     return torch.optim.AdamW(groups, lr=spec.lr_head, betas=spec.betas, eps=spec.eps)

@@ -1,4 +1,4 @@
-"""The :class:`Probe`: backbone -> the hidden states the pooler reads -> pooler -> head."""
+"""The `Probe`: backbone -> the hidden states the pooler reads -> pooler -> head."""
 
 from __future__ import annotations
 

@@ -3,11 +3,11 @@
 Built-in components register themselves when their module is imported. Third-party components
 arrive through Python entry points (groups ``probekit.poolers``, ``probekit.heads``,
 ``probekit.freezers``, ``probekit.schedulers``, ``probekit.presets``), read only when
-:func:`discover` is called, never at import.
+`discover` is called, never at import.
 
 Environment switches:
 
-* ``PROBEKIT_DISABLE_PLUGIN_AUTOLOAD=1`` makes :func:`discover` load nothing.
+* ``PROBEKIT_DISABLE_PLUGIN_AUTOLOAD=1`` makes `discover` load nothing.
 * ``PROBEKIT_BLOCK_PLUGINS=name,other`` skips entry points by entry-point name or distribution name.
 """
 
@@ -105,7 +105,7 @@ class Registry(Generic[T]):
         return obj
 
     def unregister(self, kind: str) -> None:
-        """Remove ``kind``; unknown kinds raise :class:`UnknownKindError`."""
+        """Remove ``kind``; unknown kinds raise `UnknownKindError`."""
         if kind not in self._state.entries:
             raise UnknownKindError(self.family, kind, self._state.entries)
         del self._state.entries[kind]
@@ -226,7 +226,7 @@ class PluginFailure:
 
 @dataclass
 class DiscoveryReport:
-    """What :func:`discover` found: loaded kinds, failures, and whether autoload was off."""
+    """What `discover` found: loaded kinds, failures, and whether autoload was off."""
 
     loaded: list[Entry[Any]] = field(default_factory=list)
     failed: list[PluginFailure] = field(default_factory=list)
@@ -329,7 +329,7 @@ def _load_entry_point(
 
 
 def last_report() -> DiscoveryReport | None:
-    """The report of the last :func:`discover` call in this process, if any."""
+    """The report of the last `discover` call in this process, if any."""
     return _report
 
 
@@ -338,7 +338,7 @@ def isolated_registries() -> Iterator[dict[str, Registry[Any]]]:
     """Give the block a private copy of every registry; restore all of them afterwards.
 
     Whatever the block registers, unregisters or discovers is forgotten on exit, and
-    :func:`discover` runs afresh inside the block.
+    `discover` runs afresh inside the block.
     """
     global _report
     import probekit.builtins  # noqa: F401  (built-ins are part of the copied state)

@@ -28,7 +28,7 @@ class BuildContext:
     """What a component may know about the backbone it is built for.
 
     ``num_layers`` counts transformer blocks; hidden states are indexed ``0..num_layers``
-    (0 is the embedding output, ``i`` the output of block ``i``; negative indices count from the end).
+    (0 is the embedding output, ``i`` the output of block ``i - 1``; negative indices count from the end).
     """
 
     hidden_size: int
@@ -122,7 +122,7 @@ class HeadSpec(Spec):
 
 
 class FreezerSpec(Spec):
-    """A freezing policy, resolved against a backbone into an explicit :class:`FreezePlan`."""
+    """A freezing policy, resolved against a backbone into an explicit `FreezePlan`."""
 
     def resolve(self, backbone: nn.Module) -> FreezePlan:
         """Return the plan: frozen and trainable blocks and exact parameter names."""

@@ -1,4 +1,4 @@
-"""Freezing policies, resolved against a backbone into a :class:`FreezePlan`."""
+"""Freezing policies, resolved against a backbone into a `FreezePlan`."""
 
 from probekit.freezers.all import FreezeAllSpec
 from probekit.freezers.bottom import BottomFreezeSpec

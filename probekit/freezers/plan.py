@@ -1,7 +1,7 @@
 """The freezing plan: which blocks and which exact parameters train.
 
-One plan drives both ``requires_grad`` (:meth:`FreezePlan.apply`) and the optimiser's parameter
-groups (:func:`probekit.optim.param_groups`), so the two can never disagree.
+One plan drives both ``requires_grad`` (`FreezePlan.apply`) and the optimiser's parameter
+groups (`probekit.optim.param_groups`), so the two can never disagree.
 """
 
 from __future__ import annotations

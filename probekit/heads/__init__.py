@@ -1,4 +1,4 @@
-"""Heads: pooled features -> class logits. Built-ins register in :data:`probekit.registry.HEADS`."""
+"""Heads: pooled features -> class logits. Built-ins register in `probekit.registry.HEADS`."""
 
 from probekit.heads.linear import LinearHeadSpec
 from probekit.heads.mlp import MLPHeadSpec

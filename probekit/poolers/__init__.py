@@ -1,6 +1,6 @@
 """Poolers: hidden states + attention mask -> one vector per row.
 
-Every built-in registers itself in :data:`probekit.registry.POOLERS` under its ``kind``.
+Every built-in registers itself in `probekit.registry.POOLERS` under its ``kind``.
 """
 
 from probekit.poolers.base import Pooler

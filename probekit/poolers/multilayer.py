@@ -110,7 +110,7 @@ class MultiLayerSpec(PoolerSpec):
         if not issubclass(spec_cls, TokenPoolerSpec):
             raise PydanticCustomError(
                 "not_token_pooler",
-                "token_pooler must be a single-layer pooler; {kind!r} reads several layers",
+                "token_pooler must be a single-layer pooler; '{kind}' reads several layers",
                 {"kind": kind},
             )
         if value.get("layer", -1) != -1:

@@ -1,4 +1,4 @@
-"""Presets: released, named configurations. Built-ins register in :data:`probekit.registry.PRESETS`."""
+"""Presets: released, named configurations. Built-ins register in `probekit.registry.PRESETS`."""
 
 from probekit.presets.safety8k import SAFETY8K
 

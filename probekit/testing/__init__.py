@@ -1,14 +1,16 @@
 """Contract checks for poolers, for probekit's own tests and for plugin authors.
 
-A plugin author runs every check on their pooler in one test::
+A plugin author runs every check on their pooler in one test:
 
-    from probekit.testing import check_pooler
+```python
+from probekit.testing import check_pooler
 
-    def test_my_pooler_keeps_the_contract():
-        check_pooler(MyPoolerSpec())
+def test_my_pooler_keeps_the_contract():
+    check_pooler(MyPoolerSpec())
+```
 
-Each ``check_*`` function takes a spec and one :class:`PoolerCase` and raises ``AssertionError``
-naming the pooler and the broken promise. :func:`check_pooler` runs them all on many random
+Each ``check_*`` function takes a spec and one `PoolerCase` and raises ``AssertionError``
+naming the pooler and the broken promise. `check_pooler` runs them all on many random
 cases; ``probekit.testing.strategies`` has hypothesis strategies that draw cases.
 
 The contract: the output is ``(batch, output_dim(hidden))`` and finite; padding (masked

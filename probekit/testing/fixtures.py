@@ -1,6 +1,8 @@
-"""Pytest fixtures for plugin authors; use them from a ``conftest.py``::
+"""Pytest fixtures for plugin authors; use them from a ``conftest.py``:
 
+```python
 from probekit.testing.fixtures import isolated_registry  # noqa: F401
+```
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ def pooler_cases(
     max_hidden: int = 16,
     min_length: int = 1,
 ) -> PoolerCase:
-    """A :class:`PoolerCase` with ``num_layers`` layers; each row has ``min_length``+ valid tokens."""
+    """A `PoolerCase` with ``num_layers`` layers; each row has ``min_length``+ valid tokens."""
     batch = draw(st.integers(1, max_batch))
     tokens = draw(st.integers(max(1, min_length), max_tokens))
     hidden = draw(st.integers(1, max_hidden))
