@@ -17,6 +17,7 @@ import contextlib
 import importlib.metadata
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -91,8 +92,8 @@ class Registry(Generic[T]):
         """
         self._check(obj)
         kind = self._key(obj)
-        if source is None:
-            module = getattr(obj, "__module__", "") or ""
+        if source is None:  # the module that called register(): where the kind is defined
+            module = str(sys._getframe(1).f_globals.get("__name__", ""))
             source = BUILTIN if module.startswith("probekit.") else f"module {module}"
         existing = self._state.entries.get(kind)
         if existing is not None:

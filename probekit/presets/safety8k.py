@@ -35,6 +35,5 @@ SAFETY8K = PRESETS.register(
             "scheduler": {"kind": "cosine", "warmup_epochs": 1.0, "min_lr_ratio": 0.0},
             "optimizer": {"kind": "adamw", "lr_head": 2e-4, "lr_body": 2e-5, "weight_decay": 0.1},
         },
-    ),
-    source="probekit (built-in)",
+    )
 )
