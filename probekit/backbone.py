@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from probekit.errors import BackboneError
 
-_BERT_LIKE = ("bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "electra", "camembert", "ernie", "mpnet")
+BERT_LIKE = ("bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "electra", "camembert", "ernie", "mpnet")
 _LLAMA_LIKE = (
     *("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"),
     *("gemma", "gemma2", "gemma3_text", "phi", "phi3", "olmo", "olmo2", "granite", "starcoder2", "cohere"),
@@ -25,7 +25,7 @@ _LLAMA_LIKE = (
 _DEBERTA_EMBEDDINGS = ("embeddings", "encoder.rel_embeddings", "encoder.LayerNorm")
 
 KNOWN_LAYOUTS: dict[str, tuple[str, tuple[str, ...]]] = {
-    **dict.fromkeys(_BERT_LIKE, ("encoder.layer", ("embeddings",))),
+    **dict.fromkeys(BERT_LIKE, ("encoder.layer", ("embeddings",))),
     **dict.fromkeys(("deberta", "deberta-v2"), ("encoder.layer", _DEBERTA_EMBEDDINGS)),
     "distilbert": ("transformer.layer", ("embeddings",)),
     "gpt2": ("h", ("wte", "wpe")),
@@ -155,7 +155,9 @@ def resolve_layers(
             )
         r = i % count
         if r in resolved:
-            raise BackboneError(f"{field}: layer {i} names hidden state {r} twice")
+            raise BackboneError(
+                f"{field}: layer {i} names hidden state {r} twice (the backbone has {count} hidden states)"
+            )
         resolved.append(r)
     return tuple(resolved)
 

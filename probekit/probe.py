@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from probekit.backbone import Layout, accepts, base_model, capture, locate, resolve_layers
+from probekit.backbone import BERT_LIKE, Layout, accepts, base_model, capture, locate, resolve_layers
 from probekit.freezers.plan import FreezePlan
 from probekit.spec import BuildContext, FreezerSpec, HeadSpec, PoolerSpec
 
@@ -20,7 +20,8 @@ class Probe(nn.Module):
     Only the layers the pooler needs are captured, and blocks above the highest of them are
     never run. Pooler and head run in float32 whatever the backbone's dtype. Works with encoder
     (BERT-like) and decoder (GPT-2, Llama-like) backbones from ``transformers``; task heads of the
-    given model (LM head, classifier) are dropped.
+    given model (LM head, classifier) are dropped, and so is the unused ``pooler`` of BERT-like
+    models (the backbone object is modified in place: it is now part of the probe).
 
     Args:
         backbone: a ``transformers`` model.
@@ -39,6 +40,12 @@ class Probe(nn.Module):
         super().__init__()
         self.backbone = base_model(backbone)
         self.layout: Layout = locate(self.backbone)
+        if self.layout.model_type in BERT_LIKE and isinstance(
+            getattr(self.backbone, "pooler", None), nn.Module
+        ):
+            # BERT's own [CLS] pooler feeds nothing a probe reads: drop it (no compute, no
+            # parameters that could never get a gradient).
+            self.backbone.pooler = None  # type: ignore[assignment]
         self.pooler_spec = pooler
         self.head_spec = head
         self.context = BuildContext(
@@ -46,7 +53,8 @@ class Probe(nn.Module):
             num_layers=self.layout.num_blocks,
             model_type=self.layout.model_type,
         )
-        self.layers = resolve_layers(pooler.layer_indices(), self.layout.num_blocks)
+        field = "pooler.layers" if pooler.multi_layer else "pooler.layer"
+        self.layers = resolve_layers(pooler.layer_indices(), self.layout.num_blocks, field=field)
         self.pooler = pooler.build(self.context)
         self.head = head.build(self.context, self.pooler.output_dim(self.context.hidden_size))
         if freezer is None:

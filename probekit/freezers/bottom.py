@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -42,7 +43,8 @@ class BottomFreezeSpec(FreezerSpec):
                 )
             return self.count
         assert self.fraction is not None
-        return min(num_blocks, math.floor(self.fraction * num_blocks + 0.5))
+        # Exact decimal arithmetic: 0.58 x 25 is 14.5 and must round to 15, not float's 14.499...
+        return min(num_blocks, math.floor(Fraction(str(self.fraction)) * num_blocks + Fraction(1, 2)))
 
     def resolve(self, backbone: nn.Module) -> FreezePlan:
         layout = locate(backbone)
