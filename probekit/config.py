@@ -22,7 +22,7 @@ from probekit.optim import OptimizerSpec
 from probekit.poolers.masked_mean import MaskedMeanSpec
 from probekit.registry import FREEZERS, HEADS, POOLERS, PRESETS, SCHEDULERS, Registry, last_report
 from probekit.schedulers.cosine import CosineSpec
-from probekit.spec import FreezerSpec, HeadSpec, PoolerSpec, SchedulerSpec
+from probekit.spec import FreezerSpec, HeadSpec, PoolerSpec, SchedulerSpec, TokenPoolerSpec
 
 FAMILY_FIELDS: dict[str, Registry[Any]] = {
     "pooler": POOLERS,
@@ -78,21 +78,51 @@ def config_model() -> type[ProbeConfig]:
 
 
 def json_schema() -> dict[str, Any]:
-    """The JSON schema of the full config, every registered kind included."""
-    return config_model().model_json_schema()
+    """The JSON schema of the full config, every registered kind included.
+
+    ``multilayer.token_pooler`` is validated against the registry at load time; the schema
+    shows it as the discriminated union of the registered single-layer poolers.
+    """
+    schema = config_model().model_json_schema()
+    defs: dict[str, Any] = schema.get("$defs", {})
+    token_refs = {
+        entry.kind: f"#/$defs/{entry.obj.__name__}"
+        for entry in POOLERS.entries()
+        if issubclass(entry.obj, TokenPoolerSpec)
+        and defs.get(entry.obj.__name__, {}).get("properties", {}).get("kind", {}).get("const") == entry.kind
+    }
+    for definition in defs.values():
+        prop = definition.get("properties", {}).get("token_pooler")
+        if prop is not None:
+            definition["properties"]["token_pooler"] = {
+                **{k: v for k, v in prop.items() if k in {"description", "default", "title"}},
+                "oneOf": [{"$ref": ref} for ref in token_refs.values()],
+                "discriminator": {"propertyName": "kind", "mapping": token_refs},
+            }
+    return schema
 
 
 # -- loading and dumping -----------------------------------------------------------------------
-def _parse_text(text: str, source: str) -> tuple[Any, yaml.Node | None]:
-    """Parse JSON or YAML text with the safe loader; return the data and its YAML node tree."""
-    try:
+def _parse_text(text: str, source: str, *, is_json: bool) -> tuple[Any, yaml.Node | None]:
+    """Parse JSON (json module) or YAML (safe loader); return the data and, where YAML can
+    read the text, its node tree for line numbers."""
+    if is_json:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{source}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+    else:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{source}:{mark.line + 1}" if mark is not None else source
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+    try:  # JSON is (nearly always) YAML too: its node tree gives line numbers for errors
         node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark is not None else source
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{where}: not valid YAML/JSON: {problem}") from None
+    except yaml.YAMLError:
+        node = None
     return data, node
 
 
@@ -107,7 +137,7 @@ def read_config_file(path: str | Path) -> tuple[dict[str, Any], yaml.Node | None
         raise ConfigError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
-    data, node = _parse_text(text, str(path))
+    data, node = _parse_text(text, str(path), is_json=path.suffix.lower() == ".json")
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -140,8 +170,9 @@ def validate(data: Mapping[str, Any], *, label: str = "config", node: yaml.Node 
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        lines = [_describe(error, model, data, label, node) for error in exc.errors()]
-        raise ConfigError("\n".join(dict.fromkeys(lines))) from None
+        described = [_describe(error, model, data, label, node) for error in exc.errors()]
+        ordered = sorted(dict.fromkeys(described), key=lambda item: item[0])
+        raise ConfigError("\n".join(text for _, text in ordered)) from None
 
 
 def preset(name: str) -> ProbeConfig:
@@ -237,7 +268,10 @@ def _line(node: yaml.Node | None, path: list[Any]) -> int | None:
     return line
 
 
-def _describe(error: Any, model: type[BaseModel], data: Any, label: str, node: yaml.Node | None) -> str:
+def _describe(
+    error: Any, model: type[BaseModel], data: Any, label: str, node: yaml.Node | None
+) -> tuple[int, str]:
+    """The error's line (0 when unknown) and its one-line message."""
     path = _strip_tags(tuple(error["loc"]), data)
     kind = error["type"]
     message = str(error["msg"])
@@ -268,8 +302,6 @@ def _describe(error: Any, model: type[BaseModel], data: Any, label: str, node: y
                     message += "; plugin kinds load when probekit.discover() is called"
     elif kind.startswith("value_error") or kind == "assertion_error":
         message = message.removeprefix("Value error, ")
-    where = label
     line = _line(node, path)
-    if line is not None:
-        where = f"{label}:{line}"
-    return f"{where}: {_format_path(path)}: {message}"
+    where = label if line is None else f"{label}:{line}"
+    return (line or 0, f"{where}: {_format_path(path)}: {message}")

@@ -18,4 +18,5 @@ class LinearSpec(SchedulerSpec):
     min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0, description="Floor as a share of the base lr.")
 
     def decay(self, progress: float) -> float:
-        return 1.0 - (1.0 - self.min_lr_ratio) * progress
+        # Written from the floor up so that progress 1.0 gives exactly min_lr_ratio.
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * (1.0 - progress)
