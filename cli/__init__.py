@@ -124,6 +124,115 @@ def config_validate(path: Annotated[Path, typer.Argument(help="A JSON or YAML co
     typer.echo(f"{path}: ok")
 
 
+presets_app = typer.Typer(help="Released recipes: list them, print one as an editable config.")
+app.add_typer(presets_app, name="presets", no_args_is_help=True)
+
+
+@presets_app.command("list")
+def presets_list() -> None:
+    """Every registered preset with its description and source."""
+    import probekit
+
+    _discover()
+    for entry in probekit.PRESETS.entries():
+        typer.echo(f"{entry.kind}: {entry.obj.description} [{entry.source}]")
+
+
+@presets_app.command("show")
+def presets_show(
+    name: Annotated[str, typer.Argument(help="The preset, e.g. safety8k.")],
+    fmt: Annotated[str, typer.Option("--format", help="yaml or json.")] = "yaml",
+) -> None:
+    """Print a preset as a complete config file you can edit and pass to --config."""
+    config_show(preset=name, config=None, fmt=fmt)
+
+
+def _echo_err(line: str) -> None:
+    typer.echo(line, err=True)
+
+
+@app.command("train")
+def train_command(
+    preset: Annotated[
+        str | None, typer.Option(help="A registered preset (safety8k when no --config).")
+    ] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="A full config file (JSON/YAML).")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Hugging Face id or local folder.")] = None,
+    data: Annotated[
+        str | None, typer.Option("--data", help="A data file or a folder with train/val/test.")
+    ] = None,
+    assignments: Annotated[
+        list[str] | None, typer.Option("--set", help="Override any spec field: a.b=value (repeatable).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Run folder (default runs/<name>-<time>).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the resolved plan; do not train.")
+    ] = False,
+) -> None:
+    """Train a probe: the preset or config, with --model/--data/--set applied on top."""
+    import probekit
+    from probekit.engine import prepare, train
+
+    _discover()
+    name = preset or (config.stem if config else "safety8k")
+    cfg = probekit.compose_config(
+        preset=preset, config=config, model=model, data=data, assignments=assignments or []
+    )
+    if dry_run:
+        for line in prepare(cfg).describe():
+            typer.echo(line)
+        return
+    train(cfg, out=out, overwrite=overwrite, log=_echo_err, name=name)
+
+
+@app.command("eval")
+def eval_command(
+    run: Annotated[Path, typer.Argument(help="A run folder written by probekit train.")],
+    data: Annotated[Path, typer.Option("--data", help="A labelled JSONL, CSV or Parquet file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Evaluate a trained probe on a labelled file; print and write the metrics."""
+    from probekit.evaluate import evaluate_file
+
+    metrics, written = evaluate_file(run, data)
+    if as_json:
+        typer.echo(json.dumps(metrics))
+        return
+    for key, value in metrics.items():
+        typer.echo(f"{key:<20} {value:.4f}" if isinstance(value, float) else f"{key:<20} {value}")
+    typer.echo(f"written to {written}")
+
+
+@app.command("predict")
+def predict_command(
+    run: Annotated[Path, typer.Argument(help="A run folder written by probekit train.")],
+    texts: Annotated[
+        list[str] | None, typer.Argument(help="Texts to classify (else --input or stdin).")
+    ] = None,
+    input_file: Annotated[
+        Path | None,
+        typer.Option("--input", help="One text per line, or JSONL/CSV with the run's text field."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Texts per batch.", min=1)] = 64,
+) -> None:
+    """Classify texts; write one JSON object per text to stdout (text, probability, label)."""
+    from probekit.evaluate import read_texts
+    from probekit.probe import Probe
+
+    probe = Probe.from_pretrained(run)
+    if texts:
+        items = list(texts)
+    elif input_file is not None:
+        items = read_texts(input_file, run)
+    else:
+        items = [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+    for row in probe.predict(items, batch_size=batch_size):
+        typer.echo(json.dumps(row, ensure_ascii=False))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; map probekit errors to exit codes (see ``probekit.errors``)."""
     from probekit.errors import EXIT_INTERRUPTED, ProbekitError

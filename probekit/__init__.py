@@ -23,7 +23,17 @@ from torch import nn
 
 import probekit.builtins  # noqa: F401  (registers the built-in components)
 from probekit._version import __version__
-from probekit.config import ProbeConfig, config_model, dump_config, json_schema, load_config, preset
+from probekit.config import (
+    ProbeConfig,
+    apply_overrides,
+    compose_config,
+    config_model,
+    dump_config,
+    json_schema,
+    load_config,
+    preset,
+)
+from probekit.engine import RunResult, train
 from probekit.probe import Probe
 from probekit.registry import (
     FREEZERS,
@@ -48,9 +58,12 @@ __all__ = [
     "BuildContext",
     "Probe",
     "ProbeConfig",
+    "RunResult",
     "__version__",
+    "apply_overrides",
     "build",
     "components",
+    "compose_config",
     "config_model",
     "discover",
     "dump_config",
@@ -58,6 +71,7 @@ __all__ = [
     "json_schema",
     "load_config",
     "preset",
+    "train",
 ]
 
 

@@ -7,17 +7,20 @@ the JSON schema. The result is cached until a registry changes.
 
 from __future__ import annotations
 
+import copy
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, create_model
 
+from probekit.data import DataSpec
 from probekit.errors import ConfigError, did_you_mean
 from probekit.freezers.all import FreezeAllSpec
 from probekit.heads.linear import LinearHeadSpec
+from probekit.hub import ModelSpec
 from probekit.optim import OptimizerSpec
 from probekit.poolers.masked_mean import MaskedMeanSpec
 from probekit.registry import FREEZERS, HEADS, POOLERS, PRESETS, SCHEDULERS, Registry, last_report
@@ -35,6 +38,42 @@ FAMILY_FIELDS: dict[str, Registry[Any]] = {
 _NESTED_FIELDS: dict[str, Registry[Any]] = {"token_pooler": POOLERS}
 
 
+class TrainSpec(BaseModel):
+    """How training runs: batches, epochs, precision, loss, stopping."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: int = Field(default=10, ge=1, description="Maximum number of epochs.")
+    batch_size: int = Field(default=8, ge=1, description="Examples per micro-step (per device).")
+    grad_accum: int = Field(default=4, ge=1, description="Micro-steps per optimiser step.")
+    eval_batch_size: int = Field(default=64, ge=1, description="Examples per batch in evaluation.")
+    label_smoothing: float = Field(default=0.1, ge=0.0, lt=1.0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0.0, description="Gradient clipping; null: none.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto", description="auto: bf16 autocast on CUDA devices with bf16 support, fp32 elsewhere."
+    )
+    patience: int = Field(default=5, ge=1, description="Epochs without val improvement before stopping.")
+    monitor: Literal["auroc", "accuracy", "f1", "auprc", "loss"] = Field(
+        default="auroc", description="Validation metric that decides the best epoch (loss: lower is better)."
+    )
+    seed: int = Field(default=0, description="Seeds weights of the head, data order and dropout.")
+    cpu: bool = Field(default=False, description="Train on the CPU even when a GPU is present.")
+
+
+class ThresholdSpec(BaseModel):
+    """How the decision threshold is chosen on the validation split."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target_fpr: float | None = Field(
+        default=None,
+        gt=0.0,
+        lt=1.0,
+        description="null: the threshold maximising val F1; a number: the lowest threshold "
+        "with val FPR <= it.",
+    )
+
+
 class ProbeConfig(BaseModel):
     """Everything needed to build and train a probe on a backbone.
 
@@ -49,6 +88,10 @@ class ProbeConfig(BaseModel):
     freezer: SerializeAsAny[FreezerSpec] = Field(default_factory=FreezeAllSpec)
     scheduler: SerializeAsAny[SchedulerSpec] = Field(default_factory=CosineSpec)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    threshold: ThresholdSpec = Field(default_factory=ThresholdSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
 
 
 _cache: tuple[tuple[int, ...], type[ProbeConfig]] | None = None
@@ -178,6 +221,91 @@ def validate(data: Mapping[str, Any], *, label: str = "config", node: yaml.Node 
 def preset(name: str) -> ProbeConfig:
     """The validated config of a registered preset, e.g. ``preset("safety8k")``."""
     return validate(PRESETS.get(name).config, label=f"preset {name}")
+
+
+def apply_overrides(data: Mapping[str, Any], assignments: Sequence[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` assignments to config data (as ``--set`` does) and return new data.
+
+    Each assignment splits on its first ``=``; the value is parsed as JSON, falling back to the
+    plain string (``--set model.name=bert-base-uncased``). A path that names no field of the
+    config is refused with a did-you-mean. Setting a family block's ``kind`` replaces that
+    block by ``{"kind": value}``, so fields of the old kind do not leak into the new one.
+
+    Raises:
+        ConfigError: malformed assignment or unknown path.
+    """
+    model = config_model()
+    result: dict[str, Any] = copy.deepcopy(dict(data))
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        path = key.strip().split(".")
+        if not sep or not all(path):
+            raise ConfigError(f"--set {assignment!r}: expected a.b=value")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        parent: dict[str, Any] = result
+        for depth, part in enumerate(path[:-1]):
+            allowed = _fields_at(model, path[:depth], result)
+            if part not in allowed:
+                raise ConfigError(_unknown_path(key, part, allowed))
+            child = parent.get(part)
+            if not isinstance(child, dict):
+                child = {} if child is None else child
+                if not isinstance(child, dict):
+                    raise ConfigError(f"--set {key}: {'.'.join(path[: depth + 1])} is not a block of fields")
+                parent[part] = child
+            parent = child
+        leaf = path[-1]
+        allowed = _fields_at(model, path[:-1], result)
+        if leaf not in allowed:
+            raise ConfigError(_unknown_path(key, leaf, allowed))
+        family_block = (len(path) == 2 and path[0] in FAMILY_FIELDS) or path[-2] in _NESTED_FIELDS
+        if leaf == "kind" and family_block:
+            parent.clear()
+        parent[leaf] = value
+    return result
+
+
+def _unknown_path(key: str, part: str, allowed: list[str]) -> str:
+    hint = did_you_mean(part, allowed)
+    return (
+        f"--set {key}: no field {part!r}"
+        + (f"; {hint}" if hint else "")
+        + (f" (fields there: {', '.join(allowed)})" if allowed else "")
+    )
+
+
+def compose_config(
+    *,
+    preset: str | None = None,
+    config: str | Path | Mapping[str, Any] | None = None,
+    model: str | None = None,
+    data: str | None = None,
+    assignments: Sequence[str] = (),
+) -> ProbeConfig:
+    """The config a ``probekit train`` command line describes.
+
+    Starts from ``config`` (a file or mapping) or ``preset`` (``safety8k`` when neither is
+    given), then applies ``model`` (``model.name``), ``data`` (``data.path``) and the ``--set``
+    assignments, in that order, and validates the result.
+    """
+    if preset is not None and config is not None:
+        raise ConfigError("give --preset or --config, not both")
+    if config is not None:
+        base = load_config(config)
+        label = str(config) if not isinstance(config, Mapping) else "config"
+    else:
+        name = preset or "safety8k"
+        label = f"preset {name}"
+        base = validate(PRESETS.get(name).config, label=label)
+    extra = [
+        *([f"model.name={json.dumps(model)}"] if model else []),
+        *([f"data.path={json.dumps(data)}"] if data else []),
+    ]
+    merged = apply_overrides(base.model_dump(mode="json"), [*extra, *assignments])
+    return validate(merged, label=f"{label} with --set" if assignments else label)
 
 
 def dump_config(config: ProbeConfig, fmt: str = "yaml") -> str:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 
 from probekit.backbone import BERT_LIKE, Layout, accepts, base_model, capture, locate, resolve_layers
+from probekit.errors import UserError
 from probekit.freezers.plan import FreezePlan
 from probekit.spec import BuildContext, FreezerSpec, HeadSpec, PoolerSpec
 
@@ -67,6 +71,11 @@ class Probe(nn.Module):
         self._positions_from_mask = accepts(self.backbone, "position_ids") and not _derives_positions(
             self.backbone
         )
+        # Set when loaded from a run folder (or by the trainer): what predict() needs.
+        self.tokenizer: Any = None
+        self.max_length = 512
+        self.threshold = 0.5
+        self.label_names: list[Any] = []
 
     @classmethod
     def from_config(cls, config: ProbeConfig, backbone: nn.Module) -> Probe:
@@ -104,6 +113,82 @@ class Probe(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor, **extra: Any) -> Tensor:
         """Class logits ``(batch, num_classes)``."""
         return self.head(self.features(input_ids, attention_mask, **extra))  # type: ignore[no-any-return]
+
+    # -- frozen parts stay deterministic -------------------------------------------------------
+    def frozen_modules(self) -> list[nn.Module]:
+        """Blocks (and embeddings) the plan freezes: they always run in eval mode, without dropout."""
+        blocks = self.layout.blocks(self.backbone)
+        modules: list[nn.Module] = [blocks[i] for i in self.plan.frozen_blocks]
+        if self.plan.embeddings_frozen:
+            for prefix in self.layout.embedding_prefixes:
+                try:
+                    modules.append(self.backbone.get_submodule(prefix))
+                except AttributeError:
+                    continue
+        return modules
+
+    def train(self, mode: bool = True) -> Probe:
+        """Like ``nn.Module.train``, but frozen blocks and embeddings stay in eval mode."""
+        super().train(mode)
+        if mode:
+            for module in self.frozen_modules():
+                module.eval()
+        return self
+
+    # -- inference on texts ---------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, run_dir: str | Path) -> Probe:
+        """Load a trained probe from a run folder, ready to predict."""
+        from probekit.checkpoint import load_probe
+
+        probe: Probe = load_probe(run_dir)
+        return probe
+
+    def _require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise UserError("this probe has no tokenizer; load it with Probe.from_pretrained(run_dir)")
+        return self.tokenizer
+
+    @torch.inference_mode()
+    def predict_proba(self, texts: Sequence[str], batch_size: int = 64) -> list[float]:
+        """Probability of the positive class (index 1) for each text, batched by length."""
+        tokenizer = self._require_tokenizer()
+        texts = list(texts)
+        if not texts:
+            return []
+        device = next(self.head.parameters()).device
+        encoded = tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+        probs = [0.0] * len(texts)
+        was_training = self.training
+        self.eval()
+        try:
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                batch = tokenizer(
+                    [texts[i] for i in chunk],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                ).to(device)
+                extra = {k: v for k, v in batch.items() if k not in {"input_ids", "attention_mask"}}
+                logits = self(batch["input_ids"], batch["attention_mask"], **extra)
+                positive = torch.softmax(logits.float(), dim=-1)[:, 1].tolist()
+                for i, p in zip(chunk, positive, strict=True):
+                    probs[i] = float(p)
+        finally:
+            self.train(was_training)
+        return probs
+
+    def predict(self, texts: Sequence[str], batch_size: int = 64) -> list[dict[str, Any]]:
+        """``{"text", "probability", "label"}`` per text: positive when probability >= threshold."""
+        probs = self.predict_proba(texts, batch_size)
+        names = self.label_names or [0, 1]
+        return [
+            {"text": t, "probability": p, "label": names[1] if p >= self.threshold else names[0]}
+            for t, p in zip(texts, probs, strict=True)
+        ]
 
 
 def _derives_positions(backbone: nn.Module) -> bool:

@@ -34,6 +34,16 @@ SAFETY8K = PRESETS.register(
             "freezer": {"kind": "bottom", "fraction": 0.625, "freeze_embeddings": True},
             "scheduler": {"kind": "cosine", "warmup_epochs": 1.0, "min_lr_ratio": 0.0},
             "optimizer": {"kind": "adamw", "lr_head": 2e-4, "lr_body": 2e-5, "weight_decay": 0.1},
+            "train": {
+                "epochs": 10,
+                "batch_size": 8,
+                "grad_accum": 4,
+                "label_smoothing": 0.1,
+                "max_grad_norm": 1.0,
+                "precision": "auto",
+                "patience": 5,
+                "monitor": "auroc",
+            },
         },
     )
 )

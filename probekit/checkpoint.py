@@ -1,0 +1,143 @@
+"""Checkpoints: safetensors for the weights training changed, JSON for everything else.
+
+A checkpoint never holds the frozen backbone: ``probe.json`` names the base model (id, revision,
+where it was loaded from) and ``probe.safetensors`` holds only the pooler, the head and the
+backbone parameters the freezing plan left trainable. Nothing is unpickled on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from probekit._version import __version__
+from probekit.errors import UserError
+
+FORMAT = "probekit-checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS = "probe.safetensors"
+META = "probe.json"
+
+
+def trainable_state(probe: Any) -> dict[str, torch.Tensor]:
+    """The tensors training can change: pooler, head and trainable backbone parameters (CPU copies)."""
+    return {
+        name: param.detach().to("cpu", copy=True).contiguous()
+        for name, param in probe.named_parameters()
+        if not name.startswith("backbone.") or name.removeprefix("backbone.") in probe.plan.trainable
+    }
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    """Versions of probekit and the libraries that shape a checkpoint."""
+    found = {"probekit": __version__, "python": platform.python_version(), "torch": torch.__version__}
+    for dist in ("transformers", "accelerate", "safetensors", "tokenizers"):
+        try:
+            found[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def save_checkpoint(
+    probe: Any,
+    folder: Path,
+    *,
+    config: dict[str, Any],
+    label_map: dict[str, int],
+    label_names: list[Any],
+    threshold: float,
+    backbone: dict[str, Any],
+) -> Path:
+    """Write ``probe.safetensors`` and ``probe.json`` into ``folder``; return the JSON's path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / WEIGHTS
+    state = trainable_state(probe)
+    save_file(state, str(weights), metadata={"format": FORMAT})
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": config,
+        "label_map": label_map,
+        "label_names": label_names,
+        "threshold": threshold,
+        "backbone": backbone,
+        "weights": {"file": WEIGHTS, "sha256": _sha256(weights), "tensors": len(state)},
+        "versions": versions(),
+    }
+    path = folder / META
+    path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def read_meta(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
+    """Find and read ``probe.json`` in a run folder (or its ``checkpoint`` subfolder)."""
+    root = Path(run_dir)
+    for folder in (root, root / "checkpoint"):
+        if (folder / META).is_file():
+            try:
+                meta = json.loads((folder / META).read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as exc:
+                raise UserError(f"{folder / META}: unreadable checkpoint description: {exc}") from None
+            if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+                raise UserError(f"{folder / META}: not a probekit checkpoint")
+            return folder, meta
+    if not root.exists():
+        raise UserError(f"{root}: no such run folder")
+    raise UserError(f"{root}: no {META} here or in {root / 'checkpoint'}; is this a probekit run folder?")
+
+
+def load_probe(run_dir: str | Path) -> Any:
+    """Rebuild the probe of a run: base model from its reference, trained weights from safetensors."""
+    from probekit.config import validate
+    from probekit.hub import load_backbone
+    from probekit.probe import Probe
+    from probekit.registry import discover
+
+    folder, meta = read_meta(run_dir)
+    discover()
+    config = validate(meta["config"], label=str(folder / META))
+    weights = folder / meta.get("weights", {}).get("file", WEIGHTS)
+    if not weights.is_file():
+        raise UserError(f"{weights}: missing checkpoint weights")
+    expected = meta.get("weights", {}).get("sha256")
+    if expected and _sha256(weights) != expected:
+        raise UserError(f"{weights}: checksum does not match {META}; the file is damaged or was replaced")
+    loaded = load_backbone(config.model)
+    probe = Probe.from_config(config, loaded.model)
+    state = load_file(str(weights))
+    wanted = trainable_state(probe)
+    if set(state) != set(wanted):
+        missing, extra = sorted(set(wanted) - set(state)), sorted(set(state) - set(wanted))
+        raise UserError(
+            f"{weights}: tensors do not match the probe (missing {missing[:3]}, unexpected {extra[:3]})"
+        )
+    with torch.no_grad():
+        params = dict(probe.named_parameters())
+        for name, tensor in state.items():
+            if params[name].shape != tensor.shape:
+                raise UserError(
+                    f"{weights}: {name} has shape {tuple(tensor.shape)}, expected {tuple(params[name].shape)}"
+                )
+            params[name].copy_(tensor)
+    probe.tokenizer = loaded.tokenizer
+    probe.max_length = config.model.max_length
+    probe.threshold = float(meta["threshold"])
+    probe.label_names = list(meta.get("label_names") or [0, 1])
+    probe.eval()
+    return probe

@@ -1,0 +1,855 @@
+"""Data loading: JSONL, CSV and parquet files -> train/val/test splits of (text, class index).
+
+A `DataSpec` says where the data is: one file that probekit splits (stratified by class, with a
+seed), a folder holding ``train.*``, ``val.*`` and optionally ``test.*``, three separate files,
+or nothing at all for the shipped demo dataset. `load_data` reads it, checks every record and
+returns a `Dataset`:
+
+```python
+from probekit.data import DataSpec, load_data
+
+data = load_data(DataSpec(path="prompts.jsonl", label_map={"safe": 0, "unsafe": 1}))
+data.train.texts, data.train.labels, data.label_map
+print("\\n".join(data.report.lines()))
+```
+
+Every problem raises `DataError` with one line naming its place: ``file:line`` for JSONL and
+CSV (CSV lines count the header as line 1, and a record spanning several lines is named by its
+first), ``file: row N`` for parquet (``row 1`` is the first row), then the field and what was
+found there.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import io
+import json
+import os
+import random
+import re
+import stat
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from probekit.errors import UserError, did_you_mean
+
+__all__ = [
+    "FORMAT_SUFFIXES",
+    "DataError",
+    "DataReport",
+    "DataSpec",
+    "Dataset",
+    "Split",
+    "load_data",
+    "read_records",
+]
+
+FORMAT_SUFFIXES: dict[str, str] = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".csv": "csv",
+    ".parquet": "parquet",
+}
+"""File suffix (lower case) -> the format ``format="auto"`` reads it as (``.json`` is JSON Lines)."""
+
+_FORMATS = ("jsonl", "csv", "parquet")
+_BOM = b"\xef\xbb\xbf"
+_CSV_INT = re.compile(r"[+-]?[0-9]+")
+_SHOWN = 12  # at most this many names in a listing
+
+
+class DataError(UserError):
+    """A data file or data setting probekit cannot use; one line naming file:line (or row) and field."""
+
+
+# -- the spec ------------------------------------------------------------------------------------
+class DataSpec(BaseModel):
+    """Where the training data is, how its records are read, and how one file is split.
+
+    Give at most one source: `path` (a file to split, or a folder with ``train.*``, ``val.*`` and
+    optionally ``test.*``), or `train` and `val` (and optionally `test`) as separate files, or
+    neither for probekit's shipped demo dataset (split like one file).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str | None = Field(
+        default=None,
+        min_length=1,
+        description="A data file (split into train/val/test) or a folder holding train/val/test "
+        "files; unset (with no train/val/test) for probekit's demo dataset.",
+    )
+    train: str | None = Field(default=None, min_length=1, description="Training file (with `val`).")
+    val: str | None = Field(default=None, min_length=1, description="Validation file (with `train`).")
+    test: str | None = Field(default=None, min_length=1, description="Optional test file.")
+    text_field: str = Field(default="text", min_length=1, description="Field (column) holding the text.")
+    label_field: str = Field(default="label", min_length=1, description="Field (column) holding the label.")
+    label_map: dict[str, int] | None = Field(
+        default=None,
+        description="Label name -> class index (0..K-1, no gaps, one name per class). "
+        "Required when labels are strings.",
+    )
+    val_fraction: float = Field(
+        default=0.1, ge=0.0, lt=1.0, description="Share of each class put in val when splitting one file."
+    )
+    test_fraction: float = Field(
+        default=0.1, ge=0.0, lt=1.0, description="Share of each class put in test when splitting one file."
+    )
+    split_seed: int = Field(default=0, description="Seed of the stratified split of one file.")
+    format: Literal["auto", "jsonl", "csv", "parquet"] = Field(
+        default="auto",
+        description="File format; `auto` goes by suffix "
+        "(.jsonl/.ndjson/.json as JSON Lines, .csv, .parquet).",
+    )
+
+    @field_validator("label_map")
+    @classmethod
+    def _check_label_map(cls, value: dict[str, int] | None) -> dict[str, int] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError(
+                "label_map is empty; map each label to a class index, e.g. {'safe': 0, 'unsafe': 1}"
+            )
+        indices = sorted(set(value.values()))
+        if indices[0] < 0:
+            bad = next(name for name, index in value.items() if index < 0)
+            raise ValueError(f"label {bad!r} maps to {value[bad]}; class indices start at 0")
+        if indices != list(range(len(indices))):
+            missing = sorted(set(range(indices[-1] + 1)) - set(indices))
+            raise ValueError(
+                f"class indices must run 0..K-1 without gaps; got {_join(indices)} (missing {_join(missing)})"
+            )
+        if len(indices) < 2:
+            raise ValueError(f"label_map has a single class ({indices[0]}); a classifier needs at least two")
+        if len(indices) < len(value):
+            shared = Counter(value.values()).most_common(1)[0][0]
+            names = [name for name, index in value.items() if index == shared]
+            raise ValueError(
+                f"label_map gives class {shared} several names ({_names(names)}); each class needs exactly "
+                "one name, so relabel the data to merge classes"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> DataSpec:
+        given = [name for name in ("train", "val", "test") if getattr(self, name) is not None]
+        if self.path is not None and given:
+            raise ValueError(f"give either path or {'/'.join(given)}, not both")
+        if given and (self.train is None or self.val is None):
+            missing = [name for name in ("train", "val") if getattr(self, name) is None]
+            raise ValueError(
+                f"{' and '.join(given)} given without {' and '.join(missing)}; "
+                "separate files need train and val (test is optional)"
+            )
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                f"val_fraction + test_fraction must be below 1 (train needs rows); "
+                f"got {self.val_fraction} + {self.test_fraction}"
+            )
+        if self.text_field == self.label_field:
+            raise ValueError(f"text_field and label_field are both {self.text_field!r}; they must differ")
+        return self
+
+
+# -- results -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Split:
+    """One split: texts and their class indices, in the order of the source file."""
+
+    name: str
+    """``"train"``, ``"val"`` or ``"test"``."""
+    texts: tuple[str, ...]
+    labels: tuple[int, ...]
+    """Class indices ``0..K-1``, one per text."""
+    source: str
+    """Where it came from: the file, or ``"file (split seed N)"`` for a split of one file."""
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+@dataclass(frozen=True)
+class DataReport:
+    """Class balance per split and exact duplicates shared between splits (warnings, not errors)."""
+
+    class_balance: dict[str, dict[int, int]]
+    """Split name -> class index -> number of rows (every class ``0..K-1`` listed, zeros included)."""
+    shared_duplicates: dict[str, int]
+    """``"train/val"``, ``"train/test"``, ``"val/test"`` (pairs of the splits present) -> number of
+    distinct texts found in both, compared after stripping, case folding and collapsing whitespace."""
+
+    def lines(self) -> list[str]:
+        """A human-readable summary: rows and class shares per split, then shared texts."""
+        out: list[str] = []
+        for name, counts in self.class_balance.items():
+            total = sum(counts.values())
+            parts = ", ".join(
+                f"{index}: {count} ({100.0 * count / total if total else 0.0:.1f}%)"
+                for index, count in sorted(counts.items())
+            )
+            out.append(f"{name}: {total} rows; per class {parts}")
+        if self.shared_duplicates:
+            pairs = ", ".join(f"{pair} {count}" for pair, count in self.shared_duplicates.items())
+            out.append(f"texts shared between splits (case and whitespace folded): {pairs}")
+        for pair, count in self.shared_duplicates.items():
+            if count:
+                first, second = pair.split("/")
+                noun = "text appears" if count == 1 else "texts appear"
+                out.append(
+                    f"warning: {count} {noun} in both {first} and {second}; "
+                    f"scores on {second} may be optimistic"
+                )
+        for name, counts in self.class_balance.items():
+            absent = [index for index, count in sorted(counts.items()) if count == 0]
+            if absent:
+                out.append(f"note: {name} has no rows of class {_join(absent)}")
+        return out
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Loaded, checked and split data, ready for training."""
+
+    train: Split
+    val: Split
+    test: Split | None
+    label_map: dict[str, int]
+    """Label name (as text: ``"0"``, ``"true"``, ``"unsafe"``) -> class index; stored with each run."""
+    report: DataReport
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes ``K`` (class indices run ``0..K-1``)."""
+        return max(self.label_map.values()) + 1
+
+    def splits(self) -> tuple[Split, ...]:
+        """The splits present, in the order train, val, test."""
+        return (self.train, self.val) if self.test is None else (self.train, self.val, self.test)
+
+
+# -- reading files -------------------------------------------------------------------------------
+def read_records(path: Path, fmt: str = "auto") -> list[tuple[int, dict[str, Any]]]:
+    """Read every record of a JSONL, CSV or parquet file.
+
+    Args:
+        path: the file.
+        fmt: ``"jsonl"``, ``"csv"``, ``"parquet"``, or ``"auto"`` to go by the suffix
+            (see `FORMAT_SUFFIXES`).
+
+    Returns:
+        ``(number, record)`` pairs in file order: the 1-based line for JSONL and CSV (the line a
+        record starts on; the CSV header is line 1), the 1-based row for parquet. CSV values are
+        strings; JSONL and parquet values keep their types. Blank lines (and CSV rows of empty
+        cells) are skipped.
+
+    Raises:
+        DataError: a missing or unreadable file, an unknown format, bad UTF-8 (with its byte
+            offset), a line that is not a JSON object, malformed CSV, an empty file, a file with
+            no records, or parquet without pyarrow installed.
+    """
+    path = Path(path)
+    fmt = _resolve_format(path, fmt)
+    if fmt == "jsonl":
+        return _read_jsonl(path)
+    if fmt == "csv":
+        return _read_csv(path)
+    return _read_parquet(path)
+
+
+def _resolve_format(path: Path, fmt: str) -> str:
+    if fmt in _FORMATS:
+        return fmt
+    if fmt != "auto":
+        raise DataError(f"{path}: unknown data format {fmt!r} (known: auto, {', '.join(_FORMATS)})")
+    found = FORMAT_SUFFIXES.get(path.suffix.lower())
+    if found is None:
+        suffix = f"suffix {path.suffix!r}" if path.suffix else "no suffix"
+        raise DataError(
+            f"{path}: cannot tell the format from {suffix}; name it "
+            f"{', '.join(FORMAT_SUFFIXES)} or set data.format"
+        )
+    return found
+
+
+def _check_file(path: Path) -> None:
+    try:
+        info = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise DataError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise DataError(f"{path}: is a directory; expected a data file")
+    if not stat.S_ISREG(info.st_mode) and not stat.S_ISFIFO(info.st_mode):
+        raise DataError(f"{path}: not a regular file")
+
+
+def _read_bytes(path: Path) -> bytes:
+    _check_file(path)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+def _reject_utf16(path: Path, data: bytes) -> None:
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(
+            f"{path}:1: not valid UTF-8: the file starts with a UTF-16 byte order mark; save it as UTF-8"
+        )
+
+
+def _utf8_error(path: Path, data: bytes, line: int, offset: int, exc: UnicodeDecodeError) -> DataError:
+    """``offset`` is where the decoded chunk starts in the file; ``exc.start`` is within the chunk."""
+    at = offset + exc.start
+    return DataError(
+        f"{path}:{line}: not valid UTF-8: byte 0x{data[at]:02x} at byte offset {at} ({exc.reason})"
+    )
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return type(value).__name__
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    data = _read_bytes(path)
+    _reject_utf16(path, data)
+    start = len(_BOM) if data.startswith(_BOM) else 0
+    records: list[tuple[int, dict[str, Any]]] = []
+    for line, chunk in enumerate(data[start:].split(b"\n"), 1):
+        offset = start
+        start += len(chunk) + 1
+        raw = chunk[:-1] if chunk.endswith(b"\r") else chunk
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _utf8_error(path, data, line, offset, exc) from None
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{line}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+        except (ValueError, RecursionError) as exc:  # e.g. integers past the digit limit
+            raise DataError(f"{path}:{line}: not valid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            hint = "; JSON Lines holds one object per line, not an array" if isinstance(value, list) else ""
+            raise DataError(f"{path}:{line}: expected a JSON object, got {_json_type(value)}{hint}")
+        records.append((line, value))
+    if not records:
+        raise DataError(f"{path}: empty file")
+    return records
+
+
+def _read_csv(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    data = _read_bytes(path)
+    _reject_utf16(path, data)
+    start = len(_BOM) if data.startswith(_BOM) else 0
+    try:
+        text = data[start:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, start + exc.start) + 1
+        raise _utf8_error(path, data, line, start, exc) from None
+    if not text.strip():
+        raise DataError(f"{path}: empty file")
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header: list[str] | None = None
+    header_line = 0
+    records: list[tuple[int, dict[str, Any]]] = []
+    while True:
+        line = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            raise DataError(f"{path}:{line}: not valid CSV: {exc}") from None
+        if not any(cell.strip() for cell in row):
+            continue
+        if header is None:
+            header, header_line = row, line
+            repeated = [name for name, count in Counter(row).items() if count > 1]
+            if repeated:
+                raise DataError(f"{path}:{line}: column {repeated[0]!r} appears more than once in the header")
+            continue
+        if len(row) != len(header):
+            raise DataError(
+                f"{path}:{line}: row has {len(row)} fields but the header (line {header_line}) has "
+                f"{len(header)} ({_names(header)}); quote fields that hold commas or quotes"
+            )
+        records.append((line, dict(zip(header, row, strict=True))))
+    if header is None:
+        raise DataError(f"{path}: empty file")
+    if not records:
+        raise DataError(f"{path}:{header_line}: no rows below the header ({_names(header)})")
+    return records
+
+
+def _read_parquet(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    _check_file(path)
+    try:
+        pa = importlib.import_module("pyarrow")
+        pq = importlib.import_module("pyarrow.parquet")
+    except ImportError:
+        raise DataError(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from None
+    try:
+        handle = path.open("rb")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    with handle:
+        try:
+            rows = pq.read_table(handle).to_pylist()
+        except (pa.ArrowException, ValueError, OSError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataError(f"{path}: not a readable parquet file: {first}") from None
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return [(number, dict(row)) for number, row in enumerate(rows, 1)]
+
+
+# -- records -> texts and labels -----------------------------------------------------------------
+@dataclass
+class _Source:
+    """The checked texts and raw labels of one file, with their line (or row) numbers."""
+
+    path: Path
+    fmt: str
+    numbers: list[int]
+    texts: list[str]
+    labels: list[Any]
+
+    def where(self, index: int) -> str:
+        number = self.numbers[index]
+        return f"{self.path}: row {number}" if self.fmt == "parquet" else f"{self.path}:{number}"
+
+
+def _read_source(path: Path, spec: DataSpec) -> _Source:
+    fmt = _resolve_format(path, spec.format)
+    records = read_records(path, fmt)
+    source = _Source(path, fmt, [], [], [])
+    text_field, label_field = spec.text_field, spec.label_field
+    for number, record in records:
+        source.numbers.append(number)
+        where = source.where(len(source.numbers) - 1)
+        for name, setting in ((text_field, "text_field"), (label_field, "label_field")):
+            if name not in record:
+                hint = did_you_mean(name, [str(key) for key in record])
+                raise DataError(
+                    f"{where}: no field {name!r} in this record (fields: {_names(record)})"
+                    + (f"; {hint}" if hint else "")
+                    + f"; set data.{setting} to the field that holds the {setting.split('_')[0]}"
+                )
+        text = record[text_field]
+        if text is None:
+            raise DataError(f"{where}: field {text_field!r} is null; every record needs a text")
+        if not isinstance(text, str):
+            raise DataError(
+                f"{where}: field {text_field!r} must be a string, got {_json_type(text)} {_short(text)}"
+            )
+        if not text.strip():
+            raise DataError(f"{where}: field {text_field!r} is empty (got {text!r})")
+        label = record[label_field]
+        if fmt == "csv":
+            label = _csv_label(label, spec.label_map)
+        source.texts.append(text)
+        source.labels.append(label)
+    return source
+
+
+def _csv_label(cell: Any, label_map: dict[str, int] | None) -> Any:
+    """CSV cells are text: a `label_map` key stays a string, an integer or true/false is converted."""
+    if not isinstance(cell, str):
+        return cell
+    if label_map is not None and cell in label_map:
+        return cell
+    stripped = cell.strip()
+    if not stripped:
+        return None
+    if _CSV_INT.fullmatch(stripped):
+        return int(stripped)
+    if stripped.lower() in {"true", "false"}:
+        return stripped.lower() == "true"
+    return cell
+
+
+_KIND_NAMES = {bool: "boolean", int: "integer", str: "string"}
+
+
+def _label_kind(value: Any, where: str, field: str) -> tuple[type, Any]:
+    """The label's kind (bool, int or str) and its value (integral floats become ints)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise DataError(
+            f"{where}: field {field!r} is {'null' if value is None else 'empty'}; every record needs a label"
+        )
+    if isinstance(value, bool):
+        return bool, value
+    if isinstance(value, int):
+        return int, value
+    if isinstance(value, float):
+        if value.is_integer():
+            return int, int(value)
+        raise DataError(f"{where}: field {field!r}: label {value!r} is not a class index (an integer)")
+    if isinstance(value, str):
+        return str, value
+    raise DataError(
+        f"{where}: field {field!r}: a label must be an integer, boolean or string, got {_json_type(value)} "
+        f"{_short(value)}"
+    )
+
+
+def _resolve_labels(sources: Sequence[_Source], spec: DataSpec) -> tuple[list[list[int]], dict[str, int]]:
+    """Class indices per source, and the label map stored with the run."""
+    field = spec.label_field
+    label_map = spec.label_map
+    kinds: list[list[Any]] = []
+    first: tuple[type, str] | None = None
+    for source in sources:
+        values: list[Any] = []
+        for index, raw in enumerate(source.labels):
+            where = source.where(index)
+            kind, value = _label_kind(raw, where, field)
+            if first is None:
+                first = (kind, where)
+            elif kind is not first[0]:
+                raise DataError(
+                    f"{where}: field {field!r}: {_KIND_NAMES[kind]} label {value!r}, but the first label "
+                    f"({first[1]}) is {_article(_KIND_NAMES[first[0]])}; use one label type throughout"
+                )
+            values.append(value)
+        kinds.append(values)
+    assert first is not None  # every reader returns at least one record
+    kind = first[0]
+
+    if kind is bool:
+        stored = dict(label_map) if label_map is not None else {"false": 0, "true": 1}
+        return [[int(value) for value in values] for values in kinds], stored
+
+    if kind is str:
+        if label_map is None:
+            names = sorted({value for values in kinds for value in values})
+            example = {name: index for index, name in enumerate(names[:_SHOWN])}
+            raise DataError(
+                f"{first[1]}: field {field!r}: labels are strings ({_names(names)}); pass data.label_map "
+                f"to give each a class index, e.g. {example}"
+            )
+        out: list[list[int]] = []
+        for source, values in zip(sources, kinds, strict=True):
+            indices = []
+            for index, value in enumerate(values):
+                if value not in label_map:
+                    hint = did_you_mean(value, list(label_map))
+                    raise DataError(
+                        f"{source.where(index)}: field {field!r}: label {value!r} is not in data.label_map "
+                        f"(keys: {_names(label_map)})" + (f"; {hint}" if hint else "")
+                    )
+                indices.append(label_map[value])
+            out.append(indices)
+        return out, dict(label_map)
+
+    # integers: class indices
+    for source, values in zip(sources, kinds, strict=True):
+        for index, value in enumerate(values):
+            if value < 0:
+                raise DataError(
+                    f"{source.where(index)}: field {field!r}: label {value} is negative; "
+                    "class indices start at 0"
+                )
+    if label_map is not None:
+        num_classes = max(label_map.values()) + 1
+        for source, values in zip(sources, kinds, strict=True):
+            for index, value in enumerate(values):
+                if value >= num_classes:
+                    raise DataError(
+                        f"{source.where(index)}: field {field!r}: label {value} is outside "
+                        f"0..{num_classes - 1} (data.label_map has {num_classes} classes)"
+                    )
+        return kinds, dict(label_map)
+    seen = {value for values in kinds for value in values}
+    missing = sorted(set(range(max(seen) + 1)) - seen)
+    if missing:
+        gap = missing[0]
+        where, value = next(
+            (source.where(index), value)
+            for source, values in zip(sources, kinds, strict=True)
+            for index, value in enumerate(values)
+            if value > gap
+        )
+        raise DataError(
+            f"{where}: field {field!r}: label {value} but no row has label {gap}; class indices must run "
+            "0..K-1 without gaps (or pass data.label_map)"
+        )
+    return kinds, {str(value): value for value in range(max(seen) + 1)}
+
+
+# -- splitting -----------------------------------------------------------------------------------
+def _half_up(value: float) -> int:
+    return int(value + 0.5)
+
+
+def _cut(size: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """Rows of one class (``size`` of them) given to val and to test; train keeps the rest (>= 1).
+
+    Each gets its fraction rounded half up; with 3 or more rows val and test (when their fraction
+    is above 0) get at least one; with 2, val gets one and test none; with 1, train keeps it.
+    """
+    if size < 2:
+        return 0, 0
+    if size == 2:
+        return (1 if val_fraction > 0 else 0), 0
+    counts = [_half_up(size * val_fraction), _half_up(size * test_fraction)]
+    fractions = (val_fraction, test_fraction)
+    for slot in (0, 1):
+        if fractions[slot] > 0:
+            counts[slot] = max(1, counts[slot])
+    while counts[0] + counts[1] > size - 1:  # give a row back to train, from the most rounded-up
+        slot = max(
+            (slot for slot in (0, 1) if counts[slot] > 1),
+            key=lambda slot: counts[slot] - size * fractions[slot],
+        )
+        counts[slot] -= 1
+    return counts[0], counts[1]
+
+
+def _split_indices(
+    labels: Sequence[int], val_fraction: float, test_fraction: float, seed: int
+) -> tuple[list[int], list[int], list[int]]:
+    """Row indices of train, val and test: each class's rows shuffled with `random.Random(seed)`
+    (classes in index order, one generator) and cut by `_cut`; each split in file order."""
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(label, []).append(index)
+    train: list[int] = []
+    val: list[int] = []
+    test: list[int] = []
+    for label in sorted(by_class):
+        rows = by_class[label]
+        rng.shuffle(rows)
+        n_val, n_test = _cut(len(rows), val_fraction, test_fraction)
+        val += rows[:n_val]
+        test += rows[n_val : n_val + n_test]
+        train += rows[n_val + n_test :]
+    return sorted(train), sorted(val), sorted(test)
+
+
+# -- loading ---------------------------------------------------------------------------------------
+def _demo_path() -> Path:
+    try:
+        module = importlib.import_module("probekit.datasets")
+    except ModuleNotFoundError as exc:
+        if exc.name not in {"probekit.datasets", "probekit"}:
+            raise
+        raise DataError(
+            "the demo dataset (probekit.datasets) is not installed; set data.path or data.train and data.val"
+        ) from None
+    demo = getattr(module, "DEMO_SAFETY", None)
+    if demo is None:
+        raise DataError("probekit.datasets has no DEMO_SAFETY; set data.path or data.train and data.val")
+    return Path(os.fspath(demo)) if isinstance(demo, (str, os.PathLike)) else Path(str(demo))
+
+
+def _folder_files(folder: Path, spec: DataSpec) -> dict[str, Path]:
+    suffixes = [s for s, f in FORMAT_SUFFIXES.items() if spec.format in {"auto", f}]
+    try:
+        entries = sorted(entry.name for entry in folder.iterdir())
+    except OSError as exc:
+        raise DataError(f"{folder}: cannot list the folder: {exc.strerror or exc}") from None
+    found: dict[str, Path] = {}
+    for name in ("train", "val", "test"):
+        matches = [
+            entry for entry in entries if Path(entry).stem == name and Path(entry).suffix.lower() in suffixes
+        ]
+        if len(matches) > 1:
+            raise DataError(f"{folder}: more than one {name} file ({', '.join(matches)}); keep one")
+        if matches:
+            found[name] = folder / matches[0]
+    missing = [name for name in ("train", "val") if name not in found]
+    if missing:
+        shown = ", ".join(entries[:_SHOWN]) + (
+            f", ... ({len(entries)} in all)" if len(entries) > _SHOWN else ""
+        )
+        raise DataError(
+            f"{folder}: no {' or '.join(missing)} file; a data folder holds train.*, val.* and optionally "
+            f"test.* ({', '.join(suffixes)}); found: {shown or 'nothing'}"
+        )
+    return found
+
+
+def load_data(spec: DataSpec) -> Dataset:
+    """Read, check and split the data a `DataSpec` points at.
+
+    Args:
+        spec: where the data is and how to read and split it.
+
+    Returns:
+        The train, val and (when there is one) test splits, the label map to store with the run,
+        and a `DataReport` of class balance and texts shared between splits. A single file (or the
+        demo dataset) is split per class with ``random.Random(split_seed)``; each split keeps the
+        file's order. ``test`` is ``None`` when no test file is given or the split left it empty.
+
+    Raises:
+        DataError: one line naming ``file:line`` (or ``file: row N``), the field and what was
+            found: unreadable files, bad records, labels that do not map to classes, a single class
+            in the data, or a class with no rows in train or val.
+    """
+    if spec.train is not None and spec.val is not None:
+        files = {"train": Path(spec.train), "val": Path(spec.val)}
+        if spec.test is not None:
+            files["test"] = Path(spec.test)
+        return _load_files(files, spec)
+    if spec.path is None:
+        return _load_split(_demo_path(), spec)
+    path = Path(spec.path)
+    try:
+        is_dir = path.is_dir()
+    except OSError:
+        is_dir = False
+    if is_dir:
+        return _load_files(_folder_files(path, spec), spec)
+    return _load_split(path, spec)
+
+
+def _load_files(files: dict[str, Path], spec: DataSpec) -> Dataset:
+    sources = [_read_source(path, spec) for path in files.values()]
+    labels, label_map = _resolve_labels(sources, spec)
+    _check_two_classes(sources, labels, label_map, spec)
+    splits = {
+        name: Split(name, tuple(source.texts), tuple(indices), str(source.path))
+        for name, source, indices in zip(files, sources, labels, strict=True)
+    }
+    num_classes = max(label_map.values()) + 1
+    for name, source in zip(("train", "val"), sources[:2], strict=True):
+        counts = Counter(splits[name].labels)
+        for index in range(num_classes):
+            if not counts[index]:
+                raise DataError(
+                    f"{source.path}: field {spec.label_field!r}: {name} has no rows of class "
+                    f"{_class_name(label_map, index)}; every class needs rows in train and val"
+                )
+    return _dataset(splits, label_map)
+
+
+def _load_split(path: Path, spec: DataSpec) -> Dataset:
+    source = _read_source(path, spec)
+    [labels], label_map = _resolve_labels([source], spec)
+    _check_two_classes([source], [labels], label_map, spec)
+    if spec.val_fraction == 0:
+        raise DataError(f"{path}: data.val_fraction is 0, but splitting one file needs a validation share")
+    train, val, test = _split_indices(labels, spec.val_fraction, spec.test_fraction, spec.split_seed)
+    origin = f"{path} (split seed {spec.split_seed})"
+    counts = Counter(labels)
+    num_classes = max(label_map.values()) + 1
+    for name, rows in (("train", train), ("val", val)):
+        present = {labels[row] for row in rows}
+        for index in range(num_classes):
+            if index not in present:
+                have = counts[index]
+                why = (
+                    f"no row of {path} has it"
+                    if have == 0
+                    else f"{path} has only {have} row{'s' if have != 1 else ''} of it; "
+                    "a split needs at least 2 per class (train and val)"
+                )
+                raise DataError(
+                    f"{path}: field {spec.label_field!r}: {name} has no rows of class "
+                    f"{_class_name(label_map, index)}: {why}"
+                )
+    splits = {
+        name: Split(
+            name, tuple(source.texts[row] for row in rows), tuple(labels[row] for row in rows), origin
+        )
+        for name, rows in (("train", train), ("val", val), ("test", test))
+        if rows
+    }
+    return _dataset(splits, label_map)
+
+
+def _check_two_classes(
+    sources: Sequence[_Source], labels: Sequence[Sequence[int]], label_map: dict[str, int], spec: DataSpec
+) -> None:
+    classes = {index for indices in labels for index in indices}
+    if len(classes) < 2:
+        (only,) = classes
+        files = ", ".join(str(source.path) for source in sources)
+        raise DataError(
+            f"{files}: field {spec.label_field!r}: every row has class {_class_name(label_map, only)}; "
+            "a classifier needs at least two classes"
+        )
+
+
+def _dataset(splits: dict[str, Split], label_map: dict[str, int]) -> Dataset:
+    num_classes = max(label_map.values()) + 1
+    balance = {
+        name: {index: Counter(split.labels)[index] for index in range(num_classes)}
+        for name, split in splits.items()
+    }
+    folded = {name: {_fold(text) for text in split.texts} for name, split in splits.items()}
+    shared = {f"{a}/{b}": len(folded[a] & folded[b]) for a, b in combinations(splits, 2)}
+    return Dataset(
+        train=splits["train"],
+        val=splits["val"],
+        test=splits.get("test"),
+        label_map=label_map,
+        report=DataReport(class_balance=balance, shared_duplicates=shared),
+    )
+
+
+# -- small helpers -------------------------------------------------------------------------------
+def _fold(text: str) -> str:
+    """The text compared for duplicates: stripped, case folded, whitespace runs as one space."""
+    return " ".join(text.casefold().split())
+
+
+def _join(values: Iterable[object]) -> str:
+    return ", ".join(str(value) for value in values)
+
+
+def _names(names: Iterable[object]) -> str:
+    items = [repr(name) for name in names]
+    shown = ", ".join(items[:_SHOWN])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > _SHOWN else "") if items else "none"
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _article(noun: str) -> str:
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
+
+
+def _class_name(label_map: dict[str, int], index: int) -> str:
+    names = [name for name, value in label_map.items() if value == index]
+    return f"{index} ({'/'.join(repr(name) for name in names)})" if names else str(index)
+
+
+def read_split(path: str | Path, spec: DataSpec, label_map: dict[str, int], name: str = "eval") -> Split:
+    """Read one labelled file with ``spec``'s fields and format and a fixed ``label_map``.
+
+    Used to evaluate a trained run on new data: labels are read exactly as in training and
+    mapped through the run's stored label map.
+    """
+    fixed = spec.model_copy(update={"label_map": dict(label_map)})
+    source = _read_source(Path(path), fixed)
+    (indices,), _ = _resolve_labels([source], fixed)
+    return Split(name, tuple(source.texts), tuple(indices), str(path))

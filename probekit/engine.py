@@ -1,0 +1,606 @@
+"""The training engine: ``train(config) -> RunResult``, built on Hugging Face Accelerate.
+
+Accelerate provides the device, mixed precision (bf16 autocast, fp16 with a grad scaler),
+gradient accumulation (including ``no_sync`` across processes) and multi-process data sharding;
+probekit adds the recipe: parameter groups from the freezing plan, loss normalised over the
+effective batch, label smoothing, clipping, the schedule, per-epoch evaluation, early stopping
+with restore of the best weights, the decision threshold, and the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+
+from probekit.checkpoint import save_checkpoint, trainable_state
+from probekit.config import ProbeConfig, dump_config
+from probekit.data import Dataset, Split, load_data
+from probekit.errors import ProbekitError, UserError
+from probekit.hub import LoadedBackbone, load_backbone
+from probekit.metrics import choose_threshold, compute_metrics
+from probekit.optim import ParamGroup, build_optimizer, param_groups
+from probekit.probe import Probe
+
+Log = Callable[[str], None]
+
+
+class DivergedError(ProbekitError):
+    """The loss or gradients became non-finite: training stopped (exit code 3)."""
+
+    exit_code = 3
+
+
+# -- precision ---------------------------------------------------------------------------------
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Accelerate's ``mixed_precision`` for a spec value on ``device``: ``no``, ``bf16`` or ``fp16``.
+
+    ``auto`` picks bf16 autocast only on CUDA devices that support bf16 (fast tensor cores);
+    everywhere else fp32 (a bf16 matmul on CPUs without bf16 units is ~100x slower than fp32).
+    """
+    if precision == "auto":
+        fast_bf16 = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return "bf16" if fast_bf16 else "no"
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError("train.precision: fp16 needs a CUDA device; use fp32 (or auto) on the CPU")
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+
+
+# -- tokenisation and batching -----------------------------------------------------------------
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of one split (unpadded) with labels; ``truncated`` rows exceeded max_length."""
+
+    ids: list[list[int]]
+    labels: list[int]
+    truncated: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def encode(tokenizer: Any, split: Split, max_length: int) -> Encoded:
+    """Tokenise a split once; rows longer than ``max_length`` are truncated and counted."""
+    texts = list(split.texts)
+    full = tokenizer(texts, truncation=False)["input_ids"] if texts else []
+    long_rows = [i for i, ids in enumerate(full) if len(ids) > max_length]
+    if long_rows:
+        cut = tokenizer([texts[i] for i in long_rows], truncation=True, max_length=max_length)["input_ids"]
+        for i, ids in zip(long_rows, cut, strict=True):
+            full[i] = ids
+    return Encoded([list(ids) for ids in full], list(split.labels), len(long_rows))
+
+
+class Collator:
+    """Dynamic padding: each batch is padded to its own longest row (right padding)."""
+
+    def __init__(self, encoded: Encoded, pad_id: int) -> None:
+        self.encoded = encoded
+        self.pad_id = pad_id
+
+    def __call__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        rows = [self.encoded.ids[i] for i in indices]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, row in enumerate(rows):
+            ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[b, : len(row)] = 1
+        labels = torch.tensor([self.encoded.labels[i] for i in indices], dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class _Indices(TorchDataset[int]):
+    """Row indices 0..n-1: the collator looks the rows up."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+def _loader(
+    encoded: Encoded, pad_id: int, batch_size: int, *, shuffle: bool, seed: int = 0
+) -> DataLoader[Any]:
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(
+        _Indices(len(encoded)),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        collate_fn=Collator(encoded, pad_id),
+    )
+
+
+def window_sizes(num_examples: int, batch_size: int, accumulation: int) -> list[int]:
+    """Examples in the accumulation window of each micro-batch of an epoch.
+
+    Micro-batch ``i`` belongs to window ``i // accumulation``; the last window of an epoch may be
+    short. The loss of each micro-batch is its summed per-example loss divided by this number, so
+    each optimiser step sees the mean over exactly the examples of its window.
+    """
+    micro = math.ceil(num_examples / batch_size)
+    sizes = []
+    for i in range(micro):
+        start = (i // accumulation) * accumulation * batch_size
+        end = min(start + accumulation * batch_size, num_examples)
+        sizes.append(end - start)
+    return sizes
+
+
+# -- preparation (shared by --dry-run and training) --------------------------------------------
+@dataclass
+class Prepared:
+    """Everything resolved before the first step: data, backbone, probe, groups, step counts."""
+
+    config: ProbeConfig
+    dataset: Dataset
+    backbone: LoadedBackbone
+    probe: Probe
+    groups: list[ParamGroup]
+    encoded: dict[str, Encoded]
+    device: torch.device
+    precision: str
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    effective_batch: int
+    num_processes: int = 1
+
+    def describe(self) -> list[str]:
+        """The resolved plan, one line per fact, as ``--dry-run`` prints it."""
+        cfg = self.config
+        layout = self.probe.layout
+        total_params = sum(p.numel() for p in self.probe.parameters())
+        lines = [
+            f"model: {self.backbone.name} ({self.backbone.provenance}); {layout.model_type}, "
+            f"{layout.num_blocks} blocks, width {layout.hidden_size}",
+            f"data: train {len(self.dataset.train.texts)} / val {len(self.dataset.val.texts)}"
+            + (f" / test {len(self.dataset.test.texts)}" if self.dataset.test else "")
+            + f" rows; labels {self.dataset.label_map}",
+            *[f"  {line}" for line in self.dataset.report.lines()],
+            f"freezing: {self.probe.plan.describe()}",
+            f"pooling: {cfg.pooler.kind} over hidden states {list(self.probe.layers)} "
+            f"-> {self.probe.pooler.output_dim(layout.hidden_size)} features",
+            f"head: {cfg.head.kind} -> {cfg.head.num_classes} classes",
+            "parameter groups:",
+            *[
+                f"  {g.name:<14} lr {g.lr:g}  weight decay {g.weight_decay:g}  "
+                f"{sum(p.numel() for p in g.params):,} parameters in {len(g.params)} tensors"
+                for g in self.groups
+            ],
+            f"  trainable {sum(sum(p.numel() for p in g.params) for g in self.groups):,} of {total_params:,}",
+            f"batch: {cfg.train.batch_size} per micro-step x {cfg.train.grad_accum} accumulation x "
+            f"{self.num_processes} process(es) = {self.effective_batch} effective",
+            f"steps: {self.steps_per_epoch} optimiser steps per epoch, up to {self.total_steps} "
+            f"in {cfg.train.epochs} epochs; warmup {self.warmup_steps} steps ({cfg.scheduler.kind} schedule)",
+            f"precision: {cfg.train.precision} -> {'fp32' if self.precision == 'no' else self.precision} "
+            f"on {self.device}",
+            f"stopping: best val {cfg.train.monitor}, patience {cfg.train.patience} epochs; "
+            f"threshold: {threshold_rule(cfg)}",
+        ]
+        truncated = {name: enc.truncated for name, enc in self.encoded.items() if enc.truncated}
+        if truncated:
+            lines.append(f"truncated to {cfg.model.max_length} tokens: {truncated} rows")
+        return lines
+
+
+def prepare(config: ProbeConfig, *, device: torch.device | None = None, num_processes: int = 1) -> Prepared:
+    """Load data and backbone, build the probe and its groups, count steps; no training."""
+    torch.manual_seed(config.train.seed)
+    dataset = load_data(config.data)
+    if dataset.num_classes != 2 or config.head.num_classes != 2:
+        raise UserError(
+            f"head.num_classes={config.head.num_classes} and the data has {dataset.num_classes} classes; "
+            "probekit trains binary probes (2 classes)"
+        )
+    backbone = load_backbone(config.model)
+    probe = Probe.from_config(config, backbone.model)
+    probe.tokenizer = backbone.tokenizer
+    probe.max_length = config.model.max_length
+    probe.label_names = label_names(dataset.label_map)
+    groups = param_groups(probe, config.optimizer)
+    if not groups:
+        raise UserError("nothing to train: the freezing plan leaves no trainable parameter")
+    encoded = {
+        split.name: encode(backbone.tokenizer, split, config.model.max_length)
+        for split in (dataset.train, dataset.val, dataset.test)
+        if split is not None
+    }
+    spec = config.train
+    micro = math.ceil(math.ceil(len(dataset.train.texts) / num_processes) / spec.batch_size)
+    steps_per_epoch = math.ceil(micro / spec.grad_accum)
+    total = steps_per_epoch * spec.epochs
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() and not spec.cpu else "cpu")
+    return Prepared(
+        config=config,
+        dataset=dataset,
+        backbone=backbone,
+        probe=probe,
+        groups=groups,
+        encoded=encoded,
+        device=device,
+        precision=resolve_precision(spec.precision, device),
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        warmup_steps=config.scheduler.warmup_length(total, steps_per_epoch),
+        effective_batch=spec.batch_size * spec.grad_accum * num_processes,
+        num_processes=num_processes,
+    )
+
+
+def threshold_rule(config: ProbeConfig) -> str:
+    """The documented threshold rule in words."""
+    fpr = config.threshold.target_fpr
+    return "max val F1" if fpr is None else f"lowest with val FPR <= {fpr}"
+
+
+def label_names(label_map: dict[str, int]) -> list[Any]:
+    """Label values as the data gave them, by class index: ints, booleans or strings."""
+    names = [name for name, _ in sorted(label_map.items(), key=lambda kv: kv[1])]
+    if all(n.lstrip("-").isdigit() for n in names):
+        return [int(n) for n in names]
+    if set(names) == {"false", "true"}:
+        return [n == "true" for n in names]
+    return names
+
+
+# -- results -----------------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    """What a run produced: where, which epoch won, and the metrics per split."""
+
+    run_dir: Path
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+    threshold: float
+    metrics: dict[str, dict[str, float]]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> list[str]:
+        """A short human summary: best epoch, threshold, headline metrics per split."""
+        lines = [
+            f"run: {self.run_dir}",
+            f"best epoch {self.best_epoch} of {self.epochs_run}"
+            + (" (stopped early)" if self.stopped_early else "")
+            + f"; threshold {self.threshold:.4f}; {self.seconds:.1f} s",
+        ]
+        for split, m in self.metrics.items():
+            lines.append(
+                f"{split:<5} accuracy {m['accuracy']:.4f}  f1 {m['f1']:.4f}  auroc {m['auroc']:.4f}  "
+                f"auprc {m['auprc']:.4f}  recall@1%fpr {m['recall_at_1pct_fpr']:.4f}  ece {m['ece']:.4f}"
+            )
+        return lines
+
+
+# -- evaluation --------------------------------------------------------------------------------
+def _progress(iterable: Iterable[Any], enabled: bool, desc: str, total: int | None = None) -> Iterator[Any]:
+    if not enabled:
+        yield from iterable
+        return
+    from tqdm.auto import tqdm  # type: ignore[import-untyped]
+
+    yield from tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
+def predict_loader(
+    probe: Probe, loader: Iterable[dict[str, torch.Tensor]], accelerator: Any, *, progress: bool = False
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Positive-class probabilities, labels and mean (unsmoothed) loss over a loader."""
+    probe.eval()
+    probs: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    loss_sum, count = 0.0, 0
+    with torch.inference_mode(), accelerator.autocast():
+        for batch in _progress(loader, progress, "eval"):
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            logits = probe(batch["input_ids"], batch["attention_mask"]).float()
+            logits, target = accelerator.gather_for_metrics((logits, batch["labels"]))
+            loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
+            count += int(target.numel())
+            probs.append(torch.softmax(logits, dim=-1)[:, 1].cpu())
+            labels.append(target.cpu())
+    return torch.cat(probs).numpy(), torch.cat(labels).numpy(), loss_sum / max(count, 1)
+
+
+def _better(metric: str, value: float, best: float | None) -> bool:
+    if math.isnan(value):
+        return False
+    if best is None:
+        return True
+    return value < best if metric == "loss" else value > best
+
+
+# -- the run folder ----------------------------------------------------------------------------
+def default_run_dir(name: str) -> Path:
+    return Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def claim_run_dir(out: Path, overwrite: bool) -> Path:
+    """Check ``out`` may be written; return the temporary folder the run writes into first."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise UserError(
+            f"{out}: the output folder exists and is not empty; pass --overwrite or another --out"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir()
+    return partial
+
+
+def publish_run_dir(partial: Path, out: Path) -> None:
+    """Move the finished run into place; an old folder (with --overwrite) goes only afterwards."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    partial.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# -- training ----------------------------------------------------------------------------------
+def train(
+    config: ProbeConfig,
+    *,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    log: Log = print,
+    progress: bool | None = None,
+    name: str = "run",
+) -> RunResult:
+    """Train the probe ``config`` describes and write its run folder; return the results.
+
+    Args:
+        config: a validated config (``probekit.preset(...)``, ``probekit.load_config(...)``).
+        out: the run folder (default ``runs/<name>-<timestamp>``); must not exist or be empty
+            unless ``overwrite``. The run is written to a temporary sibling and moved into place
+            when complete, so a failed run leaves no half-written folder.
+        overwrite: replace a non-empty ``out`` once the new run is complete.
+        log: where progress lines go (``print`` by default).
+        progress: show progress bars; default: when stderr is a terminal.
+        name: prefix of the default run folder name.
+    """
+    from accelerate import Accelerator  # type: ignore[import-untyped]
+    from accelerate.utils import set_seed  # type: ignore[import-untyped]
+
+    started = time.perf_counter()
+    spec = config.train
+    out_dir = Path(out) if out is not None else default_run_dir(name)
+    show = sys.stderr.isatty() if progress is None else progress
+    probe_device = torch.device("cuda" if torch.cuda.is_available() and not spec.cpu else "cpu")
+    precision = resolve_precision(spec.precision, probe_device)
+    accelerator = Accelerator(
+        mixed_precision=precision, gradient_accumulation_steps=spec.grad_accum, cpu=spec.cpu
+    )
+    set_seed(spec.seed)
+    prepared = prepare(config, device=accelerator.device, num_processes=accelerator.num_processes)
+    for line in prepared.describe():
+        log(line)
+    partial = claim_run_dir(out_dir, overwrite) if accelerator.is_main_process else out_dir
+    try:
+        result = _fit(prepared, accelerator, partial, out_dir, log, show, started)
+        if accelerator.is_main_process:
+            publish_run_dir(partial, out_dir)
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    for line in result.summary():
+        log(line)
+    return result
+
+
+def _fit(
+    prepared: Prepared, accelerator: Any, folder: Path, out_dir: Path, log: Log, show: bool, started: float
+) -> RunResult:
+    config, spec, probe = prepared.config, prepared.config.train, prepared.probe
+    pad_id = int(prepared.backbone.tokenizer.pad_token_id)
+    train_enc, val_enc = prepared.encoded["train"], prepared.encoded["val"]
+    train_loader = _loader(train_enc, pad_id, spec.batch_size, shuffle=True, seed=spec.seed)
+    val_loader = _loader(val_enc, pad_id, spec.eval_batch_size, shuffle=False)
+    optimizer = build_optimizer(probe, config.optimizer)
+    scheduler = config.scheduler.build(optimizer, prepared.total_steps, prepared.steps_per_epoch)
+    probe, optimizer, train_loader, val_loader = accelerator.prepare(
+        probe, optimizer, train_loader, val_loader
+    )
+    model: Probe = accelerator.unwrap_model(probe)
+    windows = window_sizes(len(train_loader.dataset), spec.batch_size, spec.grad_accum)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+    metrics_file = folder / "metrics.jsonl"
+    history: list[dict[str, Any]] = []
+    best: float | None = None
+    best_epoch, bad_epochs, step = 0, 0, 0
+    best_state: dict[str, torch.Tensor] = trainable_state(model)
+    best_val: tuple[np.ndarray, np.ndarray] | None = None
+    stopped_early = False
+    for epoch in range(1, spec.epochs + 1):
+        probe.train()
+        loss_total, correct, seen = 0.0, 0, 0
+        batches = _progress(train_loader, show, f"epoch {epoch}/{spec.epochs}", total=len(train_loader))
+        for i, batch in enumerate(batches):
+            with accelerator.accumulate(probe):
+                logits = probe(batch["input_ids"], batch["attention_mask"]).float()
+                loss_sum = F.cross_entropy(
+                    logits, batch["labels"], label_smoothing=spec.label_smoothing, reduction="sum"
+                )
+                if not torch.isfinite(loss_sum):
+                    raise DivergedError(
+                        f"training diverged: non-finite loss at epoch {epoch}, step {step + 1}"
+                    )
+                # Accelerate divides by grad_accum; scaling by it first leaves sum / window size.
+                accelerator.backward(loss_sum * (spec.grad_accum / windows[i]))
+                if accelerator.sync_gradients:
+                    if spec.max_grad_norm is not None:
+                        norm = accelerator.clip_grad_norm_(probe.parameters(), spec.max_grad_norm)
+                        finite = norm is None or bool(torch.isfinite(torch.as_tensor(norm)))
+                        if not finite and not precision_skips(accelerator):  # fp16's scaler skips instead
+                            raise DivergedError(
+                                f"training diverged: non-finite gradient at epoch {epoch}, step {step + 1}"
+                            )
+                    optimizer.step()
+                    if not accelerator.optimizer_step_was_skipped:
+                        scheduler.step()
+                        step += 1
+                    optimizer.zero_grad(set_to_none=True)
+            loss_total += float(loss_sum.detach())
+            correct += int((logits.argmax(dim=-1) == batch["labels"]).sum())
+            seen += int(batch["labels"].numel())
+        val_probs, val_labels, val_loss = predict_loader(probe, val_loader, accelerator, progress=show)
+        val = compute_metrics(val_labels, val_probs, 0.5)
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "step": step,
+            "lr_head": optimizer.param_groups[0]["lr"],
+            "train_loss": loss_total / max(seen, 1),
+            "train_accuracy": correct / max(seen, 1),
+            "val_loss": val_loss,
+            **{f"val_{k}": v for k, v in val.items() if k not in {"threshold", "n", "positives"}},
+        }
+        monitored = val_loss if spec.monitor == "loss" else val[spec.monitor]
+        if _better(spec.monitor, monitored, best):
+            best, best_epoch, bad_epochs = monitored, epoch, 0
+            best_state = trainable_state(model)
+            best_val = (val_probs, val_labels)
+            row["best"] = True
+        else:
+            bad_epochs += 1
+            row["best"] = False
+        history.append(row)
+        if accelerator.is_main_process:
+            with metrics_file.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(row) + "\n")
+        log(
+            f"epoch {epoch}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
+            f"val loss {val_loss:.4f} acc {val['accuracy']:.4f} auroc {val['auroc']:.4f}"
+            + ("  *best*" if row["best"] else "")
+        )
+        if bad_epochs >= spec.patience and epoch < spec.epochs:
+            stopped_early = True
+            log(f"early stop: no val {spec.monitor} improvement for {spec.patience} epochs")
+            break
+
+    restore(model, best_state)
+    if best_val is None:
+        best_val = predict_loader(probe, val_loader, accelerator)[:2]
+    val_probs, val_labels = best_val
+    threshold = choose_threshold(
+        val_labels,
+        val_probs,
+        rule="max_f1" if config.threshold.target_fpr is None else "target_fpr",
+        target_fpr=config.threshold.target_fpr,
+    )
+    model.threshold = threshold
+    results = {"val": compute_metrics(val_labels, val_probs, threshold)}
+    scores = {"val": (val_labels, val_probs)}
+    if "test" in prepared.encoded:
+        test_loader = accelerator.prepare(
+            _loader(prepared.encoded["test"], pad_id, spec.eval_batch_size, shuffle=False)
+        )
+        test_probs, test_labels, _ = predict_loader(probe, test_loader, accelerator, progress=show)
+        results["test"] = compute_metrics(test_labels, test_probs, threshold)
+        scores["test"] = (test_labels, test_probs)
+    result = RunResult(
+        run_dir=out_dir,
+        best_epoch=best_epoch,
+        epochs_run=len(history),
+        stopped_early=stopped_early,
+        threshold=threshold,
+        metrics=results,
+        history=history,
+        seconds=time.perf_counter() - started,
+    )
+    if accelerator.is_main_process:
+        _write_outputs(prepared, model, folder, result, scores)
+    return result
+
+
+def precision_skips(accelerator: Any) -> bool:
+    """True when a grad scaler (fp16) is active: it skips steps with non-finite gradients itself."""
+    return getattr(accelerator, "scaler", None) is not None
+
+
+def restore(model: Probe, state: dict[str, torch.Tensor]) -> None:
+    """Copy saved trainable tensors back into ``model``."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor.to(params[name].device))
+
+
+def _write_outputs(
+    prepared: Prepared,
+    model: Probe,
+    folder: Path,
+    result: RunResult,
+    scores: dict[str, tuple[np.ndarray, np.ndarray]],
+) -> None:
+    from probekit.plots import write_report_plots
+
+    config = prepared.config
+    save_checkpoint(
+        model,
+        folder / "checkpoint",
+        config=config.model_dump(mode="json"),
+        label_map=prepared.dataset.label_map,
+        label_names=label_names(prepared.dataset.label_map),
+        threshold=result.threshold,
+        backbone={
+            "name": prepared.backbone.name,
+            "revision": prepared.backbone.revision,
+            "provenance": prepared.backbone.provenance,
+            "model_type": model.layout.model_type,
+            "num_blocks": model.layout.num_blocks,
+            "hidden_size": model.layout.hidden_size,
+        },
+    )
+    report = {
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "stopped_early": result.stopped_early,
+        "threshold": result.threshold,
+        "threshold_rule": "max_f1"
+        if config.threshold.target_fpr is None
+        else f"target_fpr={config.threshold.target_fpr}",
+        "metrics": result.metrics,
+        "data": {
+            "label_map": prepared.dataset.label_map,
+            "class_balance": {
+                k: {str(c): n for c, n in v.items()} for k, v in prepared.dataset.report.class_balance.items()
+            },
+            "shared_duplicates": prepared.dataset.report.shared_duplicates,
+            "truncated": {name: enc.truncated for name, enc in prepared.encoded.items()},
+        },
+        "plan": prepared.describe(),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    (folder / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n", encoding="utf-8")
+    (folder / "summary.txt").write_text("\n".join(result.summary()[1:]) + "\n", encoding="utf-8")
+    labels, probs = scores.get("test", scores["val"])
+    names = tuple(str(n) for n in label_names(prepared.dataset.label_map))
+    write_report_plots(folder / "plots", result.history, labels, probs, result.threshold, names)
