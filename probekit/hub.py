@@ -73,7 +73,7 @@ def load_backbone(spec: ModelSpec) -> LoadedBackbone:
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # probekit reports what it loads itself
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # probekit says what it loads
     location, provenance = resolve_location(spec)
     kwargs: dict[str, Any] = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
     try:
