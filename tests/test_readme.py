@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import json
+import os
 import re
 import subprocess
 import sys
@@ -53,3 +55,29 @@ def test_readme_listing_one_liner_lists_every_family() -> None:
     listing = ast.literal_eval(run.stdout)
     assert set(listing) == {"poolers", "heads", "freezers", "schedulers", "presets"}
     assert {"masked_mean", "cls", "last_token", "max", "multilayer"} <= set(listing["poolers"])
+
+
+@pytest.mark.slow
+def test_readme_quick_start_trains_and_predicts_verbatim(tmp_path: Path) -> None:
+    """The first Quick start block, run as written (offline, CPU) in a fresh folder."""
+    section = README.split("## Quick start\n", 1)[1]
+    commands = re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL)[0]
+    (tmp_path / ".venv").symlink_to(Path(sys.executable).parents[1], target_is_directory=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", commands],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    (line,) = run.stdout.strip().splitlines()
+    row = json.loads(line)
+    assert set(row) == {"text", "probability", "label"} and 0.0 <= row["probability"] <= 1.0
+    assert row["label"] in (0, 1)
+    report = json.loads((tmp_path / "runs" / "demo" / "report.json").read_text(encoding="utf-8"))
+    assert report["metrics"]["val"]["auroc"] > 0.8  # the shipped recipe learns the demo data
+    assert "blocks frozen 0-3, trainable 4-5 of 6" in run.stderr
