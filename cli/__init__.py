@@ -171,6 +171,9 @@ def train_command(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the resolved plan; do not train.")
     ] = False,
+    trust_remote_code: Annotated[
+        bool, typer.Option("--trust-remote-code", help="Allow the model's own Python code to run.")
+    ] = False,
 ) -> None:
     """Train a probe: the preset or config, with --model/--data/--set applied on top."""
     import probekit
@@ -178,8 +181,9 @@ def train_command(
 
     _discover()
     name = preset or (config.stem if config else "safety8k")
+    extra = ["model.trust_remote_code=true"] if trust_remote_code else []
     cfg = probekit.compose_config(
-        preset=preset, config=config, model=model, data=data, assignments=assignments or []
+        preset=preset, config=config, model=model, data=data, assignments=[*extra, *(assignments or [])]
     )
     if dry_run:
         for line in prepare(cfg).describe():

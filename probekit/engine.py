@@ -165,6 +165,16 @@ class Prepared:
     effective_batch: int
     num_processes: int = 1
 
+    def data_origin(self) -> str:
+        """Where the rows came from, naming the shipped demo dataset when it is used."""
+        spec = self.config.data
+        if spec.path is None and spec.train is None:
+            return f"probekit's shipped demo dataset ({self.dataset.train.source})"
+        sources = dict.fromkeys(
+            s.source for s in (self.dataset.train, self.dataset.val, self.dataset.test) if s
+        )
+        return ", ".join(sources)
+
     def describe(self) -> list[str]:
         """The resolved plan, one line per fact, as ``--dry-run`` prints it."""
         cfg = self.config
@@ -173,7 +183,8 @@ class Prepared:
         lines = [
             f"model: {self.backbone.name} ({self.backbone.provenance}); {layout.model_type}, "
             f"{layout.num_blocks} blocks, width {layout.hidden_size}",
-            f"data: train {len(self.dataset.train.texts)} / val {len(self.dataset.val.texts)}"
+            f"data: {self.data_origin()}",
+            f"  train {len(self.dataset.train.texts)} / val {len(self.dataset.val.texts)}"
             + (f" / test {len(self.dataset.test.texts)}" if self.dataset.test else "")
             + f" rows; labels {self.dataset.label_map}",
             *[f"  {line}" for line in self.dataset.report.lines()],
