@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -223,9 +224,12 @@ def predict_command(
     batch_size: Annotated[int, typer.Option(help="Texts per batch.", min=1)] = 64,
 ) -> None:
     """Classify texts; write one JSON object per text to stdout (text, probability, label)."""
+    from probekit.errors import UserError
     from probekit.evaluate import read_texts
     from probekit.probe import Probe
 
+    if texts and input_file is not None:
+        raise UserError("give texts as arguments or --input, not both")
     probe = Probe.from_pretrained(run)
     if texts:
         items = list(texts)
@@ -242,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     from probekit.errors import EXIT_INTERRUPTED, ProbekitError
 
     logging.basicConfig(format="probekit: warning: %(message)s", level=logging.WARNING, stream=sys.stderr)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         code = app(args=argv, prog_name="probekit", standalone_mode=False)
     except ProbekitError as exc:
@@ -264,7 +269,16 @@ def main(argv: list[str] | None = None) -> int:
             show()
             return exit_code
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return code if isinstance(code, int) else 0
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM: unwind like an exception, so a run in progress removes its unfinished folder."""
+    from probekit.errors import TerminatedError
+
+    raise TerminatedError("terminated by SIGTERM; the unfinished run folder was removed")
 
 
 def run() -> None:

@@ -57,6 +57,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return "bf16" if fast_bf16 else "no"
     if precision == "fp16" and device.type != "cuda":
         raise UserError("train.precision: fp16 needs a CUDA device; use fp32 (or auto) on the CPU")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("train.precision: this GPU does not support bf16; use fp16 or auto")
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
 
 
@@ -86,11 +88,12 @@ def encode(tokenizer: Any, split: Split, max_length: int) -> Encoded:
 
 
 class Collator:
-    """Dynamic padding: each batch is padded to its own longest row (right padding)."""
+    """Dynamic padding: each batch is padded to its own longest row (on ``model.padding_side``)."""
 
-    def __init__(self, encoded: Encoded, pad_id: int) -> None:
+    def __init__(self, encoded: Encoded, pad_id: int, padding_side: str = "right") -> None:
         self.encoded = encoded
         self.pad_id = pad_id
+        self.left = padding_side == "left"
 
     def __call__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         rows = [self.encoded.ids[i] for i in indices]
@@ -98,8 +101,9 @@ class Collator:
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for b, row in enumerate(rows):
-            ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[b, : len(row)] = 1
+            cols = slice(width - len(row), width) if self.left else slice(0, len(row))
+            ids[b, cols] = torch.tensor(row, dtype=torch.long)
+            mask[b, cols] = 1
         labels = torch.tensor([self.encoded.labels[i] for i in indices], dtype=torch.long)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
@@ -118,7 +122,13 @@ class _Indices(TorchDataset[int]):
 
 
 def _loader(
-    encoded: Encoded, pad_id: int, batch_size: int, *, shuffle: bool, seed: int = 0
+    encoded: Encoded,
+    pad_id: int,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    padding_side: str = "right",
 ) -> DataLoader[Any]:
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(
@@ -126,7 +136,7 @@ def _loader(
         batch_size=batch_size,
         shuffle=shuffle,
         generator=generator,
-        collate_fn=Collator(encoded, pad_id),
+        collate_fn=Collator(encoded, pad_id, padding_side),
     )
 
 
@@ -217,6 +227,11 @@ class Prepared:
 def prepare(config: ProbeConfig, *, device: torch.device | None = None, num_processes: int = 1) -> Prepared:
     """Load data and backbone, build the probe and its groups, count steps; no training."""
     torch.manual_seed(config.train.seed)
+    local = Path(config.model.name).expanduser()
+    if local.is_dir() and not local.is_absolute():  # the saved spec must find it from anywhere
+        config = config.model_copy(
+            update={"model": config.model.model_copy(update={"name": str(local.resolve())})}
+        )
     dataset = load_data(config.data)
     if dataset.num_classes != 2 or config.head.num_classes != 2:
         raise UserError(
@@ -431,8 +446,11 @@ def _fit(
     config, spec, probe = prepared.config, prepared.config.train, prepared.probe
     pad_id = int(prepared.backbone.tokenizer.pad_token_id)
     train_enc, val_enc = prepared.encoded["train"], prepared.encoded["val"]
-    train_loader = _loader(train_enc, pad_id, spec.batch_size, shuffle=True, seed=spec.seed)
-    val_loader = _loader(val_enc, pad_id, spec.eval_batch_size, shuffle=False)
+    side = config.model.padding_side
+    train_loader = _loader(
+        train_enc, pad_id, spec.batch_size, shuffle=True, seed=spec.seed, padding_side=side
+    )
+    val_loader = _loader(val_enc, pad_id, spec.eval_batch_size, shuffle=False, padding_side=side)
     optimizer = build_optimizer(probe, config.optimizer)
     scheduler = config.scheduler.build(optimizer, prepared.total_steps, prepared.steps_per_epoch)
     probe, optimizer, train_loader, val_loader = accelerator.prepare(
@@ -531,7 +549,7 @@ def _fit(
     scores = {"val": (val_labels, val_probs)}
     if "test" in prepared.encoded:
         test_loader = accelerator.prepare(
-            _loader(prepared.encoded["test"], pad_id, spec.eval_batch_size, shuffle=False)
+            _loader(prepared.encoded["test"], pad_id, spec.eval_batch_size, shuffle=False, padding_side=side)
         )
         test_probs, test_labels, _ = predict_loader(probe, test_loader, accelerator, progress=show)
         results["test"] = compute_metrics(test_labels, test_probs, threshold)

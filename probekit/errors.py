@@ -66,6 +66,12 @@ class PluginUnavailableError(UserError):
     """A kind whose plugin failed to load (or conflicts) was asked for."""
 
 
+class TerminatedError(ProbekitError):
+    """The process received SIGTERM; work in progress was cleaned up (exit code 143)."""
+
+    exit_code = EXIT_TERMINATED
+
+
 class BackboneError(UserError):
     """A backbone probekit cannot read (unknown block layout, missing layer)."""
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from probekit.checkpoint import read_meta
-from probekit.data import DataError, DataSpec, read_records, read_split
+from probekit.data import FORMAT_SUFFIXES, DataError, DataSpec, read_records, read_split
 from probekit.metrics import compute_metrics
 
 
@@ -36,9 +36,10 @@ def evaluate_file(run: str | Path, data: str | Path) -> tuple[dict[str, Any], Pa
 
 
 def read_texts(path: str | Path, run: str | Path) -> list[str]:
-    """Texts from ``--input``: JSONL/CSV/Parquet rows (the run's text field), else one per line."""
+    """Texts from ``--input``: data files (``.jsonl``, ``.json``, ``.ndjson``, ``.csv``, ``.parquet``)
+    give their rows' text field (the run's ``data.text_field``); any other file one text per line."""
     path = Path(path)
-    if path.suffix.lower() in {".jsonl", ".csv", ".parquet"}:
+    if path.suffix.lower() in FORMAT_SUFFIXES:
         _, meta = read_meta(run)
         field = meta["config"].get("data", {}).get("text_field", "text")
         texts = []

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from probekit.errors import UserError
@@ -78,7 +79,9 @@ def load_backbone(spec: ModelSpec) -> LoadedBackbone:
     kwargs: dict[str, Any] = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-        model = AutoModel.from_pretrained(location, **kwargs)
+        # float32 master weights whatever dtype the checkpoint was saved in: mixed precision is
+        # autocast on top (train.precision), never bf16 parameters by accident.
+        model = AutoModel.from_pretrained(location, dtype=torch.float32, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "trust_remote_code" in str(exc):
