@@ -385,7 +385,10 @@ def publish_run_dir(partial: Path, out: Path) -> None:
         out.rename(old)
     partial.rename(out)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
 
 # -- training ----------------------------------------------------------------------------------
@@ -423,10 +426,16 @@ def train(
         mixed_precision=precision, gradient_accumulation_steps=spec.grad_accum, cpu=spec.cpu
     )
     set_seed(spec.seed)
-    prepared = prepare(config, device=accelerator.device, num_processes=accelerator.num_processes)
+    # Claim the folder first: a refusal should not wait for the model to load.
+    partial = claim_run_dir(out_dir, overwrite) if accelerator.is_main_process else out_dir
+    try:
+        prepared = prepare(config, device=accelerator.device, num_processes=accelerator.num_processes)
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
     for line in prepared.describe():
         log(line)
-    partial = claim_run_dir(out_dir, overwrite) if accelerator.is_main_process else out_dir
     try:
         result = _fit(prepared, accelerator, partial, out_dir, log, show, started)
         if accelerator.is_main_process:

@@ -1,0 +1,825 @@
+"""The training engine end to end on tiny offline backbones.
+
+What the safety8k recipe turns into (optimiser groups, step counts, the learning rate of every
+step), how micro-batch losses are normalised over each accumulation window, label smoothing,
+early stopping with restore of the best weights, the run folder and its checkpoint, seeds,
+precision, a decoder backbone and string labels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from itertools import pairwise
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+import probekit
+import probekit.engine as engine
+import probekit.plots
+from probekit import Probe, load_config
+from probekit.checkpoint import trainable_state
+from probekit.config import ProbeConfig, compose_config
+from probekit.data import DataError
+from probekit.engine import (
+    Collator,
+    DivergedError,
+    RunResult,
+    prepare,
+    resolve_precision,
+    train,
+    window_sizes,
+)
+from probekit.errors import UserError
+from probekit.evaluate import evaluate_file
+from probekit.metrics import compute_metrics
+from probekit.plots import REPORT_PLOTS
+from tests import engine_fixtures
+from tests.engine_fixtures import (
+    FAST,
+    ToyData,
+    leftovers,
+    make_config,
+    names,
+    quiet,
+    read_jsonl,
+    write_toy_data,
+)
+
+# Shared fixtures (tiny saved backbones, toy data, one torch thread, no plots).
+bert_dir = engine_fixtures.bert_dir
+llama_dir = engine_fixtures.llama_dir
+toy_data = engine_fixtures.toy_data
+no_plots = engine_fixtures.no_plots
+single_thread = engine_fixtures.single_thread
+
+ROW_KEYS = {
+    "epoch",
+    "step",
+    "lr_head",
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "val_precision",
+    "val_recall",
+    "val_f1",
+    "val_auroc",
+    "val_auprc",
+    "val_recall_at_1pct_fpr",
+    "val_recall_at_5pct_fpr",
+    "val_ece",
+    "best",
+}
+REPORT_KEYS = {
+    "best_epoch",
+    "epochs_run",
+    "stopped_early",
+    "threshold",
+    "threshold_rule",
+    "metrics",
+    "data",
+    "plan",
+    "finished",
+}
+
+
+def run(config: ProbeConfig, out: Path, **kwargs: Any) -> RunResult:
+    return train(config, out=out, log=quiet, progress=False, **kwargs)
+
+
+def record_val_probs(monkeypatch: pytest.MonkeyPatch) -> dict[str, np.ndarray]:
+    """Capture the val probabilities (best epoch) the engine chooses its threshold on."""
+    seen: dict[str, np.ndarray] = {}
+    real = engine.choose_threshold
+
+    def choose(labels: Any, probs: Any, **kwargs: Any) -> float:
+        seen["probs"], seen["labels"] = np.array(probs), np.array(labels)
+        return real(labels, probs, **kwargs)
+
+    monkeypatch.setattr(engine, "choose_threshold", choose)
+    return seen
+
+
+# -- the recipe reaches the optimiser -----------------------------------------------------------
+@pytest.mark.parametrize("n_train", [96, 100, 129])
+def test_safety8k_recipe_reaches_the_optimiser(bert_dir: Path, tmp_path: Path, n_train: int) -> None:
+    data = write_toy_data(tmp_path / "data", train=n_train, val=16, test=0)
+    config = compose_config(
+        preset="safety8k",
+        assignments=[f"model.name={bert_dir}", *data.assignments(test=False), "train.cpu=true"],
+    )
+    prepared = prepare(config)
+
+    groups = {g.name: (g.lr, g.weight_decay) for g in prepared.groups}
+    assert groups == {
+        "head/decay": (2e-4, 0.1),
+        "head/no_decay": (2e-4, 0.0),
+        "body/decay": (2e-5, 0.1),
+        "body/no_decay": (2e-5, 0.0),
+    }
+    plan = prepared.probe.plan
+    assert (plan.frozen_blocks, plan.trainable_blocks) == ((0, 1, 2), (3,))  # 0.625 x 4 = 2.5 -> 3
+    body = [n for g in prepared.groups if g.name.startswith("body/") for n in g.names]
+    head = [n for g in prepared.groups if g.name.startswith("head/") for n in g.names]
+    assert all(n.startswith("backbone.encoder.layer.3.") for n in body)
+    assert {n.removeprefix("backbone.") for n in body} == plan.trainable
+    assert head and all(n.startswith(("pooler.", "head.")) for n in head)
+
+    # The torch optimiser the engine builds holds exactly these groups and every trainable tensor.
+    optimizer = engine.build_optimizer(prepared.probe, config.optimizer)
+    got = sorted((g["name"], g["lr"], g["weight_decay"], len(g["params"])) for g in optimizer.param_groups)
+    assert got == sorted((g.name, g.lr, g.weight_decay, len(g.params)) for g in prepared.groups)
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert in_optimizer == {id(p) for p in prepared.probe.parameters() if p.requires_grad}
+
+    spe = math.ceil(math.ceil(n_train / 8) / 4)
+    assert prepared.effective_batch == 32
+    assert prepared.steps_per_epoch == spe
+    assert prepared.total_steps == 10 * spe
+    assert prepared.warmup_steps == spe  # warmup_epochs = 1
+    assert prepared.precision == "no"
+    text = "\n".join(prepared.describe())
+    assert "= 32 effective" in text
+    assert f"{spe} optimiser steps per epoch, up to {10 * spe} in 10 epochs; warmup {spe} steps" in text
+
+
+# -- learning rates over steps ------------------------------------------------------------------
+def record_lrs(monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], list[list[float]]]:
+    """Group names, and each group's learning rate as every optimiser step starts."""
+    names: list[str] = []
+    lrs: list[list[float]] = []
+    real = engine.build_optimizer
+
+    def build(probe: Any, spec: Any) -> torch.optim.Optimizer:
+        optimizer = real(probe, spec)
+        names.extend(g["name"] for g in optimizer.param_groups)
+        optimizer.register_step_pre_hook(
+            lambda opt, args, kwargs: lrs.append([g["lr"] for g in opt.param_groups])
+        )
+        return optimizer
+
+    monkeypatch.setattr(engine, "build_optimizer", build)
+    return names, lrs
+
+
+def _cosine(step: int) -> float:  # safety8k on 96 rows x 3 epochs: 3 steps an epoch, 9 in all
+    return (step + 1) / 3 if step < 3 else 0.5 * (1 + math.cos(math.pi * (step - 2) / 6))
+
+
+def _linear_floor(step: int) -> float:  # warmup 2 steps, then a line down to 0.1
+    return (step + 1) / 2 if step < 2 else 0.1 + 0.9 * (1 - (step - 1) / 7)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        pytest.param((), _cosine, id="safety8k-cosine"),
+        pytest.param(
+            ("scheduler.kind=linear", "scheduler.warmup_steps=2", "scheduler.min_lr_ratio=0.1"),
+            _linear_floor,
+            id="linear-with-floor",
+        ),
+    ],
+)
+def test_learning_rate_of_every_step_follows_the_schedule(
+    bert_dir: Path,
+    toy_data: ToyData,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    no_plots: list[Any],
+    schedule: tuple[str, ...],
+    expected: Any,
+) -> None:
+    group_names, lrs = record_lrs(monkeypatch)
+    config = make_config(bert_dir, toy_data, "train.epochs=3", *schedule)
+    run(config, tmp_path / "run")
+
+    spe, total = 3, 9
+    lam = config.scheduler.lr_lambda(total, spe)
+    assert len(lrs) == total, "one optimiser step per accumulation window"
+    for step, row in enumerate(lrs):
+        for name, lr in zip(group_names, row, strict=True):
+            base = 2e-4 if name.startswith("head") else 2e-5
+            assert lr == pytest.approx(base * lam(step), rel=1e-9, abs=1e-15), (step, name)
+            assert lr == pytest.approx(base * expected(step), rel=1e-9, abs=1e-15), (step, name)
+    head = [row[group_names.index("head/decay")] for row in lrs]
+    warmup = config.scheduler.warmup_length(total, spe)
+    assert all(a < b for a, b in pairwise(head[:warmup]))
+    assert head[warmup - 1] == pytest.approx(2e-4)
+    assert all(a >= b for a, b in pairwise(head[warmup - 1 :]))
+    assert head[-1] == pytest.approx(2e-4 * config.scheduler.decay(1.0), abs=1e-15)  # cosine: 0
+
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [3, 6, 9]
+    assert [r["lr_head"] for r in rows] == pytest.approx([2e-4 * lam(e * spe) for e in (1, 2, 3)], abs=1e-15)
+
+
+# -- accumulation normalisation -----------------------------------------------------------------
+@given(
+    n=st.integers(min_value=0, max_value=600),
+    batch=st.integers(min_value=1, max_value=64),
+    accum=st.integers(min_value=1, max_value=16),
+)
+def test_window_sizes_are_the_examples_of_each_accumulation_window(n: int, batch: int, accum: int) -> None:
+    sizes = window_sizes(n, batch, accum)
+    micro = [min(batch, n - i * batch) for i in range(math.ceil(n / batch))]
+    assert len(sizes) == len(micro)
+    windows = [range(start, min(start + accum, len(micro))) for start in range(0, len(micro), accum)]
+    for w, members in enumerate(windows):
+        total = sum(micro[i] for i in members)
+        assert all(sizes[i] == total for i in members)
+        if w < len(windows) - 1:
+            assert total == batch * accum
+        else:
+            assert 0 < total <= batch * accum
+        # The engine backpropagates loss_sum * accum / size, Accelerate divides by accum: each
+        # example of the window weighs 1 / size, so the window's weights sum to one.
+        assert sum(micro[i] * (accum / sizes[i]) / accum for i in members) == pytest.approx(1.0)
+    assert sum(sizes[members[0]] for members in windows) == n
+
+
+def test_accumulated_gradient_equals_the_mean_gradient_of_each_window(
+    bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_plots: list[Any]
+) -> None:
+    """44 rows, micro-batches of 8, 4 per step: windows of 32 and 12 examples (a short last one)."""
+    data = write_toy_data(tmp_path / "data", train=44, val=16, test=0)
+    config = make_config(
+        bert_dir,
+        data,
+        "train.epochs=1",
+        "freezer.kind=all",  # no dropout anywhere: the reference forward pass is the same function
+        "head.kind=linear",
+        "train.max_grad_norm=null",
+        "train.label_smoothing=0.1",
+        test=False,
+    )
+    batches: list[dict[str, torch.Tensor]] = []
+
+    class Recording(Collator):
+        def __call__(self, indices: Any) -> dict[str, torch.Tensor]:
+            out = super().__call__(indices)
+            if len(self.encoded) == 44:
+                batches.append(out)
+            return out
+
+    checks: list[tuple[int, list[torch.Tensor], tuple[torch.Tensor, ...]]] = []
+    real = engine.build_optimizer
+
+    def build(probe: Any, spec: Any) -> torch.optim.Optimizer:
+        optimizer = real(probe, spec)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+
+        def check(opt: Any, args: Any, kwargs: Any) -> None:
+            window = batches[4 * len(checks) : 4 * len(checks) + 4]
+            with torch.enable_grad():
+                logits = torch.cat([probe(b["input_ids"], b["attention_mask"]).float() for b in window])
+                labels = torch.cat([b["labels"] for b in window])
+                mean_loss = F.cross_entropy(logits, labels, label_smoothing=0.1)
+                reference = torch.autograd.grad(mean_loss, params)
+            checks.append((len(labels), [p.grad.detach().clone() for p in params], reference))
+
+        optimizer.register_step_pre_hook(check)
+        return optimizer
+
+    monkeypatch.setattr(engine, "Collator", Recording)
+    monkeypatch.setattr(engine, "build_optimizer", build)
+    run(config, tmp_path / "run")
+
+    assert [size for size, _, _ in checks] == [32, 12]
+    for _, got, reference in checks:
+        assert len(got) == len(reference) > 0
+        for g, r in zip(got, reference, strict=True):
+            assert float(r.abs().max()) > 1e-4  # a real gradient, not zeros on both sides
+            torch.testing.assert_close(g, r, rtol=0.0, atol=1e-6)
+
+
+# -- label smoothing ----------------------------------------------------------------------------
+@pytest.mark.parametrize("smoothing", [None, 0.25], ids=["safety8k-0.1", "set-0.25"])
+def test_training_loss_is_label_smoothed_cross_entropy(
+    bert_dir: Path,
+    toy_data: ToyData,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    no_plots: list[Any],
+    smoothing: float | None,
+) -> None:
+    calls: list[dict[str, Any]] = []
+    real = F.cross_entropy
+
+    def recording(logits: torch.Tensor, target: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        loss = real(logits, target, *args, **kwargs)
+        calls.append(
+            {
+                "training": torch.is_grad_enabled() and not torch.is_inference_mode_enabled(),
+                "smoothing": kwargs.get("label_smoothing", 0.0),
+                "reduction": kwargs.get("reduction", "mean"),
+                "logits": logits.detach().clone(),
+                "target": target.clone(),
+                "loss": float(loss.detach()),
+            }
+        )
+        return loss
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", recording)
+    extra = () if smoothing is None else (f"train.label_smoothing={smoothing}",)
+    config = make_config(bert_dir, toy_data, "train.epochs=1", *extra)
+    eps = 0.1 if smoothing is None else smoothing
+    assert config.train.label_smoothing == eps
+    run(config, tmp_path / "run")
+
+    training = [c for c in calls if c["training"]]
+    evaluation = [c for c in calls if not c["training"]]
+    assert len(training) == 12  # 96 rows in micro-batches of 8
+    assert {(c["smoothing"], c["reduction"]) for c in training} == {(eps, "sum")}
+    assert evaluation and {c["smoothing"] for c in evaluation} == {0.0}  # val loss is not smoothed
+    for c in training:  # the smoothed loss written out: (1 - eps) NLL + eps x mean over classes
+        logp = torch.log_softmax(c["logits"].double(), dim=-1)
+        nll = -logp.gather(1, c["target"].unsqueeze(1)).squeeze(1)
+        expected = ((1 - eps) * nll - eps * logp.mean(dim=-1)).sum()
+        assert c["loss"] == pytest.approx(float(expected), rel=1e-5)
+    row = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
+    assert row["train_loss"] == pytest.approx(sum(c["loss"] for c in training) / 96, rel=1e-6)
+
+
+# -- early stopping and restore of the best weights ---------------------------------------------
+@pytest.mark.parametrize(
+    ("monitor", "values"),
+    [("auroc", [0.6, 0.9, 0.8, 0.7]), ("loss", [0.7, 0.4, 0.5, 0.6])],
+)
+def test_early_stop_restores_the_best_epoch(
+    bert_dir: Path,
+    toy_data: ToyData,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    no_plots: list[Any],
+    monitor: str,
+    values: list[float],
+) -> None:
+    """The monitored value peaks at epoch 2; patience 2 stops after epoch 4 of 5."""
+    snapshots: list[tuple[dict[str, torch.Tensor], np.ndarray]] = []
+    scripted = iter(values)
+    real_predict, real_metrics = engine.predict_loader, engine.compute_metrics
+
+    def predict(probe: Any, loader: Any, accelerator: Any, **kwargs: Any) -> Any:
+        probs, labels, loss = real_predict(probe, loader, accelerator, **kwargs)
+        snapshots.append((trainable_state(accelerator.unwrap_model(probe)), probs.copy()))
+        if monitor == "loss":
+            loss = next(scripted, loss)
+        return probs, labels, loss
+
+    def metrics(labels: Any, probs: Any, threshold: float) -> dict[str, float]:
+        out = real_metrics(labels, probs, threshold)
+        if monitor == "auroc":
+            out["auroc"] = next(scripted, out["auroc"])
+        return out
+
+    monkeypatch.setattr(engine, "predict_loader", predict)
+    monkeypatch.setattr(engine, "compute_metrics", metrics)
+    config = make_config(
+        bert_dir,
+        toy_data,
+        "train.epochs=5",
+        "train.patience=2",
+        f"train.monitor={monitor}",
+        "optimizer.lr_head=0.01",
+        "optimizer.lr_body=0.001",
+        "train.grad_accum=1",
+        test=False,
+    )
+    out = tmp_path / "run"
+    result = run(config, out)
+
+    assert (result.stopped_early, result.epochs_run, result.best_epoch) == (True, 4, 2)
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["best"] for r in rows] == [True, True, False, False]
+    assert [r[f"val_{monitor}"] for r in rows] == values
+    report = json.loads((out / "report.json").read_text())
+    assert (report["stopped_early"], report["epochs_run"], report["best_epoch"]) == (True, 4, 2)
+
+    saved = load_file(str(out / "checkpoint" / "probe.safetensors"))
+    best, last = snapshots[1][0], snapshots[3][0]
+    assert set(saved) == set(best)
+    assert all(torch.equal(saved[k], best[k]) for k in saved), "checkpoint is not the epoch-2 weights"
+    assert any(not torch.equal(best[k], last[k]) for k in best), "weights did not move after epoch 2"
+    probs = Probe.from_pretrained(out).predict_proba(toy_data.texts("val"))
+    np.testing.assert_allclose(probs, snapshots[1][1], rtol=0, atol=1e-5)
+    assert not np.allclose(probs, snapshots[3][1], rtol=0, atol=1e-5)
+
+
+# -- a shared run: reload, checkpoint, run folder ------------------------------------------------
+@pytest.fixture(scope="module")
+def bert_run(bert_dir: Path, toy_data: ToyData, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """A 3-epoch safety8k run (lr 1e-2 head / 3e-3 body, no accumulation) with the real plots."""
+    out = tmp_path_factory.mktemp("bert-run") / "run"
+    config = make_config(
+        bert_dir,
+        toy_data,
+        "train.epochs=3",
+        "train.grad_accum=1",
+        "optimizer.lr_head=0.01",
+        "optimizer.lr_body=0.003",
+    )
+    lines: list[str] = []
+    with pytest.MonkeyPatch.context() as mp:
+        seen = record_val_probs(mp)
+        result = train(config, out=out, log=lines.append, progress=False)
+    return SimpleNamespace(dir=out, config=config, result=result, val_probs=seen["probs"], log=lines)
+
+
+def test_run_folder_layout(bert_run: SimpleNamespace) -> None:
+    out, result = bert_run.dir, bert_run.result
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint",
+        "config.yaml",
+        "metrics.jsonl",
+        "plots",
+        "report.json",
+        "summary.txt",
+    ]
+    assert leftovers(out.parent) == []
+    assert load_config(out / "config.yaml") == bert_run.config
+
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and result.epochs_run == 3
+    assert all(set(r) == ROW_KEYS for r in rows)
+    assert rows == json.loads(json.dumps(result.history))
+
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) == REPORT_KEYS
+    assert report["metrics"] == json.loads(json.dumps(result.metrics))
+    assert set(report["metrics"]) == {"val", "test"}
+    assert report["threshold"] == result.threshold and report["threshold_rule"] == "max_f1"
+    assert report["best_epoch"] == result.best_epoch == max(rows, key=lambda r: r["val_auroc"])["epoch"]
+    assert report["data"]["label_map"] == {"0": 0, "1": 1}
+    assert report["data"]["truncated"] == {"train": 0, "val": 0, "test": 0}
+    assert any(line.startswith("parameter groups:") for line in report["plan"])
+
+    plots = out / "plots"
+    assert sorted(p.name for p in plots.iterdir()) == sorted(REPORT_PLOTS)
+    assert all((plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in REPORT_PLOTS)
+    assert (out / "summary.txt").read_text() == "\n".join(result.summary()[1:]) + "\n"
+    assert any(line.startswith("best epoch") for line in bert_run.log)
+
+
+def test_the_probe_learns_the_toy_signal(bert_run: SimpleNamespace) -> None:
+    metrics = bert_run.result.metrics
+    assert metrics["val"]["auroc"] > 0.8, metrics
+    assert metrics["test"]["auroc"] > 0.8, metrics
+
+
+def test_reloaded_probe_reproduces_the_engine_probabilities(
+    bert_run: SimpleNamespace, toy_data: ToyData
+) -> None:
+    texts = toy_data.texts("val")
+    first = Probe.from_pretrained(bert_run.dir)
+    second = Probe.from_pretrained(bert_run.dir / "checkpoint")
+    probs = first.predict_proba(texts)
+    assert probs == second.predict_proba(texts)  # exact, float for float
+    assert probs == first.predict_proba(texts)
+    np.testing.assert_allclose(probs, bert_run.val_probs, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(first.predict_proba(texts, batch_size=5), probs, rtol=0, atol=1e-6)
+    assert first.threshold == bert_run.result.threshold
+    assert first.label_names == [0, 1]
+    assert not first.training
+    for row, p in zip(first.predict(texts), probs, strict=True):
+        assert row["probability"] == p
+        assert row["label"] == (1 if p >= first.threshold else 0)
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_evaluate_file_matches_the_reloaded_probe_and_the_report(
+    bert_run: SimpleNamespace, toy_data: ToyData, tmp_path: Path, split: str
+) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(bert_run.dir, run_dir)
+    metrics, written = evaluate_file(run_dir, toy_data.path(split))
+    assert written == run_dir / "eval" / f"{split}.json"
+    assert json.loads(written.read_text()) == metrics
+    probe = Probe.from_pretrained(run_dir)
+    probs = np.asarray(probe.predict_proba(toy_data.texts(split)), dtype=np.float64)
+    expected = compute_metrics(np.asarray(toy_data.labels(split)), probs, bert_run.result.threshold)
+    assert {k: v for k, v in metrics.items() if k != "data"} == expected
+    assert metrics["data"] == str(toy_data.path(split))
+    reported = bert_run.result.metrics[split]
+    for key in ("auroc", "auprc", "ece", "accuracy", "f1", "threshold", "n", "positives"):
+        assert metrics[key] == pytest.approx(reported[key], abs=1e-6), key
+
+
+def test_checkpoint_holds_only_trained_tensors(bert_run: SimpleNamespace) -> None:
+    from probekit.hub import load_backbone
+
+    saved = load_file(str(bert_run.dir / "checkpoint" / "probe.safetensors"))
+    fresh = Probe.from_config(bert_run.config, load_backbone(bert_run.config.model).model)
+    assert set(saved) == set(trainable_state(fresh))
+    frozen = {f"backbone.{name}" for name in fresh.plan.frozen}
+    assert frozen and not frozen & set(saved)
+    assert all(k.startswith(("pooler.", "head.", "backbone.")) for k in saved)
+    body = [k for k in saved if k.startswith("backbone.")]
+    assert body and all(k.startswith("backbone.encoder.layer.3.") for k in body)
+    assert any(k.startswith("head.") for k in saved)
+    assert len(saved) < len(dict(fresh.named_parameters()))
+
+
+def test_probe_json_describes_the_checkpoint(bert_run: SimpleNamespace, bert_dir: Path) -> None:
+    folder = bert_run.dir / "checkpoint"
+    meta = json.loads((folder / "probe.json").read_text())
+    assert {"config", "label_map", "label_names", "threshold", "backbone", "weights", "versions"} <= set(meta)
+    assert meta["format"] == "probekit-checkpoint"
+    assert meta["config"] == bert_run.config.model_dump(mode="json")
+    assert meta["label_map"] == {"0": 0, "1": 1} and meta["label_names"] == [0, 1]
+    assert meta["threshold"] == bert_run.result.threshold
+    backbone = meta["backbone"]
+    assert backbone["name"] == str(bert_dir)
+    assert (backbone["model_type"], backbone["num_blocks"], backbone["hidden_size"]) == ("bert", 4, 32)
+    assert "local folder" in backbone["provenance"]
+    versions = meta["versions"]
+    assert versions["probekit"] == probekit.__version__ and versions["torch"] == torch.__version__
+    assert {"python", "transformers", "accelerate", "safetensors"} <= set(versions)
+    weights = folder / meta["weights"]["file"]
+    assert meta["weights"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert meta["weights"]["tensors"] == len(load_file(str(weights)))
+
+
+def test_damaged_or_missing_weights_are_refused(bert_run: SimpleNamespace, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(bert_run.dir, run_dir)
+    weights = run_dir / "checkpoint" / "probe.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"probe\.safetensors: checksum does not match probe\.json"):
+        Probe.from_pretrained(run_dir)
+    weights.unlink()
+    with pytest.raises(UserError, match="missing checkpoint weights"):
+        Probe.from_pretrained(run_dir)
+    with pytest.raises(UserError, match="no such run folder"):
+        Probe.from_pretrained(tmp_path / "nowhere")
+
+
+# -- the run folder appears whole or not at all -------------------------------------------------
+@pytest.mark.parametrize("existing", [False, True], ids=["new-out", "overwrite-existing"])
+@pytest.mark.parametrize("where", ["epoch-2", "plots"])
+def test_a_failed_run_leaves_no_folder_behind(
+    bert_dir: Path,
+    toy_data: ToyData,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+    existing: bool,
+) -> None:
+    out = tmp_path / "runs" / "run"
+    if existing:
+        out.mkdir(parents=True)
+        (out / "old.txt").write_text("the previous run")
+
+    def boom(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("boom")
+
+    if where == "epoch-2":  # fail in the second epoch's evaluation, after metrics.jsonl has a row
+        calls: list[int] = []
+        real = engine.predict_loader
+
+        def predict(*args: Any, **kwargs: Any) -> Any:
+            calls.append(1)
+            return boom() if len(calls) == 2 else real(*args, **kwargs)
+
+        monkeypatch.setattr(engine, "predict_loader", predict)
+    else:  # fail while writing the last outputs
+        monkeypatch.setattr(probekit.plots, "write_report_plots", boom)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run(make_config(bert_dir, toy_data, test=False), out, overwrite=existing)
+    assert names(out.parent) == (["run"] if existing else [])
+    if existing:
+        assert names(out) == ["old.txt"]
+
+
+def test_a_non_empty_out_is_refused_before_training(
+    bert_dir: Path, toy_data: ToyData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_fit(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(engine, "_fit", no_fit)
+    config = make_config(bert_dir, toy_data, test=False)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not empty; pass --overwrite"):
+        run(config, out)
+    assert names(out) == ["mine.txt"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="not empty"):
+        run(config, tmp_path / "file")
+    assert names(tmp_path) == ["file", "run"]
+
+
+@pytest.mark.parametrize("existing", ["folder", "file"])
+def test_overwrite_replaces_what_was_there_and_leaves_nothing_behind(
+    bert_dir: Path, toy_data: ToyData, tmp_path: Path, no_plots: list[Any], existing: str
+) -> None:
+    out = tmp_path / "run"
+    if existing == "folder":
+        out.mkdir()
+        (out / "old.txt").write_text("the previous run")
+    else:
+        out.write_text("not a run folder")
+    run(make_config(bert_dir, toy_data, "train.epochs=1", test=False), out, overwrite=True)
+    assert (out / "report.json").is_file() and (out / "checkpoint" / "probe.safetensors").is_file()
+    assert not (out / "old.txt").exists()
+    assert names(tmp_path) == ["run"], "the replaced folder or file was left behind as .run.old-PID"
+
+
+def test_a_non_finite_loss_stops_the_run_with_exit_code_3(
+    bert_dir: Path, toy_data: ToyData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = F.cross_entropy
+
+    def nan_when_training(*args: Any, **kwargs: Any) -> torch.Tensor:
+        loss = real(*args, **kwargs)
+        training = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+        return loss * float("nan") if training else loss
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", nan_when_training)
+    with pytest.raises(DivergedError, match="non-finite loss at epoch 1, step 1") as caught:
+        run(make_config(bert_dir, toy_data, test=False), tmp_path / "run")
+    assert caught.value.exit_code == 3
+    assert names(tmp_path) == []
+
+
+def test_target_fpr_threshold_is_the_lowest_within_the_budget(
+    bert_dir: Path, toy_data: ToyData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_plots: list[Any]
+) -> None:
+    seen = record_val_probs(monkeypatch)
+    config = make_config(
+        bert_dir,
+        toy_data,
+        "threshold.target_fpr=0.1",
+        "optimizer.lr_head=0.01",
+        "train.grad_accum=1",
+        test=False,
+    )
+    out = tmp_path / "run"
+    result = run(config, out)
+    report = json.loads((out / "report.json").read_text())
+    assert report["threshold_rule"] == "target_fpr=0.1"
+    assert json.loads((out / "checkpoint" / "probe.json").read_text())["threshold"] == result.threshold
+    probs, labels = seen["probs"], seen["labels"]
+    negatives = probs[labels == 0]
+    assert (negatives >= result.threshold).mean() <= 0.1
+    below = probs[probs < result.threshold]
+    if below.size:  # one step lower would flag too many negatives
+        assert (negatives >= below.max()).mean() > 0.1
+    assert report["metrics"]["val"]["threshold"] == result.threshold
+
+
+# -- seeds ---------------------------------------------------------------------------------------
+def test_the_seed_decides_the_run(
+    bert_dir: Path, toy_data: ToyData, tmp_path: Path, no_plots: list[Any]
+) -> None:
+    """Dropout (head 0.2, trainable block 0.1), head init and data order all follow train.seed."""
+
+    def once(seed: int, name: str) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], RunResult]:
+        config = make_config(bert_dir, toy_data, f"train.seed={seed}", "optimizer.lr_head=0.01")
+        result = run(config, tmp_path / name)
+        rows = read_jsonl(tmp_path / name / "metrics.jsonl")
+        return rows, load_file(str(tmp_path / name / "checkpoint" / "probe.safetensors")), result
+
+    rows_a, weights_a, result_a = once(0, "a")
+    torch.manual_seed(1234)  # the global RNG state before a run must not matter
+    rows_b, weights_b, result_b = once(0, "b")
+    rows_c, weights_c, _ = once(1, "c")
+
+    assert not any("time" in key or "second" in key for key in rows_a[0])
+    assert rows_a == rows_b
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert (result_a.threshold, result_a.metrics) == (result_b.threshold, result_b.metrics)
+    assert rows_a != rows_c
+    assert any(not torch.equal(weights_a[k], weights_c[k]) for k in weights_a)
+
+
+# -- precision -----------------------------------------------------------------------------------
+def test_resolve_precision_on_the_cpu() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == "no"
+    assert resolve_precision("fp32", cpu) == "no"
+    assert resolve_precision("bf16", cpu) == "bf16"
+    with pytest.raises(UserError, match="fp16 needs a CUDA device"):
+        resolve_precision("fp16", cpu)
+
+
+def test_fp16_on_the_cpu_is_refused_before_anything_is_written(
+    bert_dir: Path, toy_data: ToyData, tmp_path: Path
+) -> None:
+    config = make_config(bert_dir, toy_data, "train.precision=fp16", test=False)
+    with pytest.raises(UserError, match="fp16"):
+        run(config, tmp_path / "run")
+    assert names(tmp_path) == []
+
+
+# -- a decoder backbone --------------------------------------------------------------------------
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_llama_shaped_backbone_trains_through_the_engine(
+    llama_dir: Path,
+    toy_data: ToyData,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    no_plots: list[Any],
+    padding_side: str,
+) -> None:
+    config = make_config(llama_dir, toy_data, f"model.padding_side={padding_side}", test=False)
+    prepared = prepare(config)
+    tokenizer = prepared.backbone.tokenizer
+    assert tokenizer.pad_token == tokenizer.eos_token == "</s>"
+    assert prepared.probe.layout.model_type == "llama"
+    assert prepared.probe.plan.trainable_blocks == (3,)
+
+    pad_ids: list[int] = []
+    masks: list[torch.Tensor] = []
+
+    class Recording(Collator):
+        def __init__(self, encoded: Any, pad_id: int, *args: Any, **kwargs: Any) -> None:
+            super().__init__(encoded, pad_id, *args, **kwargs)
+            pad_ids.append(pad_id)
+
+        def __call__(self, indices: Any) -> dict[str, torch.Tensor]:
+            out = super().__call__(indices)
+            masks.append(out["attention_mask"])
+            return out
+
+    monkeypatch.setattr(engine, "Collator", Recording)
+    seen = record_val_probs(monkeypatch)
+    out = tmp_path / "run"
+    result = run(config, out)
+
+    assert set(pad_ids) == {tokenizer.eos_token_id}
+    padded = [m for m in masks if not m.all()]
+    assert padded, "no batch needed padding"
+    edge = 0 if padding_side == "left" else -1  # the padded end of every padded batch
+    assert all(not m[:, edge].all() for m in padded)
+    assert all(m[:, -1 - edge].all() for m in masks)  # every row's text touches the other end
+    assert result.epochs_run == 2
+    assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"]) for r in result.history)
+    meta = json.loads((out / "checkpoint" / "probe.json").read_text())
+    assert meta["backbone"]["model_type"] == "llama"
+    probe = Probe.from_pretrained(out)
+    assert probe.tokenizer.pad_token == "</s>" and probe.tokenizer.padding_side == padding_side
+    np.testing.assert_allclose(probe.predict_proba(toy_data.texts("val")), seen["probs"], rtol=0, atol=1e-5)
+
+
+def test_a_relative_model_folder_is_saved_as_an_absolute_path(
+    bert_dir: Path, toy_data: ToyData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_plots: list[Any]
+) -> None:
+    monkeypatch.chdir(bert_dir.parent)
+    config = make_config(Path(bert_dir.name), toy_data, "train.epochs=1", test=False)
+    assert config.model.name == bert_dir.name
+    out = tmp_path / "run"
+    run(config, out)
+    assert load_config(out / "config.yaml").model.name == str(bert_dir.resolve())
+    meta = json.loads((out / "checkpoint" / "probe.json").read_text())
+    assert meta["config"]["model"]["name"] == str(bert_dir.resolve())
+    monkeypatch.chdir(tmp_path)
+    assert len(Probe.from_pretrained(out).predict_proba(["the cat sat"])) == 1
+
+
+# -- string labels -------------------------------------------------------------------------------
+def test_string_labels_through_the_label_map(bert_dir: Path, tmp_path: Path, no_plots: list[Any]) -> None:
+    data = write_toy_data(tmp_path / "data", train=64, val=32, test=32, names=("safe", "unsafe"))
+    with pytest.raises(DataError, match=r"data\.label_map"):
+        prepare(make_config(bert_dir, data))
+    config = make_config(bert_dir, data, 'data.label_map={"safe": 0, "unsafe": 1}', "train.epochs=1")
+    out = tmp_path / "run"
+    run(config, out)
+
+    meta = json.loads((out / "checkpoint" / "probe.json").read_text())
+    assert meta["label_map"] == {"safe": 0, "unsafe": 1}
+    assert meta["label_names"] == ["safe", "unsafe"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"]["label_map"] == {"safe": 0, "unsafe": 1}
+    assert report["metrics"]["test"]["positives"] == 16  # "unsafe" is class 1
+
+    probe = Probe.from_pretrained(out)
+    rows = probe.predict(data.texts("test"))
+    assert {row["label"] for row in rows} <= {"safe", "unsafe"}
+    for row in rows:
+        assert row["label"] == ("unsafe" if row["probability"] >= probe.threshold else "safe")
+    metrics, _ = evaluate_file(out, data.path("test"))
+    assert (metrics["n"], metrics["positives"]) == (32, 16)
+
+
+def test_fast_assignments_are_valid() -> None:
+    """The shared speed-ups stay valid config paths (a typo would silently be a --set error)."""
+    config = compose_config(preset="safety8k", assignments=list(FAST))
+    assert (config.train.epochs, config.train.cpu, config.model.max_length) == (2, True, 16)
