@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from probekit._version import __version__
-from probekit.errors import UserError
+from probekit.errors import PluginError, UserError
 
 FORMAT = "probekit-checkpoint"
 FORMAT_VERSION = 1
@@ -54,6 +54,48 @@ def versions() -> dict[str, str]:
     return found
 
 
+def components(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """Where each component kind of a config comes from (built-in, or which plugin distribution)."""
+    from probekit.config import FAMILY_FIELDS
+
+    found = []
+    blocks = [(field, config.get(field, {})) for field in FAMILY_FIELDS]
+    token = config.get("pooler", {}).get("token_pooler")
+    if isinstance(token, dict):
+        blocks.append(("pooler", token))
+    for field, block in blocks:
+        registry = FAMILY_FIELDS[field]
+        kind = block.get("kind")
+        if isinstance(kind, str) and kind in registry:
+            entry = registry.entry(kind)
+            found.append(
+                {
+                    "family": registry.family,
+                    "kind": kind,
+                    "source": entry.source,
+                    "distribution": entry.distribution,
+                }
+            )
+    return found
+
+
+def _require_plugins(meta: dict[str, Any], where: Path) -> None:
+    """Refuse, naming the package to install, a run whose plugin kinds are not available here."""
+    from probekit.registry import REGISTRIES
+
+    by_family = {registry.family: registry for registry in REGISTRIES.values()}
+    for component in meta.get("components", []):
+        dist, kind = component.get("distribution"), component.get("kind")
+        registry = by_family.get(component.get("family", ""))
+        if dist is None or registry is None or kind in registry:
+            continue
+        reason = registry.unavailable().get(kind)
+        raise PluginError(
+            f"{where}: this run uses the {registry.family} kind {kind!r} from the package {dist}, "
+            + (f"which failed to load: {reason}" if reason else f"which is not installed: pip install {dist}")
+        )
+
+
 def save_checkpoint(
     probe: Any,
     folder: Path,
@@ -77,6 +119,7 @@ def save_checkpoint(
         "label_names": label_names,
         "threshold": threshold,
         "backbone": backbone,
+        "components": components(config),
         "weights": {"file": WEIGHTS, "sha256": _sha256(weights), "tensors": len(state)},
         "versions": versions(),
     }
@@ -111,6 +154,7 @@ def load_probe(run_dir: str | Path) -> Any:
 
     folder, meta = read_meta(run_dir)
     discover()
+    _require_plugins(meta, folder / META)
     config = validate(meta["config"], label=str(folder / META))
     weights = folder / meta.get("weights", {}).get("file", WEIGHTS)
     if not weights.is_file():

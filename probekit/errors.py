@@ -72,6 +72,10 @@ class TerminatedError(ProbekitError):
     exit_code = EXIT_TERMINATED
 
 
+class PluginError(UserError):
+    """A plugin component broke its contract (wrong output shape, ...) or is missing."""
+
+
 class BackboneError(UserError):
     """A backbone probekit cannot read (unknown block layout, missing layer)."""
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from probekit.backbone import BERT_LIKE, Layout, accepts, base_model, capture, locate, resolve_layers
-from probekit.errors import UserError
+from probekit.errors import PluginError, UserError
 from probekit.freezers.plan import FreezePlan
 from probekit.spec import BuildContext, FreezerSpec, HeadSpec, PoolerSpec
 
@@ -71,6 +71,7 @@ class Probe(nn.Module):
         self._positions_from_mask = accepts(self.backbone, "position_ids") and not _derives_positions(
             self.backbone
         )
+        self._pooler_checked = False
         # Set when loaded from a run folder (or by the trainer): what predict() needs.
         self.tokenizer: Any = None
         self.max_length = 512
@@ -106,9 +107,24 @@ class Probe(nn.Module):
         """Pooled features ``(batch, pooler.output_dim(hidden))`` in the head's dtype."""
         dtype = next(self.head.parameters()).dtype
         hidden = tuple(h.to(dtype) for h in self.hidden_states(input_ids, attention_mask, **extra))
-        if self.pooler_spec.multi_layer:
-            return self.pooler(hidden, attention_mask)  # type: ignore[no-any-return]
-        return self.pooler(hidden[0], attention_mask)  # type: ignore[no-any-return]
+        pooled: Tensor = self.pooler(hidden if self.pooler_spec.multi_layer else hidden[0], attention_mask)
+        if not self._pooler_checked:
+            self._check_pooled(pooled, input_ids.shape[0])
+        return pooled
+
+    def _check_pooled(self, pooled: Tensor, batch: int) -> None:
+        """On first use, hold the pooler to its promise: ``(batch, output_dim(hidden))``."""
+        expected = (batch, self.pooler.output_dim(self.context.hidden_size))
+        if tuple(pooled.shape) != expected:
+            from probekit.registry import POOLERS
+
+            kind = self.pooler_spec.kind
+            source = POOLERS.entry(kind).source if kind in POOLERS else type(self.pooler_spec).__module__
+            raise PluginError(
+                f"pooler {kind!r} from {source} returned shape {tuple(pooled.shape)}, but promised "
+                f"{expected} (batch, output_dim({self.context.hidden_size})); the pooler is broken"
+            )
+        self._pooler_checked = True
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, **extra: Any) -> Tensor:
         """Class logits ``(batch, num_classes)``."""
