@@ -224,14 +224,25 @@ class Prepared:
         return lines
 
 
+def absolute_paths(config: ProbeConfig) -> ProbeConfig:
+    """The config with local model and data paths made absolute, so the saved spec re-runs anywhere."""
+    model = Path(config.model.name).expanduser()
+    if model.is_dir() and not model.is_absolute():
+        config = config.model_copy(
+            update={"model": config.model.model_copy(update={"name": str(model.resolve())})}
+        )
+    data = {
+        key: str(Path(value).expanduser().resolve())
+        for key in ("path", "train", "val", "test")
+        if isinstance(value := getattr(config.data, key), str) and Path(value).expanduser().exists()
+    }
+    return config.model_copy(update={"data": config.data.model_copy(update=data)}) if data else config
+
+
 def prepare(config: ProbeConfig, *, device: torch.device | None = None, num_processes: int = 1) -> Prepared:
     """Load data and backbone, build the probe and its groups, count steps; no training."""
     torch.manual_seed(config.train.seed)
-    local = Path(config.model.name).expanduser()
-    if local.is_dir() and not local.is_absolute():  # the saved spec must find it from anywhere
-        config = config.model_copy(
-            update={"model": config.model.model_copy(update={"name": str(local.resolve())})}
-        )
+    config = absolute_paths(config)
     dataset = load_data(config.data)
     if dataset.num_classes != 2 or config.head.num_classes != 2:
         raise UserError(

@@ -823,3 +823,15 @@ def test_fast_assignments_are_valid() -> None:
     """The shared speed-ups stay valid config paths (a typo would silently be a --set error)."""
     config = compose_config(preset="safety8k", assignments=list(FAST))
     assert (config.train.epochs, config.train.cpu, config.model.max_length) == (2, True, 16)
+
+
+def test_relative_data_paths_are_saved_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from probekit.engine import absolute_paths
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "all.jsonl").write_text('{"text": "a", "label": 0}\n', encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    fixed = absolute_paths(probekit.compose_config(preset="safety8k", data="d/all.jsonl"))
+    assert fixed.data.path == str(tmp_path / "d" / "all.jsonl")
+    missing = absolute_paths(probekit.compose_config(preset="safety8k", data="nope.jsonl"))
+    assert missing.data.path == "nope.jsonl"  # only existing paths are resolved; the error stays the user's
