@@ -89,11 +89,24 @@ def _require_plugins(meta: dict[str, Any], where: Path) -> None:
         registry = by_family.get(component.get("family", ""))
         if dist is None or registry is None or kind in registry:
             continue
-        reason = registry.unavailable().get(kind)
         raise PluginError(
             f"{where}: this run uses the {registry.family} kind {kind!r} from the package {dist}, "
-            + (f"which failed to load: {reason}" if reason else f"which is not installed: pip install {dist}")
+            + _why_missing(registry.unavailable().get(kind), dist, kind)
         )
+
+
+def _why_missing(reason: str | None, dist: str, kind: str) -> str:
+    """Why a recorded plugin kind is not registered: failed, switched off, or not installed."""
+    from probekit.registry import ENV_BLOCK, ENV_DISABLE_AUTOLOAD, last_report
+
+    if reason:
+        return f"which failed to load: {reason}"
+    report = last_report()
+    if report is not None and report.disabled:
+        return f"but plugin autoload is disabled by {ENV_DISABLE_AUTOLOAD}; unset it to load {dist}"
+    if report is not None and any(f":{kind} (" in b or f"({dist} " in b for b in report.blocked):
+        return f"which is installed but blocked by {ENV_BLOCK}"
+    return f"which is not installed: pip install {dist}"
 
 
 def save_checkpoint(

@@ -118,10 +118,20 @@ class Probe(nn.Module):
         if tuple(pooled.shape) != expected:
             from probekit.registry import POOLERS
 
-            kind = self.pooler_spec.kind
-            source = POOLERS.entry(kind).source if kind in POOLERS else type(self.pooler_spec).__module__
+            # Blame the plugin: a token pooler inside multilayer rather than the built-in around it.
+            culprit = self.pooler_spec
+            inner = getattr(culprit, "token_pooler", None)
+            if (
+                isinstance(inner, PoolerSpec)
+                and inner.kind in POOLERS
+                and not POOLERS.entry(inner.kind).builtin
+            ):
+                culprit = inner
+            kind = culprit.kind
+            source = POOLERS.entry(kind).source if kind in POOLERS else type(culprit).__module__
+            inside = f" (inside {self.pooler_spec.kind!r})" if culprit is not self.pooler_spec else ""
             raise PluginError(
-                f"pooler {kind!r} from {source} returned shape {tuple(pooled.shape)}, but promised "
+                f"pooler {kind!r} from {source}{inside} returned shape {tuple(pooled.shape)}, but promised "
                 f"{expected} (batch, output_dim({self.context.hidden_size})); the pooler is broken"
             )
         self._pooler_checked = True
