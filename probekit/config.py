@@ -258,12 +258,17 @@ def apply_overrides(data: Mapping[str, Any], assignments: Sequence[str]) -> dict
                 parent[part] = child
             parent = child
         leaf = path[-1]
+        family_block = (len(path) == 2 and path[0] in FAMILY_FIELDS) or (
+            len(path) > 2 and path[-2] in _NESTED_FIELDS
+        )
+        if leaf == "kind" and family_block:
+            if parent.get("kind") != value:  # a new kind starts from its own defaults
+                parent.clear()
+                parent["kind"] = value
+            continue
         allowed = _fields_at(model, path[:-1], result)
         if leaf not in allowed:
             raise ConfigError(_unknown_path(key, leaf, allowed))
-        family_block = (len(path) == 2 and path[0] in FAMILY_FIELDS) or path[-2] in _NESTED_FIELDS
-        if leaf == "kind" and family_block:
-            parent.clear()
         parent[leaf] = value
     return result
 

@@ -18,6 +18,7 @@ from torch import Tensor
 import probekit
 from probekit.poolers import ClsSpec, LastTokenSpec, MaskedMeanSpec, MaxSpec, MultiLayerSpec
 from probekit.poolers.base import Pooler
+from probekit.poolers.masked_mean import MaskedMean
 from probekit.registry import POOLERS
 from probekit.spec import BuildContext, PoolerSpec, TokenPoolerSpec
 from probekit.testing import (
@@ -249,3 +250,44 @@ def test_check_pooler_runs_every_check_and_passes_builtins() -> None:
         check_pooler(spec, examples=5, all_masked="zeros")
     with pytest.raises(AssertionError):
         check_pooler(_broken_spec("ignores_mask"), examples=5)
+
+
+class _SoftmaxNoGuard(Pooler):
+    """Attention-like pooling without an empty-row guard: a row with no valid token computes nan
+    weights, and although a final `where` cleans the output, the gradient stays nan."""
+
+    def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        keep = mask.bool()
+        scores = torch.where(keep, hidden.sum(dim=-1), float("-inf"))
+        weights = torch.softmax(scores, dim=1)  # nan where every score is -inf
+        values = hidden * keep.unsqueeze(-1)
+        pooled = (weights.unsqueeze(-1) * values).sum(dim=1)
+        return torch.where(keep.any(dim=1, keepdim=True), pooled, 0.0)  # output is clean, grads are not
+
+    def output_dim(self, hidden_size: int) -> int:
+        return hidden_size
+
+
+def test_all_masked_check_catches_nan_gradients_hidden_behind_a_where() -> None:
+    class NoGuardSpec(TokenPoolerSpec):
+        kind: Literal["no_guard"] = "no_guard"
+
+        def build(self, ctx: BuildContext) -> Pooler:
+            return _SoftmaxNoGuard()
+
+    with pytest.raises(AssertionError, match="non-finite gradients"):
+        check_all_masked(NoGuardSpec(), CASE)
+
+
+def test_check_pooler_can_draw_widths_divisible_by_heads() -> None:
+    widths = []
+
+    class WidthSpy(TokenPoolerSpec):
+        kind: Literal["width_spy"] = "width_spy"
+
+        def build(self, ctx: BuildContext) -> Pooler:
+            widths.append(ctx.hidden_size)
+            return MaskedMean()
+
+    check_pooler(WidthSpy(), examples=6, hidden_multiple=4)
+    assert widths and all(w % 4 == 0 for w in widths)

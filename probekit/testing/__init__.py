@@ -211,7 +211,8 @@ def check_masked_gradient(spec: PoolerSpec, case: PoolerCase) -> None:
 def check_all_masked(
     spec: PoolerSpec, case: PoolerCase, expect: Literal["finite", "zeros"] = "finite"
 ) -> None:
-    """Rows with no valid token give finite output independent of their hidden states.
+    """Rows with no valid token give finite output independent of their hidden states, and
+    finite gradients (a nan computed internally and masked later still poisons the backward pass).
 
     ``expect="zeros"`` also requires zeros (the documented behaviour of every built-in).
     """
@@ -221,8 +222,15 @@ def check_all_masked(
     empty = torch.tensor([n == 0 for n in lengths])
     outs = []
     for scale in (1.0, -3.0):
-        hidden = [torch.where(empty[:, None, None], scale * h + 1.0, h) for h in case.hidden]
+        hidden = [
+            torch.where(empty[:, None, None], scale * h + 1.0, h).requires_grad_(True) for h in case.hidden
+        ]
         outs.append(_run(spec, pooler, hidden, mask))
+    inputs = [*hidden, *(p for p in pooler.parameters() if p.requires_grad)]
+    grads = torch.autograd.grad(outs[1].sum(), inputs, allow_unused=True)
+    if not all(g is None or torch.isfinite(g).all() for g in grads):
+        raise AssertionError(f"{_name(spec)}: rows without valid tokens give non-finite gradients")
+    outs = [out.detach() for out in outs]
     rows = outs[0][empty]
     if not torch.isfinite(rows).all():
         raise AssertionError(f"{_name(spec)}: all-masked rows give non-finite output")
@@ -248,6 +256,7 @@ def check_pooler(
     seed: int = 0,
     nonfinite_padding: bool = True,
     all_masked: Literal["finite", "zeros"] = "finite",
+    hidden_multiple: int = 1,
 ) -> None:
     """Run every contract check on ``examples`` random cases (random shapes, lengths, fills).
 
@@ -257,6 +266,8 @@ def check_pooler(
         seed: seed of the case generator.
         nonfinite_padding: also fill padding with ``inf``, ``-inf`` and ``nan``.
         all_masked: ``"zeros"`` to require zeros for rows without valid tokens.
+        hidden_multiple: hidden widths are drawn as multiples of this (e.g. the number of
+            attention heads a pooler splits the width into).
     """
     gen = torch.Generator().manual_seed(seed)
 
@@ -269,7 +280,8 @@ def check_pooler(
     for i in range(examples):
         batch, tokens = draw(1, 4), draw(1, 9)
         lengths = [draw(1, tokens) for _ in range(batch)]
-        case = random_case(seed + i, batch, tokens, draw(1, 12), _num_layers(spec), lengths)
+        width = hidden_multiple * draw(1, max(1, 12 // hidden_multiple))
+        case = random_case(seed + i, batch, tokens, width, _num_layers(spec), lengths)
         for check in CHECKS:
             if check is check_all_masked:
                 check_all_masked(spec, case, all_masked)

@@ -21,11 +21,13 @@ def pooler_cases(
     max_tokens: int = 10,
     max_hidden: int = 16,
     min_length: int = 1,
+    hidden_multiple: int = 1,
 ) -> PoolerCase:
-    """A `PoolerCase` with ``num_layers`` layers; each row has ``min_length``+ valid tokens."""
+    """A `PoolerCase` with ``num_layers`` layers; each row has ``min_length``+ valid tokens and the
+    hidden width is a multiple of ``hidden_multiple``."""
     batch = draw(st.integers(1, max_batch))
     tokens = draw(st.integers(max(1, min_length), max_tokens))
-    hidden = draw(st.integers(1, max_hidden))
+    hidden = hidden_multiple * draw(st.integers(1, max(1, max_hidden // hidden_multiple)))
     lengths = draw(st.lists(st.integers(min_length, tokens), min_size=batch, max_size=batch))
     seed = draw(st.integers(0, 2**31 - 1))
     return random_case(seed, batch, tokens, hidden, num_layers, lengths)
