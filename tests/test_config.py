@@ -702,3 +702,16 @@ def test_fixture_registration_does_not_leak() -> None:
     assert "toy_pool" not in json.dumps(json_schema())
     with pytest.raises(ConfigError, match="unknown pooler kind 'toy_pool'"):
         load_config({"pooler": {"kind": "toy_pool"}})
+
+
+def test_set_same_kind_keeps_the_block_and_nested_kinds_can_follow() -> None:
+    base = probekit.preset("safety8k").model_dump(mode="json")
+    data = probekit.apply_overrides(
+        base, ["pooler.kind=multilayer", "pooler.token_pooler.kind=max", "pooler.layers=[-2,-1]"]
+    )
+    config = probekit.load_config(data)
+    assert config.pooler.token_pooler.kind == "max"
+    assert config.pooler.layers == (-2, -1)
+    assert config.pooler.combine == "mean"  # unchanged fields of an unchanged kind survive
+    replaced = probekit.apply_overrides(base, ["pooler.kind=max"])
+    assert replaced["pooler"] == {"kind": "max"}  # a new kind starts from its own defaults
