@@ -441,13 +441,8 @@ def train(
     partial = claim_run_dir(out_dir, overwrite) if accelerator.is_main_process else out_dir
     try:
         prepared = prepare(config, device=accelerator.device, num_processes=accelerator.num_processes)
-    except BaseException:
-        if accelerator.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)
-        raise
-    for line in prepared.describe():
-        log(line)
-    try:
+        for line in prepared.describe():
+            log(line)
         result = _fit(prepared, accelerator, partial, out_dir, log, show, started)
         if accelerator.is_main_process:
             publish_run_dir(partial, out_dir)
