@@ -474,8 +474,9 @@ def _fit(
     model: Probe = accelerator.unwrap_model(probe)
     windows = window_sizes(len(train_loader.dataset), spec.batch_size, spec.grad_accum)
 
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+    if accelerator.is_main_process:  # only one process writes run files
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.yaml").write_text(dump_config(config), encoding="utf-8")
     metrics_file = folder / "metrics.jsonl"
     history: list[dict[str, Any]] = []
     best: float | None = None
