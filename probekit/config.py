@@ -228,8 +228,9 @@ def apply_overrides(data: Mapping[str, Any], assignments: Sequence[str]) -> dict
 
     Each assignment splits on its first ``=``; the value is parsed as JSON, falling back to the
     plain string (``--set model.name=bert-base-uncased``). A path that names no field of the
-    config is refused with a did-you-mean. Setting a family block's ``kind`` replaces that
-    block by ``{"kind": value}``, so fields of the old kind do not leak into the new one.
+    config is refused with a did-you-mean. Changing a family block's ``kind`` replaces that
+    block by ``{"kind": value}``, so fields of the old kind do not leak into the new one;
+    setting the kind it already has changes nothing.
 
     Raises:
         ConfigError: malformed assignment or unknown path.
