@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.plugin_builder import install
+
 DOC = Path(__file__).resolve().parent.parent / "docs" / "plugins.md"
 TITLES = ("pyproject.toml", "my_pooler.py", "test_my_pooler.py")
 MAX_LINES = 40
@@ -52,16 +54,6 @@ def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
     return done.stdout
 
 
-PIP_FLAGS = (
-    "--no-deps",
-    "--no-build-isolation",
-    "--no-index",
-    "--no-cache-dir",
-    "--disable-pip-version-check",
-    "--quiet",
-)
-"""Install offline with the test environment's setuptools, as an author would with ``pip install .``."""
-
 VALIDATE = """
 import json, sys
 import probekit
@@ -95,11 +87,7 @@ def test_the_documented_plugin_installs_passes_its_test_and_is_discovered(tmp_pa
     (checks / "test_my_pooler.py").write_text(blocks["test_my_pooler.py"], encoding="utf-8")
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PROBEKIT_", "PYTEST_", "PIP_"))}
-    _run(
-        [sys.executable, "-m", "pip", "install", *PIP_FLAGS, "--target", str(site), str(project)],
-        tmp_path,
-        env,
-    )
+    install(project, site)  # offline, with the test environment's setuptools, as `pip install .`
     env["PYTHONPATH"] = str(site)
 
     tests = _run(
