@@ -162,7 +162,7 @@ def resolve_layers(
     return tuple(resolved)
 
 
-class _StopForwardError(Exception):
+class StopForwardError(Exception):
     """Raised from a hook once the highest needed hidden state is captured."""
 
 
@@ -196,7 +196,7 @@ def capture(
 
     def stop_if_done() -> None:
         if not runs_to_end and all(i in captured for i in layers):
-            raise _StopForwardError
+            raise StopForwardError
 
     if 0 in layers:
 
@@ -217,7 +217,7 @@ def capture(
         output = backbone(**inputs)
         if runs_to_end:
             captured[layout.num_blocks] = _first(output)
-    except _StopForwardError:
+    except StopForwardError:
         pass
     finally:
         for handle in handles:

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, create_model
 
+from probekit.cache import CacheSpec
 from probekit.data import DataSpec
 from probekit.errors import ConfigError, did_you_mean
 from probekit.freezers.all import FreezeAllSpec
@@ -58,6 +59,13 @@ class TrainSpec(BaseModel):
     )
     seed: int = Field(default=0, description="Seeds weights of the head, data order and dropout.")
     cpu: bool = Field(default=False, description="Train on the CPU even when a GPU is present.")
+    bucket_batches: int = Field(
+        default=50,
+        ge=1,
+        description="Length bucketing: shuffled rows are cut into buckets of this many batches, "
+        "each sorted by length before batching, so a batch pads little; 1: plain random batches.",
+    )
+    cache: CacheSpec = Field(default_factory=CacheSpec, description="The frozen-prefix activation cache.")
 
 
 class ThresholdSpec(BaseModel):

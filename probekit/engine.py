@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
+from probekit.batching import BucketBatchSampler, LengthSortedBatchSampler, padding_fraction
+from probekit.cache import CachePlan, SplitCache, build_split_cache, cache_key, plan_cache, storage_dtype
 from probekit.checkpoint import save_checkpoint, trainable_state
 from probekit.config import ProbeConfig, dump_config
 from probekit.data import Dataset, Split, load_data
@@ -74,6 +76,10 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.ids]
+
 
 def encode(tokenizer: Any, split: Split, max_length: int) -> Encoded:
     """Tokenise a split once; rows longer than ``max_length`` are truncated and counted."""
@@ -88,12 +94,20 @@ def encode(tokenizer: Any, split: Split, max_length: int) -> Encoded:
 
 
 class Collator:
-    """Dynamic padding: each batch is padded to its own longest row (on ``model.padding_side``)."""
+    """Dynamic padding: each batch is padded to its own longest row (on ``model.padding_side``).
 
-    def __init__(self, encoded: Encoded, pad_id: int, padding_side: str = "right") -> None:
+    With a split's activation cache, batches also carry its values for their rows (``cached``:
+    per-token hidden states padded the same way, or ``features``). ``index`` gives each row's
+    position in the split, so results of a reordered loader can be put back in order.
+    """
+
+    def __init__(
+        self, encoded: Encoded, pad_id: int, padding_side: str = "right", cache: SplitCache | None = None
+    ) -> None:
         self.encoded = encoded
         self.pad_id = pad_id
         self.left = padding_side == "left"
+        self.cache = cache
 
     def __call__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         rows = [self.encoded.ids[i] for i in indices]
@@ -105,7 +119,26 @@ class Collator:
             ids[b, cols] = torch.tensor(row, dtype=torch.long)
             mask[b, cols] = 1
         labels = torch.tensor([self.encoded.labels[i] for i in indices], dtype=torch.long)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        batch = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": labels,
+            "index": torch.tensor(list(indices), dtype=torch.long),
+        }
+        if self.cache is not None:
+            values = self.cache.batch(indices, width, self.left)
+            batch["features" if self.cache.plan.mode == "pooled" else "cached"] = values
+        return batch
+
+
+def probe_inputs(batch: dict[str, torch.Tensor], plan: CachePlan | None) -> dict[str, Any]:
+    """The probe's keyword arguments for a collated batch (token ids, or cached activations)."""
+    inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if "features" in batch:
+        inputs["features"] = batch["features"]
+    elif "cached" in batch and plan is not None:
+        inputs["cached"] = {layer: batch["cached"][:, :, j] for j, layer in enumerate(plan.layers)}
+    return inputs
 
 
 class _Indices(TorchDataset[int]):
@@ -121,22 +154,38 @@ class _Indices(TorchDataset[int]):
         return index
 
 
-def _loader(
+def train_loader(
     encoded: Encoded,
     pad_id: int,
     batch_size: int,
     *,
-    shuffle: bool,
     seed: int = 0,
+    bucket_batches: int = 50,
     padding_side: str = "right",
+    cache: SplitCache | None = None,
 ) -> DataLoader[Any]:
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    """Length-bucketed shuffled batches (`BucketBatchSampler`), dynamically padded."""
+    sampler = BucketBatchSampler(encoded.lengths, batch_size, seed=seed, bucket_batches=bucket_batches)
     return DataLoader(
         _Indices(len(encoded)),
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
-        collate_fn=Collator(encoded, pad_id, padding_side),
+        batch_sampler=sampler,
+        collate_fn=Collator(encoded, pad_id, padding_side, cache),
+    )
+
+
+def eval_loader(
+    encoded: Encoded,
+    pad_id: int,
+    batch_size: int,
+    *,
+    padding_side: str = "right",
+    cache: SplitCache | None = None,
+) -> DataLoader[Any]:
+    """Inference batches sorted by length, longest first (least padding)."""
+    return DataLoader(
+        _Indices(len(encoded)),
+        batch_sampler=LengthSortedBatchSampler(encoded.lengths, batch_size),
+        collate_fn=Collator(encoded, pad_id, padding_side, cache),
     )
 
 
@@ -174,6 +223,10 @@ class Prepared:
     warmup_steps: int
     effective_batch: int
     num_processes: int = 1
+    cache_plan: CachePlan | None = None
+    cache_reason: str = ""
+    padding: tuple[float, float] = (0.0, 0.0)
+    """Padding share of train tokens in epoch 1: length-bucketed batches, and random batches."""
 
     def data_origin(self) -> str:
         """Where the rows came from, naming the shipped demo dataset when it is used."""
@@ -218,6 +271,20 @@ class Prepared:
             f"stopping: best val {cfg.train.monitor}, patience {cfg.train.patience} epochs; "
             f"threshold: {threshold_rule(cfg)}",
         ]
+        if self.precision != "no":
+            lines.append(
+                f"  frozen modules held in {self.precision}; trainable parameters in fp32 with autocast"
+            )
+        lines.append(
+            f"batching: length buckets of {cfg.train.bucket_batches} batches, dynamic padding; "
+            f"padding {self.padding[0]:.1%} of train tokens (random batches: {self.padding[1]:.1%})"
+        )
+        if self.cache_plan is None:
+            lines.append(f"activation cache: none, {self.cache_reason}")
+        else:
+            dtype = str(storage_dtype(cfg.train.cache, self.precision)).removeprefix("torch.")
+            where = f"kept in {cfg.train.cache.dir}" if cfg.train.cache.dir else "for this run"
+            lines.append(f"activation cache: {self.cache_plan.describe()} ({dtype}, {where})")
         truncated = {name: enc.truncated for name, enc in self.encoded.items() if enc.truncated}
         if truncated:
             lines.append(f"truncated to {cfg.model.max_length} tokens: {truncated} rows")
@@ -268,6 +335,18 @@ def prepare(config: ProbeConfig, *, device: torch.device | None = None, num_proc
     total = steps_per_epoch * spec.epochs
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() and not spec.cpu else "cpu")
+    precision = resolve_precision(spec.precision, device)
+    hold_frozen_in(probe, precision)
+    cache_plan, cache_reason = (
+        plan_cache(probe) if spec.cache.enabled else (None, "switched off (train.cache.enabled)")
+    )
+    lengths = encoded["train"].lengths
+    padding = tuple(
+        padding_fraction(
+            lengths, BucketBatchSampler(lengths, spec.batch_size, seed=spec.seed, bucket_batches=n).batches(0)
+        )
+        for n in (spec.bucket_batches, 1)
+    )
     return Prepared(
         config=config,
         dataset=dataset,
@@ -276,13 +355,27 @@ def prepare(config: ProbeConfig, *, device: torch.device | None = None, num_proc
         groups=groups,
         encoded=encoded,
         device=device,
-        precision=resolve_precision(spec.precision, device),
+        precision=precision,
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
         warmup_steps=config.scheduler.warmup_length(total, steps_per_epoch),
         effective_batch=spec.batch_size * spec.grad_accum * num_processes,
         num_processes=num_processes,
+        cache_plan=cache_plan,
+        cache_reason=cache_reason,
+        padding=(padding[0], padding[1]),
     )
+
+
+def hold_frozen_in(probe: Probe, precision: str) -> None:
+    """Under mixed precision, cast frozen blocks and embeddings to the compute dtype (half the
+    memory, no casts in their matmuls); trainable parameters stay fp32 master weights."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        return
+    for module in probe.frozen_modules():
+        if not any(p.requires_grad for p in module.parameters()):
+            module.to(dtype)
 
 
 def threshold_rule(config: ProbeConfig) -> str:
@@ -342,23 +435,32 @@ def _progress(iterable: Iterable[Any], enabled: bool, desc: str, total: int | No
 
 
 def predict_loader(
-    probe: Probe, loader: Iterable[dict[str, torch.Tensor]], accelerator: Any, *, progress: bool = False
+    probe: Probe,
+    loader: Iterable[dict[str, torch.Tensor]],
+    accelerator: Any,
+    *,
+    progress: bool = False,
+    plan: CachePlan | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Positive-class probabilities, labels and mean (unsmoothed) loss over a loader."""
+    """Positive-class probabilities and labels in the split's row order, and the mean
+    (unsmoothed) loss, over a loader (in inference mode, whatever order it batches rows in)."""
     probe.eval()
     probs: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
+    order: list[torch.Tensor] = []
     loss_sum, count = 0.0, 0
     with torch.inference_mode(), accelerator.autocast():
         for batch in _progress(loader, progress, "eval"):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            logits = probe(batch["input_ids"], batch["attention_mask"]).float()
-            logits, target = accelerator.gather_for_metrics((logits, batch["labels"]))
+            logits = probe(**probe_inputs(batch, plan)).float()
+            logits, target, index = accelerator.gather_for_metrics((logits, batch["labels"], batch["index"]))
             loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
             count += int(target.numel())
             probs.append(torch.softmax(logits, dim=-1)[:, 1].cpu())
             labels.append(target.cpu())
-    return torch.cat(probs).numpy(), torch.cat(labels).numpy(), loss_sum / max(count, 1)
+            order.append(index.cpu())
+    rows = torch.cat(order).argsort()
+    return torch.cat(probs)[rows].numpy(), torch.cat(labels)[rows].numpy(), loss_sum / max(count, 1)
 
 
 def _better(metric: str, value: float, best: float | None) -> bool:
@@ -433,6 +535,7 @@ def train(
     show = sys.stderr.isatty() if progress is None else progress
     probe_device = torch.device("cuda" if torch.cuda.is_available() and not spec.cpu else "cpu")
     precision = resolve_precision(spec.precision, probe_device)
+    _forget_other_precision(precision)
     accelerator = Accelerator(
         mixed_precision=precision, gradient_accumulation_steps=spec.grad_accum, cpu=spec.cpu
     )
@@ -455,24 +558,163 @@ def train(
     return result
 
 
+def _forget_other_precision(precision: str) -> None:
+    """Let a second run in one process use another precision.
+
+    Accelerate keeps its state in a process-wide singleton and refuses a new ``Accelerator`` whose
+    mixed precision differs from the first one's; the distributed part (``PartialState``) is kept.
+    """
+    from accelerate.state import AcceleratorState  # type: ignore[import-untyped]
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def _fit(
     prepared: Prepared, accelerator: Any, folder: Path, out_dir: Path, log: Log, show: bool, started: float
 ) -> RunResult:
-    config, spec, probe = prepared.config, prepared.config.train, prepared.probe
-    pad_id = int(prepared.backbone.tokenizer.pad_token_id)
-    train_enc, val_enc = prepared.encoded["train"], prepared.encoded["val"]
-    side = config.model.padding_side
-    train_loader = _loader(
-        train_enc, pad_id, spec.batch_size, shuffle=True, seed=spec.seed, padding_side=side
-    )
-    val_loader = _loader(val_enc, pad_id, spec.eval_batch_size, shuffle=False, padding_side=side)
+    config, probe = prepared.config, prepared.probe
     optimizer = build_optimizer(probe, config.optimizer)
     scheduler = config.scheduler.build(optimizer, prepared.total_steps, prepared.steps_per_epoch)
-    probe, optimizer, train_loader, val_loader = accelerator.prepare(
-        probe, optimizer, train_loader, val_loader
-    )
+    probe, optimizer = accelerator.prepare(probe, optimizer)
     model: Probe = accelerator.unwrap_model(probe)
-    windows = window_sizes(len(train_loader.dataset), spec.batch_size, spec.grad_accum)
+    plan = prepared.cache_plan
+    caches = build_caches(prepared, model, accelerator, log, show) if plan is not None else {}
+    try:
+        return _train_loop(
+            prepared,
+            accelerator,
+            probe,
+            model,
+            optimizer,
+            scheduler,
+            caches,
+            folder,
+            out_dir,
+            log,
+            show,
+            started,
+        )
+    finally:
+        for cache in caches.values():
+            cache.close()
+
+
+def build_caches(
+    prepared: Prepared, model: Probe, accelerator: Any, log: Log, show: bool
+) -> dict[str, SplitCache]:
+    """The activation caches of the train and val splits (built, or reused from ``cache.dir``)."""
+    plan = prepared.cache_plan
+    assert plan is not None
+    config = prepared.config
+    spec = config.train.cache
+    dtype = storage_dtype(spec, prepared.precision)
+    pad_id = int(prepared.backbone.tokenizer.pad_token_id)
+    tokenizer = prepared.backbone.tokenizer
+    tokenizer_facts = {
+        "class": type(tokenizer).__name__,
+        "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
+        "vocab_size": len(tokenizer),
+        "max_length": config.model.max_length,
+        "padding_side": config.model.padding_side,
+    }
+    model_facts = {
+        "name": prepared.backbone.name,
+        "revision": prepared.backbone.revision,
+        "provenance": prepared.backbone.provenance,
+    }
+    width = (
+        model.pooler.output_dim(model.layout.hidden_size)
+        if plan.mode == "pooled"
+        else model.layout.hidden_size
+    )
+    model.eval()
+
+    def compute(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        ids = batch["input_ids"].to(accelerator.device)
+        mask = batch["attention_mask"].to(accelerator.device)
+        with torch.inference_mode(), accelerator.autocast():
+            if plan.mode == "pooled":
+                return model.features(ids, mask)
+            return torch.stack(model.hidden_states(ids, mask, layers=plan.layers), dim=2)
+
+    caches: dict[str, SplitCache] = {}
+    try:
+        for name in ("train", "val"):
+            encoded = prepared.encoded[name]
+            key, facts = cache_key(
+                model,
+                plan,
+                encoded.ids,
+                model=model_facts,
+                tokenizer=tokenizer_facts,
+                dtype=dtype,
+                precision=prepared.precision,
+            )
+            # The cache stores real tokens only, so the rows are right-padded while computing.
+            collate = Collator(encoded, pad_id, "right")
+            sampler = LengthSortedBatchSampler(encoded.lengths, config.train.eval_batch_size)
+            batches = _progress(sampler, show, f"caching {name}", total=len(sampler))
+            begun = time.perf_counter()
+            cache = build_split_cache(
+                plan,
+                encoded.lengths,
+                batches,
+                lambda rows, collate=collate: compute(collate(rows)),  # type: ignore[misc]
+                width=width,
+                dtype=dtype,
+                spec=spec,
+                key=key,
+                facts=facts,
+                name=name,
+            )
+            caches[name] = cache
+            verb = "reused" if cache.reused else f"built in {time.perf_counter() - begun:.1f} s"
+            log(
+                f"activation cache {name}: {len(encoded)} rows, {cache.nbytes / 2**20:.1f} MiB "
+                f"({cache.location}), {verb}"
+            )
+    except BaseException:
+        for cache in caches.values():
+            cache.close()
+        raise
+    return caches
+
+
+def _train_loop(
+    prepared: Prepared,
+    accelerator: Any,
+    probe: Any,
+    model: Probe,
+    optimizer: Any,
+    scheduler: Any,
+    caches: dict[str, SplitCache],
+    folder: Path,
+    out_dir: Path,
+    log: Log,
+    show: bool,
+    started: float,
+) -> RunResult:
+    config, spec = prepared.config, prepared.config.train
+    pad_id = int(prepared.backbone.tokenizer.pad_token_id)
+    side = config.model.padding_side
+    plan = prepared.cache_plan
+    train_enc, val_enc = prepared.encoded["train"], prepared.encoded["val"]
+    loader = train_loader(
+        train_enc,
+        pad_id,
+        spec.batch_size,
+        seed=spec.seed,
+        bucket_batches=spec.bucket_batches,
+        padding_side=side,
+        cache=caches.get("train"),
+    )
+    val_loader = eval_loader(
+        val_enc, pad_id, spec.eval_batch_size, padding_side=side, cache=caches.get("val")
+    )
+    loader, val_loader = accelerator.prepare(loader, val_loader)
+    windows = window_sizes(len(train_enc), spec.batch_size, spec.grad_accum)
 
     if accelerator.is_main_process:  # only one process writes run files
         folder.mkdir(parents=True, exist_ok=True)
@@ -487,10 +729,11 @@ def _fit(
     for epoch in range(1, spec.epochs + 1):
         probe.train()
         loss_total, correct, seen = 0.0, 0, 0
-        batches = _progress(train_loader, show, f"epoch {epoch}/{spec.epochs}", total=len(train_loader))
+        loader.set_epoch(epoch - 1)
+        batches = _progress(loader, show, f"epoch {epoch}/{spec.epochs}", total=len(loader))
         for i, batch in enumerate(batches):
             with accelerator.accumulate(probe):
-                logits = probe(batch["input_ids"], batch["attention_mask"]).float()
+                logits = probe(**probe_inputs(batch, plan)).float()
                 loss_sum = F.cross_entropy(
                     logits, batch["labels"], label_smoothing=spec.label_smoothing, reduction="sum"
                 )
@@ -516,7 +759,9 @@ def _fit(
             loss_total += float(loss_sum.detach())
             correct += int((logits.argmax(dim=-1) == batch["labels"]).sum())
             seen += int(batch["labels"].numel())
-        val_probs, val_labels, val_loss = predict_loader(probe, val_loader, accelerator, progress=show)
+        val_probs, val_labels, val_loss = predict_loader(
+            probe, val_loader, accelerator, progress=show, plan=plan
+        )
         val = compute_metrics(val_labels, val_probs, 0.5)
         row: dict[str, Any] = {
             "epoch": epoch,
@@ -552,7 +797,7 @@ def _fit(
 
     restore(model, best_state)
     if best_val is None:
-        best_val = predict_loader(probe, val_loader, accelerator)[:2]
+        best_val = predict_loader(probe, val_loader, accelerator, plan=plan)[:2]
     val_probs, val_labels = best_val
     threshold = choose_threshold(
         val_labels,
@@ -565,7 +810,7 @@ def _fit(
     scores = {"val": (val_labels, val_probs)}
     if "test" in prepared.encoded:
         test_loader = accelerator.prepare(
-            _loader(prepared.encoded["test"], pad_id, spec.eval_batch_size, shuffle=False, padding_side=side)
+            eval_loader(prepared.encoded["test"], pad_id, spec.eval_batch_size, padding_side=side)
         )
         test_probs, test_labels, _ = predict_loader(probe, test_loader, accelerator, progress=show)
         results["test"] = compute_metrics(test_labels, test_probs, threshold)

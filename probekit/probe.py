@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from probekit.backbone import BERT_LIKE, Layout, accepts, base_model, capture, locate, resolve_layers
+from probekit.backbone import (
+    BERT_LIKE,
+    Layout,
+    StopForwardError,
+    accepts,
+    base_model,
+    capture,
+    locate,
+    resolve_layers,
+)
 from probekit.errors import PluginError, UserError
 from probekit.freezers.plan import FreezePlan
 from probekit.spec import BuildContext, FreezerSpec, HeadSpec, PoolerSpec
@@ -72,6 +82,7 @@ class Probe(nn.Module):
             self.backbone
         )
         self._pooler_checked = False
+        self._arity: int | None = None
         # Set when loaded from a run folder (or by the trainer): what predict() needs.
         self.tokenizer: Any = None
         self.max_length = 512
@@ -96,17 +107,84 @@ class Probe(nn.Module):
             inputs["position_ids"] = (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
         return inputs
 
-    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, **extra: Any) -> tuple[Tensor, ...]:
-        """The hidden states of ``self.layers``, in that order, as the backbone computed them."""
-        captured = capture(
-            self.backbone, self.layout, self.layers, self._inputs(input_ids, attention_mask, extra)
-        )
-        return tuple(captured[i] for i in self.layers)
+    def hidden_states(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        *,
+        layers: Sequence[int] | None = None,
+        cached: Mapping[int, Tensor] | None = None,
+        **extra: Any,
+    ) -> tuple[Tensor, ...]:
+        """The hidden states ``layers`` (default: those the pooler reads), in that order.
 
-    def features(self, input_ids: Tensor, attention_mask: Tensor, **extra: Any) -> Tensor:
+        ``cached`` maps hidden-state indices to values computed earlier (padded like
+        ``input_ids``; see `probekit.cache`): the blocks below the highest of them are not run,
+        their outputs are replayed, and only the blocks above run.
+        """
+        layers = self.layers if layers is None else tuple(layers)
+        if cached and all(i in cached for i in layers):
+            return tuple(cached[i] for i in layers)
+        inputs = self._inputs(input_ids, attention_mask, extra)
+        if not cached:
+            captured = capture(self.backbone, self.layout, layers, inputs)
+        else:
+            with self._replaying(cached, input_ids):
+                captured = capture(self.backbone, self.layout, layers, inputs)
+        return tuple(captured[i] for i in layers)
+
+    @contextmanager
+    def _replaying(self, cached: Mapping[int, Tensor], input_ids: Tensor) -> Iterator[None]:
+        """Swap the blocks below the highest cached hidden state for stand-ins returning the cache."""
+        boundary = max(cached)
+        blocks = self.layout.blocks(self.backbone)
+        arity = self._block_arity(input_ids)
+        dtype = next(blocks[boundary - 1].parameters()).dtype
+        originals = [blocks[i] for i in range(boundary)]
+        try:
+            for i in range(boundary):
+                value = cached.get(i + 1)
+                blocks[i] = _Replay(None if value is None else value.to(dtype), arity)
+            yield
+        finally:
+            for i, block in enumerate(originals):
+                blocks[i] = block
+
+    def _block_arity(self, input_ids: Tensor) -> int:
+        """How a block returns its hidden state: 0 for a bare tensor, else the length of its tuple."""
+        if self._arity is None:
+            found: list[int] = []
+
+            def record(_module: nn.Module, _args: Any, output: Any) -> None:
+                found.append(len(output) if isinstance(output, tuple) else 0)
+                raise StopForwardError
+
+            block = self.layout.blocks(self.backbone)[0]
+            handle = block.register_forward_hook(record)
+            one = input_ids[:1, :1]
+            try:
+                with torch.no_grad():
+                    self.backbone(**self._inputs(one, torch.ones_like(one), {}))
+            except StopForwardError:
+                pass
+            finally:
+                handle.remove()
+            self._arity = found[0] if found else 0
+        return self._arity
+
+    def features(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        *,
+        cached: Mapping[int, Tensor] | None = None,
+        **extra: Any,
+    ) -> Tensor:
         """Pooled features ``(batch, pooler.output_dim(hidden))`` in the head's dtype."""
         dtype = next(self.head.parameters()).dtype
-        hidden = tuple(h.to(dtype) for h in self.hidden_states(input_ids, attention_mask, **extra))
+        hidden = tuple(
+            h.to(dtype) for h in self.hidden_states(input_ids, attention_mask, cached=cached, **extra)
+        )
         pooled: Tensor = self.pooler(hidden if self.pooler_spec.multi_layer else hidden[0], attention_mask)
         if not self._pooler_checked:
             self._check_pooled(pooled, input_ids.shape[0])
@@ -136,9 +214,23 @@ class Probe(nn.Module):
             )
         self._pooler_checked = True
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, **extra: Any) -> Tensor:
-        """Class logits ``(batch, num_classes)``."""
-        return self.head(self.features(input_ids, attention_mask, **extra))  # type: ignore[no-any-return]
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        *,
+        cached: Mapping[int, Tensor] | None = None,
+        features: Tensor | None = None,
+        **extra: Any,
+    ) -> Tensor:
+        """Class logits ``(batch, num_classes)``.
+
+        ``features`` (pooled features from the activation cache) skips backbone and pooler;
+        ``cached`` replays cached hidden states of the frozen prefix (see `hidden_states`).
+        """
+        if features is not None:
+            return self.head(features.to(next(self.head.parameters()).dtype))  # type: ignore[no-any-return]
+        return self.head(self.features(input_ids, attention_mask, cached=cached, **extra))  # type: ignore[no-any-return]
 
     # -- frozen parts stay deterministic -------------------------------------------------------
     def frozen_modules(self) -> list[nn.Module]:
@@ -221,3 +313,16 @@ def _derives_positions(backbone: nn.Module) -> bool:
     """True for RoBERTa-style embeddings that already count positions past the padding."""
     embeddings = getattr(backbone, "embeddings", None)
     return embeddings is not None and getattr(embeddings, "padding_idx", None) is not None
+
+
+class _Replay(nn.Module):
+    """Stands in for a frozen block: returns the cached hidden state (or passes its input on)."""
+
+    def __init__(self, value: Tensor | None, arity: int) -> None:
+        super().__init__()
+        self.value = value
+        self.arity = arity
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        hidden = self.value if self.value is not None else (args[0] if args else kwargs["hidden_states"])
+        return hidden if self.arity == 0 else (hidden, *([None] * (self.arity - 1)))

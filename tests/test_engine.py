@@ -250,10 +250,14 @@ def test_window_sizes_are_the_examples_of_each_accumulation_window(n: int, batch
     assert sum(sizes[members[0]] for members in windows) == n
 
 
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "uncached"])
 def test_accumulated_gradient_equals_the_mean_gradient_of_each_window(
-    bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_plots: list[Any]
+    bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_plots: list[Any], cached: bool
 ) -> None:
-    """44 rows, micro-batches of 8, 4 per step: windows of 32 and 12 examples (a short last one)."""
+    """44 rows, micro-batches of 8, 4 per step: windows of 32 and 12 examples (a short last one).
+
+    Cached, the steps read pooled features from the activation cache; the reference recomputes
+    them through the backbone."""
     data = write_toy_data(tmp_path / "data", train=44, val=16, test=0)
     config = make_config(
         bert_dir,
@@ -263,6 +267,7 @@ def test_accumulated_gradient_equals_the_mean_gradient_of_each_window(
         "head.kind=linear",
         "train.max_grad_norm=null",
         "train.label_smoothing=0.1",
+        f"train.cache.enabled={str(cached).lower()}",
         test=False,
     )
     batches: list[dict[str, torch.Tensor]] = []
@@ -270,7 +275,8 @@ def test_accumulated_gradient_equals_the_mean_gradient_of_each_window(
     class Recording(Collator):
         def __call__(self, indices: Any) -> dict[str, torch.Tensor]:
             out = super().__call__(indices)
-            if len(self.encoded) == 44:
+            # Training batches only (the cache is built from uncached batches of the same split).
+            if len(self.encoded) == 44 and ("features" in out) == cached:
                 batches.append(out)
             return out
 
@@ -756,7 +762,10 @@ def test_llama_shaped_backbone_trains_through_the_engine(
 
         def __call__(self, indices: Any) -> dict[str, torch.Tensor]:
             out = super().__call__(indices)
-            masks.append(out["attention_mask"])
+            # The activation cache is computed right-padded (it stores real tokens only);
+            # every batch the probe trains or evaluates on is padded on the configured side.
+            if self.left == (padding_side == "left"):
+                masks.append(out["attention_mask"])
             return out
 
     monkeypatch.setattr(engine, "Collator", Recording)
