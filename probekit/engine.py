@@ -84,7 +84,7 @@ class Encoded:
 def encode(tokenizer: Any, split: Split, max_length: int) -> Encoded:
     """Tokenise a split once; rows longer than ``max_length`` are truncated and counted."""
     texts = list(split.texts)
-    full = tokenizer(texts, truncation=False)["input_ids"] if texts else []
+    full = tokenizer(texts, truncation=False, verbose=False)["input_ids"] if texts else []
     long_rows = [i for i, ids in enumerate(full) if len(ids) > max_length]
     if long_rows:
         cut = tokenizer([texts[i] for i in long_rows], truncation=True, max_length=max_length)["input_ids"]
@@ -582,7 +582,7 @@ def _fit(
     plan = prepared.cache_plan
     caches = build_caches(prepared, model, accelerator, log, show) if plan is not None else {}
     try:
-        return _train_loop(
+        result, scores = _train_loop(
             prepared,
             accelerator,
             probe,
@@ -597,8 +597,11 @@ def _fit(
             started,
         )
     finally:
-        for cache in caches.values():
+        for cache in caches.values():  # released before the outputs are written (lower peak memory)
             cache.close()
+    if accelerator.is_main_process:
+        _write_outputs(prepared, model, folder, result, scores)
+    return result
 
 
 def build_caches(
@@ -695,7 +698,7 @@ def _train_loop(
     log: Log,
     show: bool,
     started: float,
-) -> RunResult:
+) -> tuple[RunResult, dict[str, tuple[np.ndarray, np.ndarray]]]:
     config, spec = prepared.config, prepared.config.train
     pad_id = int(prepared.backbone.tokenizer.pad_token_id)
     side = config.model.padding_side
@@ -825,9 +828,7 @@ def _train_loop(
         history=history,
         seconds=time.perf_counter() - started,
     )
-    if accelerator.is_main_process:
-        _write_outputs(prepared, model, folder, result, scores)
-    return result
+    return result, scores
 
 
 def precision_skips(accelerator: Any) -> bool:
@@ -885,6 +886,18 @@ def _write_outputs(
             },
             "shared_duplicates": prepared.dataset.report.shared_duplicates,
             "truncated": {name: enc.truncated for name, enc in prepared.encoded.items()},
+        },
+        "batching": {
+            "bucket_batches": config.train.bucket_batches,
+            "padding_fraction": prepared.padding[0],
+            "random_batches_padding_fraction": prepared.padding[1],
+        },
+        "activation_cache": None
+        if prepared.cache_plan is None
+        else {
+            "mode": prepared.cache_plan.mode,
+            "layers": list(prepared.cache_plan.layers),
+            "boundary": prepared.cache_plan.boundary,
         },
         "plan": prepared.describe(),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -83,6 +83,8 @@ ROW_KEYS = {
     "best",
 }
 REPORT_KEYS = {
+    "activation_cache",
+    "batching",
     "best_epoch",
     "epochs_run",
     "stopped_early",
