@@ -461,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
         "--tiny", action="store_true", help="gpu scenario: a 4-block width-64 Llama (smoke test)"
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--plot", type=Path, default=None, help="write a PNG of where the time goes")
+    parser.add_argument("--replot", type=Path, default=None, help="only redraw --plot from a --json file")
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--role", choices=["probekit", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--prepared", type=Path, help=argparse.SUPPRESS)
@@ -469,6 +471,15 @@ def main(argv: list[str] | None = None) -> int:
     scenario = SCENARIOS[args.scenario]
     args.epochs = args.epochs or int(scenario["epochs"])
 
+    if args.replot is not None:
+        saved = json.loads(args.replot.read_text())
+        write_plot(
+            saved["scenario"],
+            saved["results"],
+            saved["speedup"],
+            args.plot or args.replot.with_suffix(".png"),
+        )
+        return 0
     if args.role is not None:  # a child: run one side, write its figures
         runner = run_probekit if args.role == "probekit" else run_baseline
         result = runner(args, args.prepared)
@@ -561,7 +572,38 @@ def report(
             "memory_ratio": memory,
         }
         args.json.write_text(json.dumps(summary, indent=2))
+    if args.plot is not None:
+        write_plot(args.scenario, results, speedup, args.plot)
+        print(f"plot: {args.plot}")
     print(f"speedup={speedup:.2f} accuracy_delta={delta:+.2f} memory_ratio={memory:.2f}")
+
+
+def write_plot(scenario: str, results: dict[str, dict[str, Any]], speedup: float, path: Path) -> None:
+    """Where each side's wall time goes: one bar per side, one segment per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 2.8))
+    for row, name in enumerate(("probekit", "baseline")):
+        figures = results[name]
+        epochs = figures["epoch_s"]
+        other = max(figures["process_s"] - sum(epochs), 0.0)
+        ax.barh(row, other, color="#bbbbbb", edgecolor="white")
+        left = other
+        for i, seconds in enumerate(epochs):
+            ax.barh(row, seconds, left=left, color="#1f77b4" if i % 2 == 0 else "#6baed6", edgecolor="white")
+            left += seconds
+        ax.text(left, row, f"  {figures['process_s']:.0f} s", va="center")
+    ax.set_yticks([0, 1], ["probekit", "HF Trainer"])
+    ax.set_xlabel("wall time, s (grey: start-up, load, caching, outputs; blue: one segment per epoch)")
+    ax.set_title(f"{scenario}: probekit {speedup:.1f}x faster end to end")
+    ax.set_xlim(0, 1.12 * max(results[n]["process_s"] for n in results))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
