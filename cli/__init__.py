@@ -169,6 +169,15 @@ def train_command(
         Path | None, typer.Option("--out", help="Run folder (default runs/<name>-<time>).")
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume", help="Continue the stopped run of this run folder from its last checkpoint."
+        ),
+    ] = None,
+    allow_spec_change: Annotated[
+        bool, typer.Option("--allow-spec-change", help="With --resume: accept a changed config.")
+    ] = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the resolved plan; do not train.")
     ] = False,
@@ -179,6 +188,7 @@ def train_command(
     """Train a probe: the preset or config, with --model/--data/--set applied on top."""
     import probekit
     from probekit.engine import prepare, train
+    from probekit.errors import UserError
 
     _discover()
     name = preset or (config.stem if config else "safety8k")
@@ -190,7 +200,19 @@ def train_command(
         for line in prepare(cfg).describe():
             typer.echo(line)
         return
-    train(cfg, out=out, overwrite=overwrite, log=_echo_err, name=name)
+    if resume is not None:
+        if out is not None and out.resolve() != resume.resolve():
+            raise UserError(f"--resume {resume} and --out {out} name different run folders")
+        out = resume
+    train(
+        cfg,
+        out=out,
+        overwrite=overwrite,
+        log=_echo_err,
+        name=name,
+        resume=resume is not None,
+        allow_spec_change=allow_spec_change,
+    )
 
 
 @app.command("eval")
@@ -275,10 +297,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _terminate(signum: int, frame: Any) -> None:
-    """SIGTERM: unwind like an exception, so a run in progress removes its unfinished folder."""
+    """SIGTERM outside the training loop: unwind like an exception (the engine removes an unfinished
+    run folder without checkpoints; inside the loop its own handler stops after a checkpoint)."""
     from probekit.errors import TerminatedError
 
-    raise TerminatedError("terminated by SIGTERM; the unfinished run folder was removed")
+    raise TerminatedError("terminated by SIGTERM")
 
 
 def run() -> None:

@@ -65,6 +65,12 @@ class TrainSpec(BaseModel):
         description="Length bucketing: shuffled rows are cut into buckets of this many batches, "
         "each sorted by length before batching, so a batch pads little; 1: plain random batches.",
     )
+    checkpoint_every_steps: int | None = Field(
+        default=50,
+        ge=1,
+        description="Write a training-state checkpoint every this many optimiser steps (and after "
+        "every epoch), so a stopped run continues with --resume; null: after epochs only.",
+    )
     cache: CacheSpec = Field(default_factory=CacheSpec, description="The frozen-prefix activation cache.")
 
 

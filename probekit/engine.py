@@ -13,9 +13,12 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,11 +35,25 @@ from probekit.cache import CachePlan, SplitCache, build_split_cache, cache_key, 
 from probekit.checkpoint import save_checkpoint, trainable_state
 from probekit.config import ProbeConfig, dump_config
 from probekit.data import Dataset, Split, load_data
-from probekit.errors import ProbekitError, UserError
+from probekit.errors import InterruptedRunError, ProbekitError, TerminatedError, UserError
 from probekit.hub import LoadedBackbone, load_backbone
 from probekit.metrics import choose_threshold, compute_metrics
 from probekit.optim import ParamGroup, build_optimizer, param_groups
 from probekit.probe import Probe
+from probekit.state import (
+    STATE_DIR,
+    Saved,
+    checkpoint_name,
+    has_checkpoint,
+    load_latest,
+    load_optimizer_state,
+    load_scheduler_state,
+    optimizer_state,
+    rng_state,
+    save_state,
+    scheduler_state,
+    set_rng_state,
+)
 
 Log = Callable[[str], None]
 
@@ -513,6 +530,8 @@ def train(
     log: Log = print,
     progress: bool | None = None,
     name: str = "run",
+    resume: bool = False,
+    allow_spec_change: bool = False,
 ) -> RunResult:
     """Train the probe ``config`` describes and write its run folder; return the results.
 
@@ -525,6 +544,9 @@ def train(
         log: where progress lines go (``print`` by default).
         progress: show progress bars; default: when stderr is a terminal.
         name: prefix of the default run folder name.
+        resume: continue the unfinished run of ``out`` from its newest intact training-state
+            checkpoint; the result is bit-identical to a run that was never stopped (on CPU).
+        allow_spec_change: with ``resume``, accept a config that differs from the stopped run's.
     """
     from accelerate import Accelerator  # type: ignore[import-untyped]
     from accelerate.utils import set_seed  # type: ignore[import-untyped]
@@ -540,22 +562,79 @@ def train(
         mixed_precision=precision, gradient_accumulation_steps=spec.grad_accum, cpu=spec.cpu
     )
     set_seed(spec.seed)
-    # Claim the folder first: a refusal should not wait for the model to load.
-    partial = claim_run_dir(out_dir, overwrite) if accelerator.is_main_process else out_dir
+    saved: Saved | None = None
+    if resume:
+        if out is None:
+            raise UserError("--resume needs --out: the run folder whose unfinished run to continue")
+        partial, saved = find_resumable(out_dir, log)
+        check_same_spec(saved.state["config"], absolute_paths(config), allow_spec_change)
+    else:
+        # Claim the folder first: a refusal should not wait for the model to load.
+        partial = claim_run_dir(out_dir, overwrite) if accelerator.is_main_process else out_dir
     try:
         prepared = prepare(config, device=accelerator.device, num_processes=accelerator.num_processes)
         for line in prepared.describe():
             log(line)
-        result = _fit(prepared, accelerator, partial, out_dir, log, show, started)
+        result = _fit(prepared, accelerator, partial, out_dir, log, show, started, saved)
         if accelerator.is_main_process:
+            shutil.rmtree(partial / STATE_DIR, ignore_errors=True)  # finished: nothing to resume
             publish_run_dir(partial, out_dir)
     except BaseException:
         if accelerator.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)
+            if has_checkpoint(partial):
+                log(f"the unfinished run and its checkpoints are kept in {partial} (continue with --resume)")
+            else:
+                shutil.rmtree(partial, ignore_errors=True)
         raise
     for line in result.summary():
         log(line)
     return result
+
+
+def find_resumable(out_dir: Path, log: Log) -> tuple[Path, Saved]:
+    """The unfinished run folder of ``out_dir`` and its newest intact checkpoint."""
+    candidates = sorted(
+        (p for p in out_dir.parent.glob(f".{out_dir.name}.partial-*") if p.is_dir() and has_checkpoint(p)),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    for folder in candidates:
+        saved = load_latest(folder, lambda message: log(f"warning: {message}"))
+        if saved is not None:
+            return folder, saved
+    if candidates:
+        raise UserError(f"{out_dir}: every checkpoint of the unfinished run is damaged; nothing to resume")
+    finished = out_dir / "checkpoint"
+    detail = (
+        "it is a finished run"
+        if finished.is_dir()
+        else "no unfinished run with a checkpoint was found next to it"
+    )
+    raise UserError(f"{out_dir}: nothing to resume ({detail})")
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def check_same_spec(saved: dict[str, Any], config: ProbeConfig, allow: bool) -> None:
+    """Refuse to resume with a config that differs from the stopped run's, naming every change."""
+    before, after = _flatten(saved), _flatten(config.model_dump(mode="json"))
+    changes = [
+        f"{key}: {json.dumps(before.get(key, '<unset>'))} -> {json.dumps(after.get(key, '<unset>'))}"
+        for key in sorted(set(before) | set(after))
+        if before.get(key, "<unset>") != after.get(key, "<unset>")
+    ]
+    if changes and not allow:
+        raise UserError(
+            "--resume: the config differs from the stopped run's (pass --allow-spec-change to continue "
+            "anyway): " + "; ".join(changes)
+        )
 
 
 def _forget_other_precision(precision: str) -> None:
@@ -572,7 +651,14 @@ def _forget_other_precision(precision: str) -> None:
 
 
 def _fit(
-    prepared: Prepared, accelerator: Any, folder: Path, out_dir: Path, log: Log, show: bool, started: float
+    prepared: Prepared,
+    accelerator: Any,
+    folder: Path,
+    out_dir: Path,
+    log: Log,
+    show: bool,
+    started: float,
+    resume: Saved | None = None,
 ) -> RunResult:
     config, probe = prepared.config, prepared.probe
     optimizer = build_optimizer(probe, config.optimizer)
@@ -595,6 +681,7 @@ def _fit(
             log,
             show,
             started,
+            resume,
         )
     finally:
         for cache in caches.values():  # released before the outputs are written (lower peak memory)
@@ -698,6 +785,7 @@ def _train_loop(
     log: Log,
     show: bool,
     started: float,
+    resume: Saved | None = None,
 ) -> tuple[RunResult, dict[str, tuple[np.ndarray, np.ndarray]]]:
     config, spec = prepared.config, prepared.config.train
     pad_id = int(prepared.backbone.tokenizer.pad_token_id)
@@ -729,74 +817,146 @@ def _train_loop(
     best_state: dict[str, torch.Tensor] = trainable_state(model)
     best_val: tuple[np.ndarray, np.ndarray] | None = None
     stopped_early = False
-    for epoch in range(1, spec.epochs + 1):
-        probe.train()
-        loss_total, correct, seen = 0.0, 0, 0
-        loader.set_epoch(epoch - 1)
-        batches = _progress(loader, show, f"epoch {epoch}/{spec.epochs}", total=len(loader))
-        for i, batch in enumerate(batches):
-            with accelerator.accumulate(probe):
-                logits = probe(**probe_inputs(batch, plan)).float()
-                loss_sum = F.cross_entropy(
-                    logits, batch["labels"], label_smoothing=spec.label_smoothing, reduction="sum"
-                )
-                if not torch.isfinite(loss_sum):
-                    raise DivergedError(
-                        f"training diverged: non-finite loss at epoch {epoch}, step {step + 1}"
-                    )
-                # Accelerate divides by grad_accum; scaling by it first leaves sum / window size.
-                accelerator.backward(loss_sum * (spec.grad_accum / windows[i]))
-                if accelerator.sync_gradients:
-                    if spec.max_grad_norm is not None:
-                        norm = accelerator.clip_grad_norm_(probe.parameters(), spec.max_grad_norm)
-                        finite = norm is None or bool(torch.isfinite(torch.as_tensor(norm)))
-                        if not finite and not precision_skips(accelerator):  # fp16's scaler skips instead
-                            raise DivergedError(
-                                f"training diverged: non-finite gradient at epoch {epoch}, step {step + 1}"
-                            )
-                    optimizer.step()
-                    if not accelerator.optimizer_step_was_skipped:
-                        scheduler.step()
-                        step += 1
-                    optimizer.zero_grad(set_to_none=True)
-            loss_total += float(loss_sum.detach())
-            correct += int((logits.argmax(dim=-1) == batch["labels"]).sum())
-            seen += int(batch["labels"].numel())
-        val_probs, val_labels, val_loss = predict_loader(
-            probe, val_loader, accelerator, progress=show, plan=plan
-        )
-        val = compute_metrics(val_labels, val_probs, 0.5)
-        row: dict[str, Any] = {
-            "epoch": epoch,
-            "step": step,
-            "lr_head": optimizer.param_groups[0]["lr"],
-            "train_loss": loss_total / max(seen, 1),
-            "train_accuracy": correct / max(seen, 1),
-            "val_loss": val_loss,
-            **{f"val_{k}": v for k, v in val.items() if k not in {"threshold", "n", "positives"}},
-        }
-        monitored = val_loss if spec.monitor == "loss" else val[spec.monitor]
-        if _better(spec.monitor, monitored, best):
-            best, best_epoch, bad_epochs = monitored, epoch, 0
-            best_state = trainable_state(model)
-            best_val = (val_probs, val_labels)
-            row["best"] = True
-        else:
-            bad_epochs += 1
-            row["best"] = False
-        history.append(row)
+    start_epoch, skip = 1, 0
+    loss_total, correct, seen = 0.0, 0, 0
+    if resume is not None:
+        restored = restore_training(resume, model, optimizer, scheduler)
+        history, best = restored["history"], restored["best"]
+        best_epoch, bad_epochs = restored["epochs"]
+        step, stopped_early = restored["step"], restored["stopped_early"]
+        start_epoch, skip = restored["epoch"], restored["micro"]
+        loss_total, correct, seen = restored["accumulators"]
+        best_state = {k.removeprefix("best."): v for k, v in resume.tensors.items() if k.startswith("best.")}
+        if "bestval.probs" in resume.tensors:
+            best_val = (resume.tensors["bestval.probs"].numpy(), resume.tensors["bestval.labels"].numpy())
         if accelerator.is_main_process:
-            with metrics_file.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(row) + "\n")
+            metrics_file.write_text("".join(json.dumps(row) + "\n" for row in history), encoding="utf-8")
         log(
-            f"epoch {epoch}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
-            f"val loss {val_loss:.4f} acc {val['accuracy']:.4f} auroc {val['auroc']:.4f}"
-            + ("  *best*" if row["best"] else "")
+            f"resumed from checkpoint {resume.path.name}: epoch {start_epoch}, "
+            f"{skip} micro-batches in, step {step}"
         )
-        if bad_epochs >= spec.patience and epoch < spec.epochs:
-            stopped_early = True
-            log(f"early stop: no val {spec.monitor} improvement for {spec.patience} epochs")
-            break
+
+    def checkpoint(epoch: int, micro: int, epoch_done: bool) -> None:
+        """Save everything needed to continue from here (only the main process writes)."""
+        if not accelerator.is_main_process:
+            return
+        tensors = {f"param.{k}": v for k, v in trainable_state(model).items()}
+        tensors.update({f"best.{k}": v for k, v in best_state.items()})
+        if best_val is not None:
+            tensors["bestval.probs"] = torch.from_numpy(np.asarray(best_val[0]))
+            tensors["bestval.labels"] = torch.from_numpy(np.asarray(best_val[1]))
+        optim_tensors, optim_meta = optimizer_state(optimizer)
+        rng_tensors, rng_meta = rng_state()
+        tensors.update(optim_tensors)
+        tensors.update(rng_tensors)
+        state = {
+            "config": config.model_dump(mode="json"),
+            "epoch": epoch + 1 if epoch_done else epoch,
+            "micro": 0 if epoch_done else micro,
+            "step": step,
+            "best": best,
+            "epochs": [best_epoch, bad_epochs],
+            "stopped_early": stopped_early,
+            "accumulators": [0.0, 0, 0] if epoch_done else [loss_total, correct, seen],
+            "history": history,
+            "optimizer": optim_meta,
+            "scheduler": scheduler_state(scheduler),
+            "rng": rng_meta,
+        }
+        save_state(folder, checkpoint_name(step, epoch_done), tensors, state)
+
+    every = spec.checkpoint_every_steps
+    epoch = start_epoch
+    with _stop_requests() as stop:
+        for epoch in range(start_epoch, spec.epochs + 1):
+            if stopped_early:
+                break
+            probe.train()
+            if resume is None:
+                loss_total, correct, seen = 0.0, 0, 0
+            loader.set_epoch(epoch - 1)
+            batches = _progress(loader, show, f"epoch {epoch}/{spec.epochs}", total=len(loader))
+            resuming = resume is not None and epoch == start_epoch
+            if resuming and not skip:
+                assert resume is not None
+                set_rng_state(resume.tensors, resume.state["rng"])  # before this epoch's iterator
+            for i, batch in enumerate(batches):
+                if resuming and i < skip:
+                    continue  # done before the checkpoint: same order, not recomputed
+                if resuming and i == skip and skip:
+                    # After the loader's iterator drew its seed, as at the time of the checkpoint.
+                    assert resume is not None
+                    set_rng_state(resume.tensors, resume.state["rng"])
+                    accelerator.step = skip
+                with accelerator.accumulate(probe):
+                    logits = probe(**probe_inputs(batch, plan)).float()
+                    loss_sum = F.cross_entropy(
+                        logits, batch["labels"], label_smoothing=spec.label_smoothing, reduction="sum"
+                    )
+                    if not torch.isfinite(loss_sum):
+                        raise DivergedError(
+                            f"training diverged: non-finite loss at epoch {epoch}, step {step + 1}"
+                        )
+                    # Accelerate divides by grad_accum; scaling by it first leaves sum / window size.
+                    accelerator.backward(loss_sum * (spec.grad_accum / windows[i]))
+                    stepped = False
+                    if accelerator.sync_gradients:
+                        if spec.max_grad_norm is not None:
+                            norm = accelerator.clip_grad_norm_(probe.parameters(), spec.max_grad_norm)
+                            finite = norm is None or bool(torch.isfinite(torch.as_tensor(norm)))
+                            if not finite and not precision_skips(accelerator):  # fp16's scaler skips
+                                where = f"epoch {epoch}, step {step + 1}"
+                                raise DivergedError(f"training diverged: non-finite gradient at {where}")
+                        optimizer.step()
+                        if not accelerator.optimizer_step_was_skipped:
+                            scheduler.step()
+                            step += 1
+                        optimizer.zero_grad(set_to_none=True)
+                        stepped = True
+                loss_total += float(loss_sum.detach())
+                correct += int((logits.argmax(dim=-1) == batch["labels"]).sum())
+                seen += int(batch["labels"].numel())
+                last = i + 1 == len(loader)
+                if stepped and not last and (stop.requested or (every and step % every == 0)):
+                    checkpoint(epoch, i + 1, epoch_done=False)
+                    stop.raise_if_requested(step, folder)
+            val_probs, val_labels, val_loss = predict_loader(
+                probe, val_loader, accelerator, progress=show, plan=plan
+            )
+            val = compute_metrics(val_labels, val_probs, 0.5)
+            row: dict[str, Any] = {
+                "epoch": epoch,
+                "step": step,
+                "lr_head": optimizer.param_groups[0]["lr"],
+                "train_loss": loss_total / max(seen, 1),
+                "train_accuracy": correct / max(seen, 1),
+                "val_loss": val_loss,
+                **{f"val_{k}": v for k, v in val.items() if k not in {"threshold", "n", "positives"}},
+            }
+            monitored = val_loss if spec.monitor == "loss" else val[spec.monitor]
+            if _better(spec.monitor, monitored, best):
+                best, best_epoch, bad_epochs = monitored, epoch, 0
+                best_state = trainable_state(model)
+                best_val = (val_probs, val_labels)
+                row["best"] = True
+            else:
+                bad_epochs += 1
+                row["best"] = False
+            history.append(row)
+            if accelerator.is_main_process:
+                with metrics_file.open("a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(row) + "\n")
+            log(
+                f"epoch {epoch}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
+                f"val loss {val_loss:.4f} acc {val['accuracy']:.4f} auroc {val['auroc']:.4f}"
+                + ("  *best*" if row["best"] else "")
+            )
+            if bad_epochs >= spec.patience and epoch < spec.epochs:
+                stopped_early = True
+                log(f"early stop: no val {spec.monitor} improvement for {spec.patience} epochs")
+            checkpoint(epoch, 0, epoch_done=True)
+            stop.raise_if_requested(step, folder)
+            resume = None  # later epochs start from their beginning
 
     restore(model, best_state)
     if best_val is None:
@@ -829,6 +989,52 @@ def _train_loop(
         seconds=time.perf_counter() - started,
     )
     return result, scores
+
+
+def restore_training(saved: Saved, model: Probe, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+    """Load a training-state checkpoint's weights, optimizer and scheduler; return its state."""
+    restore(model, {k.removeprefix("param."): v for k, v in saved.tensors.items() if k.startswith("param.")})
+    load_optimizer_state(optimizer, saved.tensors, saved.state["optimizer"])
+    load_scheduler_state(scheduler, optimizer, saved.state["scheduler"])
+    return saved.state
+
+
+class _StopRequests:
+    """SIGTERM / SIGINT during training: finish the step, write a checkpoint, then stop."""
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+
+    def handle(self, signum: int, _frame: Any) -> None:
+        if signum == signal.SIGINT and self.requested == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop at once
+        self.requested = signum
+
+    def raise_if_requested(self, step: int, folder: Path) -> None:
+        if self.requested is None:
+            return
+        what = "SIGTERM" if self.requested == signal.SIGTERM else "SIGINT"
+        message = (
+            f"stopped by {what} after step {step}; a checkpoint was written to {folder / STATE_DIR}; "
+            "continue with the same command plus --resume"
+        )
+        if self.requested == signal.SIGTERM:
+            raise TerminatedError(message)
+        raise InterruptedRunError(message)
+
+
+@contextmanager
+def _stop_requests() -> Iterator[_StopRequests]:
+    stop = _StopRequests()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {sig: signal.signal(sig, stop.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def precision_skips(accelerator: Any) -> bool:

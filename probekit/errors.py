@@ -67,9 +67,16 @@ class PluginUnavailableError(UserError):
 
 
 class TerminatedError(ProbekitError):
-    """The process received SIGTERM; work in progress was cleaned up (exit code 143)."""
+    """The process received SIGTERM: training stopped after a checkpoint, or before training the
+    unfinished run folder was removed (exit code 143)."""
 
     exit_code = EXIT_TERMINATED
+
+
+class InterruptedRunError(ProbekitError):
+    """SIGINT (Ctrl-C) during training: stopped after the current step and a checkpoint (exit code 130)."""
+
+    exit_code = EXIT_INTERRUPTED
 
 
 class PluginError(UserError):

@@ -609,9 +609,18 @@ def test_a_failed_run_leaves_no_folder_behind(
 
     with pytest.raises(RuntimeError, match="boom"):
         run(make_config(bert_dir, toy_data, test=False), out, overwrite=existing)
-    assert names(out.parent) == (["run"] if existing else [])
+    visible = [n for n in names(out.parent) if not n.startswith(".")]
+    assert visible == (["run"] if existing else [])
     if existing:
         assert names(out) == ["old.txt"]
+    # The unfinished run stays hidden, kept only for its checkpoints (nothing learned is lost);
+    # --resume finishes it.
+    (partial,) = leftovers(out.parent)
+    assert (partial / "state").is_dir()
+    monkeypatch.undo()
+    result = run(make_config(bert_dir, toy_data, test=False), out, resume=True)
+    assert result.epochs_run == 2 and leftovers(out.parent) == []
+    assert "state" not in names(out)
 
 
 def test_a_non_empty_out_is_refused_before_training(

@@ -1,0 +1,321 @@
+"""Training-state checkpoints and --resume: a run stopped anywhere ends bit-identical to one that
+never stopped; damaged checkpoints are detected before use; signals stop after a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from probekit import engine, state
+from probekit.config import ProbeConfig
+from probekit.engine import Collator, RunResult, train
+
+from .engine_fixtures import ToyData, bert_dir, leftovers, make_config, no_plots, run_cli, toy_data
+
+__all__ = ["bert_dir", "no_plots", "toy_data"]
+
+# 96 train rows, 8 per micro-batch, 2 per step: 12 micro-batches and 6 steps per epoch.
+SETTINGS = ("train.epochs=3", "train.grad_accum=2", "train.checkpoint_every_steps=1", "train.patience=3")
+MICRO_PER_EPOCH, EPOCHS = 12, 3
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL in-process: nothing after it runs (not even except Exception)."""
+
+
+def config_for(bert_dir: Path, toy_data: ToyData, *extra: str) -> ProbeConfig:
+    return make_config(bert_dir, toy_data, *SETTINGS, *extra, test=False)
+
+
+def run(config: ProbeConfig, out: Path, **kwargs: Any) -> RunResult:
+    return train(config, out=out, log=lambda _l: None, progress=False, **kwargs)
+
+
+def outcome(run_dir: Path) -> tuple[dict[str, torch.Tensor], str]:
+    return load_file(run_dir / "checkpoint" / "probe.safetensors"), (run_dir / "metrics.jsonl").read_text()
+
+
+def assert_identical(a: Path, b: Path) -> None:
+    (wa, ma), (wb, mb) = outcome(a), outcome(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+    assert ma == mb
+
+
+def kill_before_micro_batch(monkeypatch: pytest.MonkeyPatch, k: int, n_train: int) -> None:
+    """Raise `Killed` when training is about to fetch its k-th micro-batch (1-based, all epochs)."""
+    fetched = [0]
+    real = Collator.__call__
+
+    def call(self: Collator, indices: Any) -> Any:
+        if self.cache is not None and len(self.encoded) == n_train:
+            fetched[0] += 1
+            if fetched[0] == k:
+                raise Killed
+        return real(self, indices)
+
+    monkeypatch.setattr(Collator, "__call__", call)
+
+
+@pytest.fixture(scope="module")
+def reference(bert_dir: Path, toy_data: ToyData, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "run"
+    run(config_for(bert_dir, toy_data), out)
+    return out
+
+
+KILLS = sorted(
+    {k for seed in (0, 1, 2) for k in random.Random(seed).sample(range(3, EPOCHS * MICRO_PER_EPOCH), 3)}
+)
+
+
+@pytest.mark.parametrize("k", KILLS)
+def test_killed_at_any_micro_batch_and_resumed_is_bit_identical(
+    k: int,
+    reference: Path,
+    bert_dir: Path,
+    toy_data: ToyData,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    no_plots: list[Any],
+) -> None:
+    """Kill points drawn with 3 seeds, mid-epoch and mid-accumulation included."""
+    config = config_for(bert_dir, toy_data)
+    out = tmp_path / "run"
+    kill_before_micro_batch(monkeypatch, k, len(toy_data.texts("train")))
+    with pytest.raises(Killed):
+        run(config, out)
+    monkeypatch.undo()
+    assert not out.exists() and len(leftovers(tmp_path)) == 1
+    result = run(config, out, resume=True)
+    assert result.epochs_run == EPOCHS
+    assert leftovers(tmp_path) == []
+    assert_identical(out, reference)
+
+
+DAMAGES = {
+    "a flipped bit in the tensors": (
+        "tensors.safetensors",
+        lambda b: b[: len(b) // 2] + bytes([b[len(b) // 2] ^ 0x10]) + b[len(b) // 2 + 1 :],
+        "checksum",
+    ),
+    "truncated tensors": ("tensors.safetensors", lambda b: b[: len(b) - 100], "bytes"),
+    "truncated state": ("state.json", lambda b: b[:-5], "bytes"),
+    "a missing manifest": ("manifest.json", None, "no readable manifest"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_newest_checkpoint_is_detected_and_the_previous_one_used(
+    damage: str,
+    reference: Path,
+    bert_dir: Path,
+    toy_data: ToyData,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = config_for(bert_dir, toy_data)
+    out = tmp_path / "run"
+    kill_before_micro_batch(monkeypatch, 17, len(toy_data.texts("train")))
+    with pytest.raises(Killed):
+        run(config, out)
+    monkeypatch.undo()
+    (partial,) = leftovers(tmp_path)
+    newest, previous = sorted((partial / "state").iterdir(), reverse=True)[:2]
+    name, change, reason = DAMAGES[damage]
+    if change is None:
+        (newest / name).unlink()
+    else:
+        (newest / name).write_bytes(change((newest / name).read_bytes()))
+    lines: list[str] = []
+    train(config, out=out, log=lines.append, progress=False, resume=True)
+    assert any(f"checkpoint {newest.name} is damaged" in line and reason in line for line in lines), lines
+    assert any(line.startswith(f"resumed from checkpoint {previous.name}") for line in lines)
+    assert_identical(out, reference)
+
+
+CRASH_POINTS = (
+    "before the tensors",
+    "mid-way through the tensors",
+    "before the rename",
+    "before the pruning",
+)
+
+
+@pytest.mark.parametrize("where", CRASH_POINTS)
+def test_a_crash_while_writing_a_checkpoint_loses_nothing(
+    where: str,
+    reference: Path,
+    bert_dir: Path,
+    toy_data: ToyData,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The 5th checkpoint write dies at a point of the write; resuming uses the 4th."""
+    writes = [0]
+    real_save, real_fsync, real_rmtree = state.save_file, state._fsync, state.shutil.rmtree
+
+    def nth() -> bool:
+        return writes[0] == 5
+
+    def save_file(tensors: Any, path: Any, *args: Any, **kwargs: Any) -> None:
+        writes[0] += 1
+        if nth() and where == "before the tensors":
+            raise Killed
+        real_save(tensors, path, *args, **kwargs)
+        if nth() and where == "mid-way through the tensors":
+            Path(path).write_bytes(Path(path).read_bytes()[: Path(path).stat().st_size // 2])
+            raise Killed
+
+    def fsync(path: Path) -> None:
+        if nth() and where == "before the rename" and path.name == "manifest.json":
+            raise Killed
+        real_fsync(path)
+
+    def rmtree(path: Any, *args: Any, **kwargs: Any) -> None:
+        if nth() and where == "before the pruning" and Path(path).name.startswith("step-"):
+            raise Killed
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(state, "save_file", save_file)
+    monkeypatch.setattr(state, "_fsync", fsync)
+    monkeypatch.setattr(state.shutil, "rmtree", rmtree)
+    config = config_for(bert_dir, toy_data)
+    out = tmp_path / "run"
+    with pytest.raises(Killed):
+        run(config, out)
+    monkeypatch.undo()
+    run(config, out, resume=True)
+    assert_identical(out, reference)
+
+
+def test_resume_with_a_changed_spec_is_refused_with_the_diff(
+    bert_dir: Path,
+    toy_data: ToyData,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "run"
+    kill_before_micro_batch(monkeypatch, 9, len(toy_data.texts("train")))
+    with pytest.raises(Killed):
+        run(config_for(bert_dir, toy_data), out)
+    monkeypatch.undo()
+    base = [
+        "train",
+        "--model",
+        str(bert_dir),
+        *(f"--set={a}" for a in (*toy_data.assignments(test=False), *SETTINGS)),
+    ]
+    base += [
+        "--set=train.epochs=3",
+        "--set=train.cpu=true",
+        "--set=train.precision=fp32",
+        "--set=model.max_length=16",
+    ]
+    code, _, err = run_cli(
+        capsys, *base, "--set=train.epochs=4", "--set=head.dropout=0.3", "--resume", str(out)
+    )
+    assert code == 2
+    assert "config differs from the stopped run's" in err
+    assert "head.dropout: 0.2 -> 0.3" in err and "train.epochs: 3 -> 4" in err
+    assert len(leftovers(tmp_path)) == 1  # the stopped run is untouched
+    code, _, err = run_cli(capsys, *base, "--set=train.epochs=4", "--allow-spec-change", "--resume", str(out))
+    assert code == 0, err
+    assert len(json.loads("[" + ",".join((out / "metrics.jsonl").read_text().splitlines()) + "]")) == 4
+
+
+def test_nothing_to_resume_is_a_clear_error(tmp_path: Path, bert_dir: Path, toy_data: ToyData) -> None:
+    with pytest.raises(engine.UserError, match="nothing to resume"):
+        run(config_for(bert_dir, toy_data), tmp_path / "never-started", resume=True)
+
+
+# -- real processes and real signals -----------------------------------------------------------------
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "probekit", *args]
+
+
+def _train_args(bert_dir: Path, toy_data: ToyData, out: Path, epochs: int) -> list[str]:
+    sets = [
+        *toy_data.assignments(test=False),
+        *SETTINGS,
+        f"train.epochs={epochs}",
+        f"train.patience={epochs}",
+    ]
+    sets += ["train.cpu=true", "train.precision=fp32", "model.max_length=16"]
+    return ["train", "--model", str(bert_dir), *(f"--set={s}" for s in sets), "--out", str(out)]
+
+
+def _wait_for_checkpoint(process: subprocess.Popen[str], parent: Path, at_least: int) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        folders = [p / "state" for p in leftovers(parent) if (p / "state").is_dir()]
+        done = [c for f in folders for c in f.iterdir() if c.name.startswith("step-")]
+        if folders and len(list(folders[0].iterdir())) and len(done) >= 1 and _step_of(done) >= at_least:
+            return
+        assert process.poll() is None, "the run ended before it could be stopped"
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+def _step_of(done: list[Path]) -> int:
+    return max(int(p.name.split("-")[1]) for p in done)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "SIGINT"])
+def test_a_real_process_stopped_by_a_signal_resumes_bit_identical(
+    how: str, bert_dir: Path, toy_data: ToyData, tmp_path: Path
+) -> None:
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    epochs = 8
+    reference = tmp_path / "ref" / "run"
+    done = subprocess.run(
+        cli(*_train_args(bert_dir, toy_data, reference, epochs)),
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    out = tmp_path / "stopped" / "run"
+    out.parent.mkdir()
+    process = subprocess.Popen(
+        cli(*_train_args(bert_dir, toy_data, out, epochs)),
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    _wait_for_checkpoint(process, out.parent, at_least=random.Random(how).randint(4, 14))
+    process.send_signal(getattr(signal, how))
+    _, err = process.communicate(timeout=120)
+    expected = {"SIGKILL": -signal.SIGKILL, "SIGTERM": 143, "SIGINT": 130}[how]
+    assert process.returncode == expected, err[-2000:]
+    if how != "SIGKILL":
+        assert f"stopped by {how} after step" in err and "Traceback" not in err
+    assert not out.exists() and len(leftovers(out.parent)) == 1
+
+    resumed = subprocess.run(
+        cli(*_train_args(bert_dir, toy_data, out, epochs), "--resume", str(out)),
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from checkpoint step-" in resumed.stderr
+    assert_identical(out, reference)
