@@ -70,11 +70,25 @@ class BucketBatchSampler(Sampler[list[int]]):
 
 
 class LengthSortedBatchSampler(Sampler[list[int]]):
-    """Inference order: batches of rows sorted longest first (the first batch shows peak memory)."""
+    """Inference order: batches of rows sorted longest first (the first batch shows peak memory).
 
-    def __init__(self, lengths: Sequence[int], batch_size: int) -> None:
+    A batch holds at most ``batch_size`` rows and, when ``max_tokens`` is given, at most that many
+    padded tokens (rows x its longest row; a single longer row still gets its own batch), so
+    batches of long rows are smaller and peak memory stays bounded.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> None:
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-        self._batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        self._batches: list[list[int]] = []
+        batch: list[int] = []
+        for i in order:
+            width = lengths[batch[0]] if batch else lengths[i]
+            if batch and (len(batch) == batch_size or (max_tokens and (len(batch) + 1) * width > max_tokens)):
+                self._batches.append(batch)
+                batch = []
+            batch.append(i)
+        if batch:
+            self._batches.append(batch)
 
     def __len__(self) -> int:
         return len(self._batches)

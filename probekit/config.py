@@ -48,6 +48,12 @@ class TrainSpec(BaseModel):
     batch_size: int = Field(default=8, ge=1, description="Examples per micro-step (per device).")
     grad_accum: int = Field(default=4, ge=1, description="Micro-steps per optimiser step.")
     eval_batch_size: int = Field(default=64, ge=1, description="Examples per batch in evaluation.")
+    eval_max_tokens: int | None = Field(
+        default=4096,
+        ge=1,
+        description="Evaluation and caching batches hold at most this many padded tokens (fewer "
+        "rows when rows are long), which bounds peak memory; null: eval_batch_size rows always.",
+    )
     label_smoothing: float = Field(default=0.1, ge=0.0, lt=1.0)
     max_grad_norm: float | None = Field(default=1.0, gt=0.0, description="Gradient clipping; null: none.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(

@@ -197,11 +197,13 @@ def eval_loader(
     *,
     padding_side: str = "right",
     cache: SplitCache | None = None,
+    max_tokens: int | None = None,
 ) -> DataLoader[Any]:
-    """Inference batches sorted by length, longest first (least padding)."""
+    """Inference batches sorted by length, longest first (least padding), of at most
+    ``batch_size`` rows and ``max_tokens`` padded tokens."""
     return DataLoader(
         _Indices(len(encoded)),
-        batch_sampler=LengthSortedBatchSampler(encoded.lengths, batch_size),
+        batch_sampler=LengthSortedBatchSampler(encoded.lengths, batch_size, max_tokens),
         collate_fn=Collator(encoded, pad_id, padding_side, cache),
     )
 
@@ -744,7 +746,9 @@ def build_caches(
             )
             # The cache stores real tokens only, so the rows are right-padded while computing.
             collate = Collator(encoded, pad_id, "right")
-            sampler = LengthSortedBatchSampler(encoded.lengths, config.train.eval_batch_size)
+            sampler = LengthSortedBatchSampler(
+                encoded.lengths, config.train.eval_batch_size, config.train.eval_max_tokens
+            )
             batches = _progress(sampler, show, f"caching {name}", total=len(sampler))
             begun = time.perf_counter()
             cache = build_split_cache(
@@ -802,7 +806,12 @@ def _train_loop(
         cache=caches.get("train"),
     )
     val_loader = eval_loader(
-        val_enc, pad_id, spec.eval_batch_size, padding_side=side, cache=caches.get("val")
+        val_enc,
+        pad_id,
+        spec.eval_batch_size,
+        padding_side=side,
+        cache=caches.get("val"),
+        max_tokens=spec.eval_max_tokens,
     )
     loader, val_loader = accelerator.prepare(loader, val_loader)
     windows = window_sizes(len(train_enc), spec.batch_size, spec.grad_accum)
@@ -973,7 +982,13 @@ def _train_loop(
     scores = {"val": (val_labels, val_probs)}
     if "test" in prepared.encoded:
         test_loader = accelerator.prepare(
-            eval_loader(prepared.encoded["test"], pad_id, spec.eval_batch_size, padding_side=side)
+            eval_loader(
+                prepared.encoded["test"],
+                pad_id,
+                spec.eval_batch_size,
+                padding_side=side,
+                max_tokens=spec.eval_max_tokens,
+            )
         )
         test_probs, test_labels, _ = predict_loader(probe, test_loader, accelerator, progress=show)
         results["test"] = compute_metrics(test_labels, test_probs, threshold)

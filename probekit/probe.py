@@ -268,21 +268,25 @@ class Probe(nn.Module):
         return self.tokenizer
 
     @torch.inference_mode()
-    def predict_proba(self, texts: Sequence[str], batch_size: int = 64) -> list[float]:
-        """Probability of the positive class (index 1) for each text, batched by length."""
+    def predict_proba(
+        self, texts: Sequence[str], batch_size: int = 64, max_tokens: int | None = 4096
+    ) -> list[float]:
+        """Probability of the positive class (index 1) for each text, in batches sorted by length
+        of at most ``batch_size`` texts and ``max_tokens`` padded tokens."""
+        from probekit.batching import LengthSortedBatchSampler
+
         tokenizer = self._require_tokenizer()
         texts = list(texts)
         if not texts:
             return []
         device = next(self.head.parameters()).device
         encoded = tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
-        order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+        batches = LengthSortedBatchSampler([len(ids) for ids in encoded], batch_size, max_tokens)
         probs = [0.0] * len(texts)
         was_training = self.training
         self.eval()
         try:
-            for start in range(0, len(order), batch_size):
-                chunk = order[start : start + batch_size]
+            for chunk in batches:
                 batch = tokenizer(
                     [texts[i] for i in chunk],
                     padding=True,
@@ -299,9 +303,11 @@ class Probe(nn.Module):
             self.train(was_training)
         return probs
 
-    def predict(self, texts: Sequence[str], batch_size: int = 64) -> list[dict[str, Any]]:
+    def predict(
+        self, texts: Sequence[str], batch_size: int = 64, max_tokens: int | None = 4096
+    ) -> list[dict[str, Any]]:
         """``{"text", "probability", "label"}`` per text: positive when probability >= threshold."""
-        probs = self.predict_proba(texts, batch_size)
+        probs = self.predict_proba(texts, batch_size, max_tokens)
         names = self.label_names or [0, 1]
         return [
             {"text": t, "probability": p, "label": names[1] if p >= self.threshold else names[0]}

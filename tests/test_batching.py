@@ -70,3 +70,14 @@ def test_padding_fraction_counts_padded_positions() -> None:
     assert padding_fraction([2, 4, 4], [[0, 1], [2]]) == 1 - 10 / 12
     assert padding_fraction([3, 3], [[0, 1]]) == 0.0
     assert padding_fraction([], []) == 0.0
+
+
+@given(lengths=lengths_st, batch=st.integers(1, 70), max_tokens=st.integers(1, 2000))
+def test_inference_batches_respect_the_token_budget(lengths: list[int], batch: int, max_tokens: int) -> None:
+    batches = list(LengthSortedBatchSampler(lengths, batch, max_tokens))
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        width = max(lengths[i] for i in b)
+        assert len(b) <= batch
+        assert len(b) == 1 or len(b) * width <= max_tokens  # a lone longer row still runs
+    assert [lengths[i] for b in batches for i in b] == sorted(lengths, reverse=True)
