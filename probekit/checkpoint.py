@@ -37,7 +37,8 @@ def trainable_state(probe: Any) -> dict[str, torch.Tensor]:
     }
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 hex digest of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -135,7 +136,7 @@ def save_checkpoint(
         "threshold": threshold,
         "backbone": backbone,
         "components": components(config),
-        "weights": {"file": WEIGHTS, "sha256": _sha256(weights), "tensors": len(state)},
+        "weights": {"file": WEIGHTS, "sha256": sha256_file(weights), "tensors": len(state)},
         "versions": versions(),
     }
     path = folder / META
@@ -181,7 +182,7 @@ def load_probe(run_dir: str | Path) -> Any:
     if not weights.is_file():
         raise UserError(f"{weights}: missing checkpoint weights")
     expected = meta.get("weights", {}).get("sha256")
-    if expected and _sha256(weights) != expected:
+    if expected and sha256_file(weights) != expected:
         raise UserError(f"{weights}: checksum does not match {META}; the file is damaged or was replaced")
     loaded = load_backbone(config.model)
     probe = Probe.from_config(config, loaded.model)

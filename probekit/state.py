@@ -14,7 +14,6 @@ before it is used.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -27,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from probekit.checkpoint import sha256_file
 
 STATE_DIR = "state"
 FORMAT = "probekit-train-state"
@@ -41,14 +42,6 @@ class Saved:
     path: Path
     tensors: dict[str, torch.Tensor]
     state: dict[str, Any]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -79,7 +72,7 @@ def save_state(run_folder: Path, name: str, tensors: dict[str, torch.Tensor], st
         )
         (temporary / "state.json").write_text(json.dumps({"format": FORMAT, **state}), encoding="utf-8")
         files = {
-            f: {"bytes": (temporary / f).stat().st_size, "sha256": _sha256(temporary / f)}
+            f: {"bytes": (temporary / f).stat().st_size, "sha256": sha256_file(temporary / f)}
             for f in ("tensors.safetensors", "state.json")
         }
         (temporary / "manifest.json").write_text(
@@ -114,7 +107,7 @@ def verify(folder: Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != expected.get("bytes"):
             return f"{name} has {path.stat().st_size} bytes, the manifest says {expected.get('bytes')}"
-        if _sha256(path) != expected.get("sha256"):
+        if sha256_file(path) != expected.get("sha256"):
             return f"{name} does not match its checksum"
     return None
 
