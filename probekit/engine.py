@@ -875,7 +875,6 @@ def _train_loop(
         save_state(folder, checkpoint_name(step, epoch_done), tensors, state)
 
     every = spec.checkpoint_every_steps
-    epoch = start_epoch
     with _stop_requests() as stop:
         for epoch in range(start_epoch, spec.epochs + 1):
             if stopped_early:
