@@ -163,23 +163,23 @@ def tokens_fingerprint(rows: Sequence[Sequence[int]]) -> str:
     return digest.hexdigest()
 
 
-def cache_key(
+def cache_facts(
     probe: Probe,
     plan: CachePlan,
-    rows: Sequence[Sequence[int]],
     *,
     model: Mapping[str, Any],
     tokenizer: Mapping[str, Any],
     dtype: torch.dtype,
     precision: str,
-) -> tuple[str, dict[str, Any]]:
-    """The key of one split's cache, and the facts it hashes (kept in the cache's metadata)."""
+) -> dict[str, Any]:
+    """What every split's cached values depend on apart from its rows (computed once per run:
+    the frozen-weights fingerprint reads every frozen tensor)."""
     from transformers import __version__ as transformers_version
 
     config = getattr(probe.backbone, "config", None)
     config_dict = config.to_dict() if config is not None and hasattr(config, "to_dict") else {}
     config_dict = {k: v for k, v in config_dict.items() if k not in {"_name_or_path", "transformers_version"}}
-    parts: dict[str, Any] = {
+    return {
         "format": CACHE_FORMAT,
         "model": dict(model),
         "model_config": config_dict,
@@ -190,10 +190,14 @@ def cache_key(
         "dtype": str(dtype),
         "precision": precision,
         "tokenizer": dict(tokenizer),
-        "tokens": tokens_fingerprint(rows),
-        "rows": len(rows),
         "transformers": transformers_version,
     }
+
+
+def cache_key(facts: Mapping[str, Any], rows: Sequence[Sequence[int]]) -> tuple[str, dict[str, Any]]:
+    """The key of one split's cache: `cache_facts` plus the token ids of its rows; also returns
+    the facts it hashes (kept in the cache's metadata)."""
+    parts = {**facts, "tokens": tokens_fingerprint(rows), "rows": len(rows)}
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest(), parts
 

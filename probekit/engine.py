@@ -31,7 +31,15 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from probekit.batching import BucketBatchSampler, LengthSortedBatchSampler, padding_fraction
-from probekit.cache import CachePlan, SplitCache, build_split_cache, cache_key, plan_cache, storage_dtype
+from probekit.cache import (
+    CachePlan,
+    SplitCache,
+    build_split_cache,
+    cache_facts,
+    cache_key,
+    plan_cache,
+    storage_dtype,
+)
 from probekit.checkpoint import save_checkpoint, trainable_state
 from probekit.config import ProbeConfig, dump_config
 from probekit.data import Dataset, Split, load_data
@@ -731,19 +739,14 @@ def build_caches(
                 return model.features(ids, mask)
             return torch.stack(model.hidden_states(ids, mask, layers=plan.layers), dim=2)
 
+    shared_facts = cache_facts(
+        model, plan, model=model_facts, tokenizer=tokenizer_facts, dtype=dtype, precision=prepared.precision
+    )
     caches: dict[str, SplitCache] = {}
     try:
         for name in ("train", "val"):
             encoded = prepared.encoded[name]
-            key, facts = cache_key(
-                model,
-                plan,
-                encoded.ids,
-                model=model_facts,
-                tokenizer=tokenizer_facts,
-                dtype=dtype,
-                precision=prepared.precision,
-            )
+            key, facts = cache_key(shared_facts, encoded.ids)
             # The cache stores real tokens only, so the rows are right-padded while computing.
             collate = Collator(encoded, pad_id, "right")
             sampler = LengthSortedBatchSampler(
