@@ -54,8 +54,11 @@ def assert_identical(a: Path, b: Path) -> None:
     assert ma == mb
 
 
-def kill_before_micro_batch(monkeypatch: pytest.MonkeyPatch, k: int, n_train: int) -> None:
-    """Raise `Killed` when training is about to fetch its k-th micro-batch (1-based, all epochs)."""
+def stop_at_micro_batch(
+    config: ProbeConfig, out: Path, monkeypatch: pytest.MonkeyPatch, k: int, n_train: int
+) -> None:
+    """Train ``config`` into ``out`` and kill it (`Killed`) as it is about to fetch its k-th
+    training micro-batch (1-based, all epochs); every patch is undone afterwards."""
     fetched = [0]
     real = Collator.__call__
 
@@ -67,6 +70,9 @@ def kill_before_micro_batch(monkeypatch: pytest.MonkeyPatch, k: int, n_train: in
         return real(self, indices)
 
     monkeypatch.setattr(Collator, "__call__", call)
+    with pytest.raises(Killed):
+        run(config, out)
+    monkeypatch.undo()
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +100,7 @@ def test_killed_at_any_micro_batch_and_resumed_is_bit_identical(
     """Kill points drawn with 3 seeds, mid-epoch and mid-accumulation included."""
     config = config_for(bert_dir, toy_data)
     out = tmp_path / "run"
-    kill_before_micro_batch(monkeypatch, k, len(toy_data.texts("train")))
-    with pytest.raises(Killed):
-        run(config, out)
-    monkeypatch.undo()
+    stop_at_micro_batch(config, out, monkeypatch, k, len(toy_data.texts("train")))
     assert not out.exists() and len(leftovers(tmp_path)) == 1
     result = run(config, out, resume=True)
     assert result.epochs_run == EPOCHS
@@ -128,10 +131,7 @@ def test_a_damaged_newest_checkpoint_is_detected_and_the_previous_one_used(
 ) -> None:
     config = config_for(bert_dir, toy_data)
     out = tmp_path / "run"
-    kill_before_micro_batch(monkeypatch, 17, len(toy_data.texts("train")))
-    with pytest.raises(Killed):
-        run(config, out)
-    monkeypatch.undo()
+    stop_at_micro_batch(config, out, monkeypatch, 17, len(toy_data.texts("train")))
     (partial,) = leftovers(tmp_path)
     newest, previous = sorted((partial / "state").iterdir(), reverse=True)[:2]
     name, change, reason = DAMAGES[damage]
@@ -209,10 +209,7 @@ def test_resume_with_a_changed_spec_is_refused_with_the_diff(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "run"
-    kill_before_micro_batch(monkeypatch, 9, len(toy_data.texts("train")))
-    with pytest.raises(Killed):
-        run(config_for(bert_dir, toy_data), out)
-    monkeypatch.undo()
+    stop_at_micro_batch(config_for(bert_dir, toy_data), out, monkeypatch, 9, len(toy_data.texts("train")))
     base = [
         "train",
         "--model",
