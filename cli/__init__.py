@@ -168,6 +168,13 @@ def train_command(
     out: Annotated[
         Path | None, typer.Option("--out", help="Run folder (default runs/<name>-<time>).")
     ] = None,
+    run_name: Annotated[
+        str | None,
+        typer.Option(
+            "--name",
+            help="Run name: the run folder is runs/<name>-<time> (letters, digits, . _ -; not a path).",
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
     resume: Annotated[
         Path | None,
@@ -187,11 +194,15 @@ def train_command(
 ) -> None:
     """Train a probe: the preset or config, with --model/--data/--set applied on top."""
     import probekit
-    from probekit.engine import prepare, train
+    from probekit.engine import check_run_name, prepare, safe_run_name, train
     from probekit.errors import UserError
 
+    if run_name is not None:
+        check_run_name(run_name)
+        if out is not None or resume is not None:
+            raise UserError("--name picks the folder under runs/; give --name or --out/--resume, not both")
     _discover()
-    name = preset or (config.stem if config else "safety8k")
+    name = run_name or safe_run_name(preset or (config.stem if config else "safety8k"))
     extra = ["model.trust_remote_code=true"] if trust_remote_code else []
     cfg = probekit.compose_config(
         preset=preset, config=config, model=model, data=data, assignments=[*extra, *(assignments or [])]
@@ -273,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         code = app(args=argv, prog_name="probekit", standalone_mode=False)
     except ProbekitError as exc:
         for line in str(exc).splitlines() or [type(exc).__name__]:
-            typer.echo(f"probekit: error: {line}", err=True)
+            typer.echo(f"probekit: error: {_rank_tag()}{line}", err=True)
         return exc.exit_code
     except KeyboardInterrupt:
         typer.echo("probekit: interrupted", err=True)
@@ -294,6 +305,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     return code if isinstance(code, int) else 0
+
+
+def _rank_tag() -> str:
+    """``[rank R] `` in a multi-process launch (torchrun, accelerate launch), where every process
+    prints its own errors; empty otherwise."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        return f"[rank {os.environ.get('RANK', '?')}] "
+    return ""
 
 
 def _terminate(signum: int, frame: Any) -> None:

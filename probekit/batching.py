@@ -74,11 +74,18 @@ class LengthSortedBatchSampler(Sampler[list[int]]):
 
     A batch holds at most ``batch_size`` rows and, when ``max_tokens`` is given, at most that many
     padded tokens (rows x its longest row; a single longer row still gets its own batch), so
-    batches of long rows are smaller and peak memory stays bounded.
+    batches of long rows are smaller and peak memory stays bounded. ``rows``: batch only these
+    rows (indices into ``lengths``), e.g. one process's share.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> None:
-        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        max_tokens: int | None = None,
+        rows: Sequence[int] | None = None,
+    ) -> None:
+        order = sorted(range(len(lengths)) if rows is None else rows, key=lambda i: -lengths[i])
         self._batches: list[list[int]] = []
         batch: list[int] = []
         for i in order:
@@ -107,3 +114,10 @@ def padding_fraction(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -
         real += sum(widths)
         padded += max(widths) * len(widths)
     return 0.0 if padded == 0 else 1.0 - real / padded
+
+
+def length_share(lengths: Sequence[int], rank: int, processes: int) -> list[int]:
+    """Process ``rank``'s rows for inference or caching: rows sorted longest first and dealt round
+    robin, so every process gets about as many rows and tokens, and together they hold each row
+    exactly once."""
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])[rank::processes]

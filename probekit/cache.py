@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
+    from probekit.distributed import Group
     from probekit.probe import Probe
 
 CACHE_FORMAT = 1
@@ -289,6 +290,7 @@ def build_split_cache(
     key: str,
     facts: Mapping[str, Any],
     name: str,
+    group: Group | None = None,
 ) -> SplitCache:
     """Fill (or reuse) the cache of one split.
 
@@ -303,7 +305,12 @@ def build_split_cache(
         key: the cache key (see `cache_key`); the folder name when ``spec.dir`` is set.
         facts: what the key hashes, written to the cache's metadata.
         name: the split name, for the folder name.
+        group: the processes of a multi-process run. ``batches`` is then this process's share;
+            the shares are merged so every process holds every row. Only the main process
+            writes to ``spec.dir``; the others keep their copy in memory or a temporary file.
     """
+    sharded = group is not None and group.active
+    main = group is None or group.is_main
     offsets = [0]
     for n in lengths:
         offsets.append(offsets[-1] + n)
@@ -318,10 +325,17 @@ def build_split_cache(
         root = Path(spec.dir).expanduser()
         final = root / f"{name}-{key[:24]}"
         found = _load(final, key)
+        if sharded and group is not None and group.max_flags(int(found is None))[0]:
+            if found is not None:  # another process must build it: build it together
+                found.close()
+            found = None
         if found is not None:
             return found
-        root.mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=root))
+    persistent = final is not None and main
+    folder: Path | None
+    if persistent and final is not None:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     elif size > spec.max_memory_gb * 1024**3:
         folder = temporary = Path(tempfile.mkdtemp(prefix="probekit-cache-"))
     else:
@@ -330,7 +344,7 @@ def build_split_cache(
         data = (
             _mapped(folder / _DATA, shape, dtype, create=True)
             if folder is not None
-            else torch.empty(shape, dtype=dtype)
+            else (torch.zeros if sharded else torch.empty)(shape, dtype=dtype)
         )
         for rows in batches:
             values = compute(rows).to("cpu", dtype)
@@ -339,7 +353,9 @@ def build_split_cache(
                 continue
             for b, i in enumerate(rows):
                 data[offsets[i] : offsets[i + 1]] = values[b, : lengths[i]]
-        if final is None or folder is None:
+        if sharded and group is not None:
+            group.merge(data)  # each process filled its rows; zeros elsewhere
+        if not persistent or final is None or folder is None:
             location = "memory" if folder is None else f"{folder} (temporary)"
             return SplitCache(plan, data, offsets, location, _temporary=temporary)
         meta = {

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 
 from probekit.cache import CacheSpec
 from probekit.data import DataSpec
+from probekit.distributed import DistributedSpec
 from probekit.errors import ConfigError, did_you_mean
 from probekit.freezers.all import FreezeAllSpec
 from probekit.heads.linear import LinearHeadSpec
@@ -45,8 +46,18 @@ class TrainSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     epochs: int = Field(default=10, ge=1, description="Maximum number of epochs.")
-    batch_size: int = Field(default=8, ge=1, description="Examples per micro-step (per device).")
-    grad_accum: int = Field(default=4, ge=1, description="Micro-steps per optimiser step.")
+    batch_size: int = Field(
+        default=8,
+        ge=1,
+        description="Examples per micro-step on one device. The effective batch, batch_size x "
+        "grad_accum, is what every optimiser step averages over, whatever the process count.",
+    )
+    grad_accum: int = Field(
+        default=4,
+        ge=1,
+        description="Micro-steps per optimiser step in a single process; with N processes it is "
+        "divided by N (or the per-device batch is, when it cannot be), keeping the effective batch.",
+    )
     eval_batch_size: int = Field(default=64, ge=1, description="Examples per batch in evaluation.")
     eval_max_tokens: int | None = Field(
         default=4096,
@@ -78,6 +89,9 @@ class TrainSpec(BaseModel):
         "every epoch), so a stopped run continues with --resume; null: after epochs only.",
     )
     cache: CacheSpec = Field(default_factory=CacheSpec, description="The frozen-prefix activation cache.")
+    distributed: DistributedSpec = Field(
+        default_factory=DistributedSpec, description="Multi-process training (torchrun, accelerate launch)."
+    )
 
 
 class ThresholdSpec(BaseModel):

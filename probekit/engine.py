@@ -1,10 +1,11 @@
 """The training engine: ``train(config) -> RunResult``, built on Hugging Face Accelerate.
 
-Accelerate provides the device, mixed precision (bf16 autocast, fp16 with a grad scaler),
-gradient accumulation (including ``no_sync`` across processes) and multi-process data sharding;
-probekit adds the recipe: parameter groups from the freezing plan, loss normalised over the
-effective batch, label smoothing, clipping, the schedule, per-epoch evaluation, early stopping
-with restore of the best weights, the decision threshold, and the run folder.
+Accelerate provides the device, mixed precision (bf16 autocast, fp16 with a grad scaler), the
+process group and the model wrapper for several processes (DDP, FSDP) with ``no_sync``;
+`probekit.distributed` deals each process its share of every accumulation window. probekit adds
+the recipe: parameter groups from the freezing plan, loss normalised over the effective batch,
+label smoothing, clipping, the schedule, per-epoch evaluation, early stopping with restore of the
+best weights, the decision threshold, and the run folder.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,7 +32,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from probekit.batching import BucketBatchSampler, LengthSortedBatchSampler, padding_fraction
+from probekit.batching import (
+    BucketBatchSampler,
+    LengthSortedBatchSampler,
+    length_share,
+    padding_fraction,
+)
 from probekit.cache import (
     CachePlan,
     SplitCache,
@@ -43,6 +50,15 @@ from probekit.cache import (
 from probekit.checkpoint import save_checkpoint, trainable_state
 from probekit.config import ProbeConfig, dump_config
 from probekit.data import Dataset, Split, load_data
+from probekit.distributed import (
+    Group,
+    is_peer_failure,
+    make_accelerator,
+    peer_lost,
+    resolve_batch,
+    shard_windows,
+    steps_per_epoch,
+)
 from probekit.errors import InterruptedRunError, ProbekitError, TerminatedError, UserError
 from probekit.hub import LoadedBackbone, load_backbone
 from probekit.metrics import choose_threshold, compute_metrics
@@ -179,25 +195,6 @@ class _Indices(TorchDataset[int]):
         return index
 
 
-def train_loader(
-    encoded: Encoded,
-    pad_id: int,
-    batch_size: int,
-    *,
-    seed: int = 0,
-    bucket_batches: int = 50,
-    padding_side: str = "right",
-    cache: SplitCache | None = None,
-) -> DataLoader[Any]:
-    """Length-bucketed shuffled batches (`BucketBatchSampler`), dynamically padded."""
-    sampler = BucketBatchSampler(encoded.lengths, batch_size, seed=seed, bucket_batches=bucket_batches)
-    return DataLoader(
-        _Indices(len(encoded)),
-        batch_sampler=sampler,
-        collate_fn=Collator(encoded, pad_id, padding_side, cache),
-    )
-
-
 def eval_loader(
     encoded: Encoded,
     pad_id: int,
@@ -206,30 +203,18 @@ def eval_loader(
     padding_side: str = "right",
     cache: SplitCache | None = None,
     max_tokens: int | None = None,
+    group: Group | None = None,
 ) -> DataLoader[Any]:
     """Inference batches sorted by length, longest first (least padding), of at most
-    ``batch_size`` rows and ``max_tokens`` padded tokens."""
+    ``batch_size`` rows and ``max_tokens`` padded tokens; with several processes, this process's
+    share of them (every row is in exactly one process's share)."""
+    rows = length_share(encoded.lengths, group.rank, group.size) if group is not None else None
+    batches = list(LengthSortedBatchSampler(encoded.lengths, batch_size, max_tokens, rows))
     return DataLoader(
         _Indices(len(encoded)),
-        batch_sampler=LengthSortedBatchSampler(encoded.lengths, batch_size, max_tokens),
+        batch_sampler=batches,
         collate_fn=Collator(encoded, pad_id, padding_side, cache),
     )
-
-
-def window_sizes(num_examples: int, batch_size: int, accumulation: int) -> list[int]:
-    """Examples in the accumulation window of each micro-batch of an epoch.
-
-    Micro-batch ``i`` belongs to window ``i // accumulation``; the last window of an epoch may be
-    short. The loss of each micro-batch is its summed per-example loss divided by this number, so
-    each optimiser step sees the mean over exactly the examples of its window.
-    """
-    micro = math.ceil(num_examples / batch_size)
-    sizes = []
-    for i in range(micro):
-        start = (i // accumulation) * accumulation * batch_size
-        end = min(start + accumulation * batch_size, num_examples)
-        sizes.append(end - start)
-    return sizes
 
 
 # -- preparation (shared by --dry-run and training) --------------------------------------------
@@ -250,10 +235,16 @@ class Prepared:
     warmup_steps: int
     effective_batch: int
     num_processes: int = 1
+    per_device_batch: int = 0
+    """The micro-batch of one process (the spec's batch_size unless the process count forced less)."""
+    accumulation: int = 1
+    """Micro-batches per optimiser step in each process."""
     cache_plan: CachePlan | None = None
     cache_reason: str = ""
     padding: tuple[float, float] = (0.0, 0.0)
     """Padding share of train tokens in epoch 1: length-bucketed batches, and random batches."""
+    cache_rows: dict[str, list[int]] = field(default_factory=dict)
+    """Per split, the rows each process ran through the frozen blocks for the cache (by rank)."""
 
     def data_origin(self) -> str:
         """Where the rows came from, naming the shipped demo dataset when it is used."""
@@ -289,8 +280,13 @@ class Prepared:
                 for g in self.groups
             ],
             f"  trainable {sum(sum(p.numel() for p in g.params) for g in self.groups):,} of {total_params:,}",
-            f"batch: {cfg.train.batch_size} per micro-step x {cfg.train.grad_accum} accumulation x "
-            f"{self.num_processes} process(es) = {self.effective_batch} effective",
+            f"batch: {self.per_device_batch} per micro-step x {self.accumulation} accumulation x "
+            f"{self.num_processes} process(es) = {self.effective_batch} effective"
+            + (
+                f" (spec: {cfg.train.batch_size} x {cfg.train.grad_accum} in one process)"
+                if self.num_processes > 1
+                else ""
+            ),
             f"steps: {self.steps_per_epoch} optimiser steps per epoch, up to {self.total_steps} "
             f"in {cfg.train.epochs} epochs; warmup {self.warmup_steps} steps ({cfg.scheduler.kind} schedule)",
             f"precision: {cfg.train.precision} -> {'fp32' if self.precision == 'no' else self.precision} "
@@ -357,9 +353,10 @@ def prepare(config: ProbeConfig, *, device: torch.device | None = None, num_proc
         if split is not None
     }
     spec = config.train
-    micro = math.ceil(math.ceil(len(dataset.train.texts) / num_processes) / spec.batch_size)
-    steps_per_epoch = math.ceil(micro / spec.grad_accum)
-    total = steps_per_epoch * spec.epochs
+    per_device, accumulation = resolve_batch(spec.batch_size, spec.grad_accum, num_processes)
+    batches = math.ceil(len(dataset.train.texts) / per_device)
+    per_epoch = steps_per_epoch(batches, accumulation, num_processes)
+    total = per_epoch * spec.epochs
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() and not spec.cpu else "cpu")
     precision = resolve_precision(spec.precision, device)
@@ -370,7 +367,7 @@ def prepare(config: ProbeConfig, *, device: torch.device | None = None, num_proc
     lengths = encoded["train"].lengths
     padding = tuple(
         padding_fraction(
-            lengths, BucketBatchSampler(lengths, spec.batch_size, seed=spec.seed, bucket_batches=n).batches(0)
+            lengths, BucketBatchSampler(lengths, per_device, seed=spec.seed, bucket_batches=n).batches(0)
         )
         for n in (spec.bucket_batches, 1)
     )
@@ -383,11 +380,13 @@ def prepare(config: ProbeConfig, *, device: torch.device | None = None, num_proc
         encoded=encoded,
         device=device,
         precision=precision,
-        steps_per_epoch=steps_per_epoch,
+        steps_per_epoch=per_epoch,
         total_steps=total,
-        warmup_steps=config.scheduler.warmup_length(total, steps_per_epoch),
-        effective_batch=spec.batch_size * spec.grad_accum * num_processes,
+        warmup_steps=config.scheduler.warmup_length(total, per_epoch),
+        effective_batch=per_device * accumulation * num_processes,
         num_processes=num_processes,
+        per_device_batch=per_device,
+        accumulation=accumulation,
         cache_plan=cache_plan,
         cache_reason=cache_reason,
         padding=(padding[0], padding[1]),
@@ -468,9 +467,13 @@ def predict_loader(
     *,
     progress: bool = False,
     plan: CachePlan | None = None,
+    group: Group | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Positive-class probabilities and labels in the split's row order, and the mean
-    (unsmoothed) loss, over a loader (in inference mode, whatever order it batches rows in)."""
+    (unsmoothed) loss, over a loader (in inference mode, whatever order it batches rows in).
+
+    With several processes each one runs its share (`eval_loader`) and every process gets the
+    results of all of them."""
     probe.eval()
     probs: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
@@ -480,12 +483,20 @@ def predict_loader(
         for batch in _progress(loader, progress, "eval"):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             logits = probe(**probe_inputs(batch, plan)).float()
-            logits, target, index = accelerator.gather_for_metrics((logits, batch["labels"], batch["index"]))
+            target = batch["labels"]
             loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
             count += int(target.numel())
             probs.append(torch.softmax(logits, dim=-1)[:, 1].cpu())
             labels.append(target.cpu())
-            order.append(index.cpu())
+            order.append(batch["index"].cpu())
+    if group is not None and group.active:
+        shares = group.gather((probs, labels, order, loss_sum, count))
+        probs = [t for share in shares for t in share[0]]
+        labels = [t for share in shares for t in share[1]]
+        order = [t for share in shares for t in share[2]]
+        loss_sum, count = sum(share[3] for share in shares), sum(share[4] for share in shares)
+    if not order:
+        return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64), 0.0
     rows = torch.cat(order).argsort()
     return torch.cat(probs)[rows].numpy(), torch.cat(labels)[rows].numpy(), loss_sum / max(count, 1)
 
@@ -499,16 +510,42 @@ def _better(metric: str, value: float, best: float | None) -> bool:
 
 
 # -- the run folder ----------------------------------------------------------------------------
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+"""A run name is one folder name: it cannot climb out of ``runs/`` or name a hidden folder."""
+
+
+def check_run_name(name: str) -> str:
+    """``name`` if it is a safe run name, else a `UserError` saying why."""
+    if RUN_NAME.fullmatch(name) is None or ".." in name:
+        raise UserError(
+            f"run name {name!r}: a run name is one folder name of letters, digits, '.', '_' and '-' "
+            "(starting with a letter or digit, no '..'); use --out to write elsewhere"
+        )
+    return name
+
+
+def safe_run_name(text: str) -> str:
+    """A run name derived from ``text`` (a preset or config file name): unsafe characters become
+    ``-``; ``run`` when nothing is left."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", text).replace("..", "-").lstrip("._-")[:100]
+    return cleaned or "run"
+
+
 def default_run_dir(name: str) -> Path:
-    return Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    return Path("runs") / f"{check_run_name(name)}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def claim_run_dir(out: Path, overwrite: bool) -> Path:
-    """Check ``out`` may be written; return the temporary folder the run writes into first."""
+def check_run_dir(out: Path, overwrite: bool) -> None:
+    """Refuse a non-empty ``out`` unless ``overwrite`` (read only: every process may ask)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UserError(
             f"{out}: the output folder exists and is not empty; pass --overwrite or another --out"
         )
+
+
+def claim_run_dir(out: Path, overwrite: bool) -> Path:
+    """Check ``out`` may be written; return the temporary folder the run writes into first."""
+    check_run_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     if partial.exists():
@@ -553,24 +590,26 @@ def train(
         overwrite: replace a non-empty ``out`` once the new run is complete.
         log: where progress lines go (``print`` by default).
         progress: show progress bars; default: when stderr is a terminal.
-        name: prefix of the default run folder name.
+        name: prefix of the default run folder name; one folder name (letters, digits, ``.``,
+            ``_``, ``-``), never a path.
         resume: continue the unfinished run of ``out`` from its newest intact training-state
             checkpoint; the result is bit-identical to a run that was never stopped (on CPU).
         allow_spec_change: with ``resume``, accept a config that differs from the stopped run's.
     """
-    from accelerate import Accelerator  # type: ignore[import-untyped]
     from accelerate.utils import set_seed  # type: ignore[import-untyped]
 
     started = time.perf_counter()
     spec = config.train
     out_dir = Path(out) if out is not None else default_run_dir(name)
-    show = sys.stderr.isatty() if progress is None else progress
     probe_device = torch.device("cuda" if torch.cuda.is_available() and not spec.cpu else "cpu")
     precision = resolve_precision(spec.precision, probe_device)
     _forget_other_precision(precision)
-    accelerator = Accelerator(
-        mixed_precision=precision, gradient_accumulation_steps=spec.grad_accum, cpu=spec.cpu
-    )
+    accelerator = make_accelerator(precision, spec)
+    group = Group(accelerator)
+    if not group.is_main:  # one process speaks and writes
+        log = _silent
+        progress = False
+    show = sys.stderr.isatty() if progress is None else progress
     set_seed(spec.seed)
     saved: Saved | None = None
     if resume:
@@ -578,27 +617,37 @@ def train(
             raise UserError("--resume needs --out: the run folder whose unfinished run to continue")
         partial, saved = find_resumable(out_dir, log)
         check_same_spec(saved.state["config"], absolute_paths(config), allow_spec_change)
-    else:
+    elif group.is_main:
         # Claim the folder first: a refusal should not wait for the model to load.
-        partial = claim_run_dir(out_dir, overwrite) if accelerator.is_main_process else out_dir
+        partial = claim_run_dir(out_dir, overwrite)
+    else:
+        check_run_dir(out_dir, overwrite)
+        partial = out_dir  # never written: only the main process writes
     try:
-        prepared = prepare(config, device=accelerator.device, num_processes=accelerator.num_processes)
+        prepared = prepare(config, device=accelerator.device, num_processes=group.size)
         for line in prepared.describe():
             log(line)
-        result = _fit(prepared, accelerator, partial, out_dir, log, show, started, saved)
-        if accelerator.is_main_process:
+        result = _fit(prepared, accelerator, group, partial, out_dir, log, show, started, saved)
+        group.barrier()
+        if group.is_main:
             shutil.rmtree(partial / STATE_DIR, ignore_errors=True)  # finished: nothing to resume
             publish_run_dir(partial, out_dir)
-    except BaseException:
-        if accelerator.is_main_process:
+    except BaseException as exc:
+        if group.is_main:
             if has_checkpoint(partial):
                 log(f"the unfinished run and its checkpoints are kept in {partial} (continue with --resume)")
             else:
                 shutil.rmtree(partial, ignore_errors=True)
+        if group.active and is_peer_failure(exc):
+            raise peer_lost(exc, f"training (process {group.rank} of {group.size})") from exc
         raise
     for line in result.summary():
         log(line)
     return result
+
+
+def _silent(_line: str) -> None:
+    """The log of a process other than the main one."""
 
 
 def find_resumable(out_dir: Path, log: Log) -> tuple[Path, Saved]:
@@ -663,6 +712,7 @@ def _forget_other_precision(precision: str) -> None:
 def _fit(
     prepared: Prepared,
     accelerator: Any,
+    group: Group,
     folder: Path,
     out_dir: Path,
     log: Log,
@@ -676,11 +726,12 @@ def _fit(
     probe, optimizer = accelerator.prepare(probe, optimizer)
     model: Probe = accelerator.unwrap_model(probe)
     plan = prepared.cache_plan
-    caches = build_caches(prepared, model, accelerator, log, show) if plan is not None else {}
+    caches = build_caches(prepared, model, accelerator, group, log, show) if plan is not None else {}
     try:
         result, scores = _train_loop(
             prepared,
             accelerator,
+            group,
             probe,
             model,
             optimizer,
@@ -696,15 +747,19 @@ def _fit(
     finally:
         for cache in caches.values():  # released before the outputs are written (lower peak memory)
             cache.close()
-    if accelerator.is_main_process:
-        _write_outputs(prepared, model, folder, result, scores)
+    if group.is_main:
+        scale = None if accelerator.scaler is None else float(accelerator.scaler.get_scale())
+        _write_outputs(prepared, model, folder, result, scores, loss_scale=scale)
     return result
 
 
 def build_caches(
-    prepared: Prepared, model: Probe, accelerator: Any, log: Log, show: bool
+    prepared: Prepared, model: Probe, accelerator: Any, group: Group, log: Log, show: bool
 ) -> dict[str, SplitCache]:
-    """The activation caches of the train and val splits (built, or reused from ``cache.dir``)."""
+    """The activation caches of the train and val splits (built, or reused from ``cache.dir``).
+
+    With several processes each computes its share of the rows, and the shares are exchanged, so
+    every process holds the whole cache and no row passes through the frozen blocks twice."""
     plan = prepared.cache_plan
     assert plan is not None
     config = prepared.config
@@ -749,28 +804,46 @@ def build_caches(
             key, facts = cache_key(shared_facts, encoded.ids)
             # The cache stores real tokens only, so the rows are right-padded while computing.
             collate = Collator(encoded, pad_id, "right")
-            sampler = LengthSortedBatchSampler(
-                encoded.lengths, config.train.eval_batch_size, config.train.eval_max_tokens
+            share = list(
+                LengthSortedBatchSampler(
+                    encoded.lengths,
+                    config.train.eval_batch_size,
+                    config.train.eval_max_tokens,
+                    length_share(encoded.lengths, group.rank, group.size),
+                )
             )
-            batches = _progress(sampler, show, f"caching {name}", total=len(sampler))
+            batches = _progress(share, show, f"caching {name}", total=len(share))
             begun = time.perf_counter()
+            computed = [0]
+
+            def run(rows: Sequence[int], collate: Collator = collate, computed: list[int] = computed) -> Any:
+                computed[0] += len(rows)
+                return compute(collate(rows))
+
             cache = build_split_cache(
                 plan,
                 encoded.lengths,
                 batches,
-                lambda rows, collate=collate: compute(collate(rows)),  # type: ignore[misc]
+                run,
                 width=width,
                 dtype=dtype,
                 spec=spec,
                 key=key,
                 facts=facts,
                 name=name,
+                group=group,
             )
             caches[name] = cache
+            prepared.cache_rows[name] = [int(n) for n in group.gather(computed[0])]
             verb = "reused" if cache.reused else f"built in {time.perf_counter() - begun:.1f} s"
+            shares = (
+                f"; rows computed per process: {' + '.join(map(str, prepared.cache_rows[name]))}"
+                if group.active
+                else ""
+            )
             log(
                 f"activation cache {name}: {len(encoded)} rows, {cache.nbytes / 2**20:.1f} MiB "
-                f"({cache.location}), {verb}"
+                f"({cache.location}), {verb}{shares}"
             )
     except BaseException:
         for cache in caches.values():
@@ -779,9 +852,15 @@ def build_caches(
     return caches
 
 
+MAX_SKIPPED_IN_A_ROW = 50
+"""fp16: this many optimiser steps in a row skipped by the grad scaler (non-finite gradients at
+every loss scale it tried) count as divergence."""
+
+
 def _train_loop(
     prepared: Prepared,
     accelerator: Any,
+    group: Group,
     probe: Any,
     model: Probe,
     optimizer: Any,
@@ -798,16 +877,13 @@ def _train_loop(
     pad_id = int(prepared.backbone.tokenizer.pad_token_id)
     side = config.model.padding_side
     plan = prepared.cache_plan
+    device = accelerator.device
     train_enc, val_enc = prepared.encoded["train"], prepared.encoded["val"]
-    loader = train_loader(
-        train_enc,
-        pad_id,
-        spec.batch_size,
-        seed=spec.seed,
-        bucket_batches=spec.bucket_batches,
-        padding_side=side,
-        cache=caches.get("train"),
+    # Every process draws the same global batch order (seed, epoch) and takes its share of it.
+    sampler = BucketBatchSampler(
+        train_enc.lengths, prepared.per_device_batch, seed=spec.seed, bucket_batches=spec.bucket_batches
     )
+    collate = Collator(train_enc, pad_id, side, caches.get("train"))
     val_loader = eval_loader(
         val_enc,
         pad_id,
@@ -815,42 +891,46 @@ def _train_loop(
         padding_side=side,
         cache=caches.get("val"),
         max_tokens=spec.eval_max_tokens,
+        group=group,
     )
-    loader, val_loader = accelerator.prepare(loader, val_loader)
-    windows = window_sizes(len(train_enc), spec.batch_size, spec.grad_accum)
 
-    if accelerator.is_main_process:  # only one process writes run files
+    if group.is_main:  # only one process writes run files
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.yaml").write_text(dump_config(config), encoding="utf-8")
     metrics_file = folder / "metrics.jsonl"
     history: list[dict[str, Any]] = []
     best: float | None = None
-    best_epoch, bad_epochs, step = 0, 0, 0
+    best_epoch, bad_epochs, step, skipped, epoch_skipped = 0, 0, 0, 0, 0
     best_state: dict[str, torch.Tensor] = trainable_state(model)
     best_val: tuple[np.ndarray, np.ndarray] | None = None
     stopped_early = False
-    start_epoch, skip = 1, 0
+    start_epoch, skip = 1, 0  # skip: accumulation windows of start_epoch done before the checkpoint
     loss_total, correct, seen = 0.0, 0, 0
     if resume is not None:
-        restored = restore_training(resume, model, optimizer, scheduler)
+        restored = restore_training(resume, model, optimizer, scheduler, accelerator)
         history, best = restored["history"], restored["best"]
         best_epoch, bad_epochs = restored["epochs"]
         step, stopped_early = restored["step"], restored["stopped_early"]
-        start_epoch, skip = restored["epoch"], restored["micro"]
-        loss_total, correct, seen = restored["accumulators"]
+        start_epoch, skip = restored["epoch"], restored["window"]
+        skipped, epoch_skipped = restored["skipped_steps"]
+        # The saved sums are over every process; the main process carries them on.
+        loss_total, correct, seen = restored["accumulators"] if group.is_main else (0.0, 0, 0)
         best_state = {k.removeprefix("best."): v for k, v in resume.tensors.items() if k.startswith("best.")}
         if "bestval.probs" in resume.tensors:
             best_val = (resume.tensors["bestval.probs"].numpy(), resume.tensors["bestval.labels"].numpy())
-        if accelerator.is_main_process:
+        if group.is_main:
             metrics_file.write_text("".join(json.dumps(row) + "\n" for row in history), encoding="utf-8")
         log(
             f"resumed from checkpoint {resume.path.name}: epoch {start_epoch}, "
-            f"{skip} micro-batches in, step {step}"
+            f"{skip} optimiser steps into it, step {step}"
         )
 
-    def checkpoint(epoch: int, micro: int, epoch_done: bool) -> None:
-        """Save everything needed to continue from here (only the main process writes)."""
-        if not accelerator.is_main_process:
+    def checkpoint(epoch: int, windows_done: int, epoch_done: bool) -> None:
+        """Save everything needed to continue from here. Every process takes part (RNG states
+        and running sums are gathered); only the main process writes."""
+        totals = [0.0, 0.0, 0.0] if epoch_done else group.sum(loss_total, correct, seen)
+        rngs = group.gather(rng_state())
+        if not group.is_main:
             return
         tensors = {f"param.{k}": v for k, v in trainable_state(model).items()}
         tensors.update({f"best.{k}": v for k, v in best_state.items()})
@@ -858,91 +938,120 @@ def _train_loop(
             tensors["bestval.probs"] = torch.from_numpy(np.asarray(best_val[0]))
             tensors["bestval.labels"] = torch.from_numpy(np.asarray(best_val[1]))
         optim_tensors, optim_meta = optimizer_state(optimizer)
-        rng_tensors, rng_meta = rng_state()
         tensors.update(optim_tensors)
-        tensors.update(rng_tensors)
+        for rank, (rng_tensors, _meta) in enumerate(rngs):
+            tensors.update({(f"rank{rank}." if rank else "") + k: v for k, v in rng_tensors.items()})
         state = {
             "config": config.model_dump(mode="json"),
+            "processes": group.size,
             "epoch": epoch + 1 if epoch_done else epoch,
-            "micro": 0 if epoch_done else micro,
+            "window": 0 if epoch_done else windows_done,
             "step": step,
+            "skipped_steps": [skipped, 0 if epoch_done else epoch_skipped],
             "best": best,
             "epochs": [best_epoch, bad_epochs],
             "stopped_early": stopped_early,
-            "accumulators": [0.0, 0, 0] if epoch_done else [loss_total, correct, seen],
+            "accumulators": [totals[0], int(totals[1]), int(totals[2])],
             "history": history,
             "optimizer": optim_meta,
             "scheduler": scheduler_state(scheduler),
-            "rng": rng_meta,
+            "scaler": None if accelerator.scaler is None else accelerator.scaler.state_dict(),
+            "rng": rngs[0][1],
+            "rng_ranks": [meta for _tensors, meta in rngs],
         }
         save_state(folder, checkpoint_name(step, epoch_done), tensors, state)
 
+    def stop_if_asked(requested: int) -> None:
+        if requested:
+            group.barrier()  # the checkpoint is written before any process exits
+            stop.raise_for(requested, step, folder if group.is_main else None)
+
     every = spec.checkpoint_every_steps
+    in_a_row = 0
     with _stop_requests() as stop:
         for epoch in range(start_epoch, spec.epochs + 1):
             if stopped_early:
                 break
             probe.train()
             if resume is None:
-                loss_total, correct, seen = 0.0, 0, 0
-            loader.set_epoch(epoch - 1)
-            batches = _progress(loader, show, f"epoch {epoch}/{spec.epochs}", total=len(loader))
-            resuming = resume is not None and epoch == start_epoch
-            if resuming and not skip:
-                assert resume is not None
-                set_rng_state(resume.tensors, resume.state["rng"])  # before this epoch's iterator
-            for i, batch in enumerate(batches):
-                if resuming and i < skip:
-                    continue  # done before the checkpoint: same order, not recomputed
-                if resuming and i == skip and skip:
-                    # After the loader's iterator drew its seed, as at the time of the checkpoint.
-                    assert resume is not None
-                    set_rng_state(resume.tensors, resume.state["rng"])
-                    accelerator.step = skip
-                with accelerator.accumulate(probe):
+                loss_total, correct, seen, epoch_skipped = 0.0, 0, 0, 0
+            order = sampler.batches(epoch - 1)
+            schedule = shard_windows(order, prepared.accumulation, group.size, group.rank)
+            windows = schedule[-1].window + 1 if schedule else 0
+            if resume is not None and epoch == start_epoch:
+                schedule = [m for m in schedule if m.window >= skip]
+                _restore_rng(resume, group.rank)
+            bad_loss = False
+            for micro in _progress(schedule, show, f"epoch {epoch}/{spec.epochs}", total=len(schedule)):
+                batch = {k: v.to(device) for k, v in collate(micro.rows).items()}
+                # Gradients are synchronised across processes on a window's last micro-batch only.
+                with nullcontext() if micro.last else accelerator.no_sync(probe):
                     logits = probe(**probe_inputs(batch, plan)).float()
                     loss_sum = F.cross_entropy(
                         logits, batch["labels"], label_smoothing=spec.label_smoothing, reduction="sum"
                     )
                     if not torch.isfinite(loss_sum):
+                        bad_loss = True
+                        if not group.active:
+                            raise DivergedError(
+                                f"training diverged: non-finite loss at epoch {epoch}, step {step + 1}"
+                            )
+                    # Each example of the window weighs 1 / (its examples); DDP averages over the
+                    # processes, hence x processes. A stand-in micro-batch weighs nothing.
+                    scale = micro.weight * group.size / micro.window_examples
+                    accelerator.backward(loss_sum * scale)
+                if micro.weight:
+                    loss_total += float(loss_sum.detach())
+                    correct += int((logits.argmax(dim=-1) == batch["labels"]).sum())
+                    seen += int(batch["labels"].numel())
+                if not micro.last:
+                    continue
+                requested, diverged = group.max_flags(stop.requested or 0, int(bad_loss))
+                if diverged:
+                    where = f"epoch {epoch}, step {step + 1}"
+                    raise DivergedError(f"training diverged: non-finite loss at {where}")
+                if spec.max_grad_norm is not None:
+                    norm = accelerator.clip_grad_norm_(probe.parameters(), spec.max_grad_norm)
+                    finite = norm is None or bool(torch.isfinite(torch.as_tensor(norm)))
+                    if not finite and not precision_skips(accelerator):  # fp16's scaler skips
+                        where = f"epoch {epoch}, step {step + 1}"
+                        raise DivergedError(f"training diverged: non-finite gradient at {where}")
+                optimizer.step()
+                advanced = not accelerator.optimizer_step_was_skipped
+                if advanced:  # a step the grad scaler skipped does not move the schedule
+                    scheduler.step()
+                    step += 1
+                    in_a_row = 0
+                else:
+                    skipped, epoch_skipped, in_a_row = skipped + 1, epoch_skipped + 1, in_a_row + 1
+                    scale_now = accelerator.scaler.get_scale() if accelerator.scaler is not None else 0.0
+                    log(
+                        f"warning: step {step + 1} skipped by the fp16 grad scaler (non-finite "
+                        f"gradients); loss scale now {scale_now:g}; {skipped} skipped in all"
+                    )
+                    if in_a_row >= MAX_SKIPPED_IN_A_ROW:
                         raise DivergedError(
-                            f"training diverged: non-finite loss at epoch {epoch}, step {step + 1}"
+                            f"training diverged: {in_a_row} optimiser steps in a row skipped for "
+                            f"non-finite fp16 gradients, at epoch {epoch}, step {step + 1}"
                         )
-                    # Accelerate divides by grad_accum; scaling by it first leaves sum / window size.
-                    accelerator.backward(loss_sum * (spec.grad_accum / windows[i]))
-                    stepped = False
-                    if accelerator.sync_gradients:
-                        if spec.max_grad_norm is not None:
-                            norm = accelerator.clip_grad_norm_(probe.parameters(), spec.max_grad_norm)
-                            finite = norm is None or bool(torch.isfinite(torch.as_tensor(norm)))
-                            if not finite and not precision_skips(accelerator):  # fp16's scaler skips
-                                where = f"epoch {epoch}, step {step + 1}"
-                                raise DivergedError(f"training diverged: non-finite gradient at {where}")
-                        optimizer.step()
-                        if not accelerator.optimizer_step_was_skipped:
-                            scheduler.step()
-                            step += 1
-                        optimizer.zero_grad(set_to_none=True)
-                        stepped = True
-                loss_total += float(loss_sum.detach())
-                correct += int((logits.argmax(dim=-1) == batch["labels"]).sum())
-                seen += int(batch["labels"].numel())
-                last = i + 1 == len(loader)
-                if stepped and not last and (stop.requested or (every and step % every == 0)):
-                    checkpoint(epoch, i + 1, epoch_done=False)
-                    stop.raise_if_requested(step, folder)
+                optimizer.zero_grad(set_to_none=True)
+                if micro.window + 1 < windows and (requested or (advanced and every and step % every == 0)):
+                    checkpoint(epoch, micro.window + 1, epoch_done=False)
+                    stop_if_asked(requested)
             val_probs, val_labels, val_loss = predict_loader(
-                probe, val_loader, accelerator, progress=show, plan=plan
+                model, val_loader, accelerator, progress=show, plan=plan, group=group
             )
             val = compute_metrics(val_labels, val_probs, 0.5)
+            sum_loss, sum_correct, sum_seen = group.sum(loss_total, correct, seen)
             row: dict[str, Any] = {
                 "epoch": epoch,
                 "step": step,
                 "lr_head": optimizer.param_groups[0]["lr"],
-                "train_loss": loss_total / max(seen, 1),
-                "train_accuracy": correct / max(seen, 1),
+                "train_loss": sum_loss / max(sum_seen, 1),
+                "train_accuracy": sum_correct / max(sum_seen, 1),
                 "val_loss": val_loss,
                 **{f"val_{k}": v for k, v in val.items() if k not in {"threshold", "n", "positives"}},
+                "skipped_steps": epoch_skipped,
             }
             monitored = val_loss if spec.monitor == "loss" else val[spec.monitor]
             if _better(spec.monitor, monitored, best):
@@ -954,24 +1063,25 @@ def _train_loop(
                 bad_epochs += 1
                 row["best"] = False
             history.append(row)
-            if accelerator.is_main_process:
+            if group.is_main:
                 with metrics_file.open("a", encoding="utf-8") as handle:
                     handle.write(json.dumps(row) + "\n")
             log(
                 f"epoch {epoch}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
                 f"val loss {val_loss:.4f} acc {val['accuracy']:.4f} auroc {val['auroc']:.4f}"
                 + ("  *best*" if row["best"] else "")
+                + (f"  ({epoch_skipped} fp16 steps skipped)" if epoch_skipped else "")
             )
             if bad_epochs >= spec.patience and epoch < spec.epochs:
                 stopped_early = True
                 log(f"early stop: no val {spec.monitor} improvement for {spec.patience} epochs")
             checkpoint(epoch, 0, epoch_done=True)
-            stop.raise_if_requested(step, folder)
+            stop_if_asked(group.max_flags(stop.requested or 0)[0])
             resume = None  # later epochs start from their beginning
 
     restore(model, best_state)
     if best_val is None:
-        best_val = predict_loader(probe, val_loader, accelerator, plan=plan)[:2]
+        best_val = predict_loader(model, val_loader, accelerator, plan=plan, group=group)[:2]
     val_probs, val_labels = best_val
     threshold = choose_threshold(
         val_labels,
@@ -983,16 +1093,17 @@ def _train_loop(
     results = {"val": compute_metrics(val_labels, val_probs, threshold)}
     scores = {"val": (val_labels, val_probs)}
     if "test" in prepared.encoded:
-        test_loader = accelerator.prepare(
-            eval_loader(
-                prepared.encoded["test"],
-                pad_id,
-                spec.eval_batch_size,
-                padding_side=side,
-                max_tokens=spec.eval_max_tokens,
-            )
+        test_loader = eval_loader(
+            prepared.encoded["test"],
+            pad_id,
+            spec.eval_batch_size,
+            padding_side=side,
+            max_tokens=spec.eval_max_tokens,
+            group=group,
         )
-        test_probs, test_labels, _ = predict_loader(probe, test_loader, accelerator, progress=show)
+        test_probs, test_labels, _ = predict_loader(
+            model, test_loader, accelerator, progress=show, group=group
+        )
         results["test"] = compute_metrics(test_labels, test_probs, threshold)
         scores["test"] = (test_labels, test_probs)
     result = RunResult(
@@ -1008,12 +1119,30 @@ def _train_loop(
     return result, scores
 
 
-def restore_training(saved: Saved, model: Probe, optimizer: Any, scheduler: Any) -> dict[str, Any]:
-    """Load a training-state checkpoint's weights, optimizer and scheduler; return its state."""
+def restore_training(
+    saved: Saved, model: Probe, optimizer: Any, scheduler: Any, accelerator: Any
+) -> dict[str, Any]:
+    """Load a training-state checkpoint's weights, optimizer, scheduler and grad scaler; return
+    its state."""
     restore(model, {k.removeprefix("param."): v for k, v in saved.tensors.items() if k.startswith("param.")})
     load_optimizer_state(optimizer, saved.tensors, saved.state["optimizer"])
     load_scheduler_state(scheduler, optimizer, saved.state["scheduler"])
+    scaler = saved.state.get("scaler")
+    if scaler is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(scaler)
     return saved.state
+
+
+def _restore_rng(saved: Saved, rank: int) -> None:
+    """This process's RNG states at the checkpoint (the main process's when the run had fewer
+    processes than this one)."""
+    prefix = f"rank{rank}."
+    ranks = saved.state.get("rng_ranks") or []
+    if rank and rank < len(ranks) and f"{prefix}rng.torch" in saved.tensors:
+        tensors = {k.removeprefix(prefix): v for k, v in saved.tensors.items() if k.startswith(prefix)}
+        set_rng_state(tensors, ranks[rank])
+    else:
+        set_rng_state({k: v for k, v in saved.tensors.items() if k.startswith("rng.")}, saved.state["rng"])
 
 
 class _StopRequests:
@@ -1027,15 +1156,19 @@ class _StopRequests:
             raise KeyboardInterrupt  # a second Ctrl-C: stop at once
         self.requested = signum
 
-    def raise_if_requested(self, step: int, folder: Path) -> None:
-        if self.requested is None:
-            return
-        what = "SIGTERM" if self.requested == signal.SIGTERM else "SIGINT"
-        message = (
-            f"stopped by {what} after step {step}; a checkpoint was written to {folder / STATE_DIR}; "
-            "continue with the same command plus --resume"
+    def raise_for(self, signum: int, step: int, folder: Path | None) -> None:
+        """Stop for ``signum`` (received by this process or by another one of the run);
+        ``folder``: where the checkpoint went (None in a process that does not write)."""
+        what = "SIGTERM" if signum == signal.SIGTERM else "SIGINT"
+        where = (
+            f"a checkpoint was written to {folder / STATE_DIR}"
+            if folder is not None
+            else "the main process wrote the checkpoint"
         )
-        if self.requested == signal.SIGTERM:
+        message = (
+            f"stopped by {what} after step {step}; {where}; continue with the same command plus --resume"
+        )
+        if signum == signal.SIGTERM:
             raise TerminatedError(message)
         raise InterruptedRunError(message)
 
@@ -1073,6 +1206,7 @@ def _write_outputs(
     folder: Path,
     result: RunResult,
     scores: dict[str, tuple[np.ndarray, np.ndarray]],
+    loss_scale: float | None = None,
 ) -> None:
     from probekit.plots import write_report_plots
 
@@ -1121,6 +1255,19 @@ def _write_outputs(
             "mode": prepared.cache_plan.mode,
             "layers": list(prepared.cache_plan.layers),
             "boundary": prepared.cache_plan.boundary,
+            "rows_computed_per_process": prepared.cache_rows,
+        },
+        "distributed": {
+            "processes": prepared.num_processes,
+            "strategy": config.train.distributed.strategy if prepared.num_processes > 1 else "single",
+            "per_device_batch": prepared.per_device_batch,
+            "accumulation": prepared.accumulation,
+            "effective_batch": prepared.effective_batch,
+        },
+        "numerics": {
+            "precision": "fp32" if prepared.precision == "no" else prepared.precision,
+            "skipped_steps": sum(int(row.get("skipped_steps", 0)) for row in result.history),
+            "loss_scale": loss_scale,
         },
         "plan": prepared.describe(),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),

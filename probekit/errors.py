@@ -79,6 +79,13 @@ class InterruptedRunError(ProbekitError):
     exit_code = EXIT_INTERRUPTED
 
 
+class PeerLostError(ProbekitError):
+    """Another process of a multi-process run died or stopped answering (exit code 1): the job
+    ends with this one line instead of hanging."""
+
+    exit_code = EXIT_INTERNAL
+
+
 class PluginError(UserError):
     """A plugin component broke its contract (wrong output shape, ...) or is missing."""
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +107,9 @@ def write_toy_data(
 
 
 # -- tiny backbones ----------------------------------------------------------------------------
-def save_tiny_bert(folder: Path, *, layers: int = TINY["layers"], seed: int = 0) -> Path:
+def save_tiny_bert(
+    folder: Path, *, layers: int = TINY["layers"], seed: int = 0, dropout: float = 0.1
+) -> Path:
     """A random BertModel (width 32) and a WordPiece tokenizer over the toy words, saved to ``folder``."""
     import torch
     import transformers as tf
@@ -120,6 +124,8 @@ def save_tiny_bert(folder: Path, *, layers: int = TINY["layers"], seed: int = 0)
         intermediate_size=2 * TINY["hidden"],
         max_position_embeddings=64,
         pad_token_id=vocab["[PAD]"],
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     torch.manual_seed(seed)
     model = tf.BertModel(config)
@@ -262,3 +268,22 @@ def leftovers(parent: Path) -> list[Path]:
 def names(folder: Path) -> list[str]:
     """The sorted names of the entries of ``folder``."""
     return sorted(p.name for p in folder.iterdir())
+
+
+def step_of(done: list[Path]) -> int:
+    """The highest optimiser step among checkpoint folders ``step-<steps>-<phase>``."""
+    return max(int(p.name.split("-")[1]) for p in done)
+
+
+def wait_for_checkpoint(process: subprocess.Popen[str], parent: Path, at_least: int) -> Path:
+    """Wait until the unfinished run next to ``parent`` has a checkpoint of step >= ``at_least``;
+    return its folder. Fails when ``process`` ends first or after two minutes."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        folders = [p / "state" for p in leftovers(parent) if (p / "state").is_dir()]
+        done = [c for f in folders for c in f.iterdir() if c.name.startswith("step-")]
+        if done and step_of(done) >= at_least:
+            return folders[0].parent
+        assert process.poll() is None, "the run ended before it could be stopped"
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")

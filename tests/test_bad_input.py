@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from .engine_fixtures import ToyData, bert_dir, leftovers, run_cli, toy_data
 
@@ -116,6 +118,9 @@ CASES: dict[str, Case] = {
         ("--model", "{tmp}/m"),
         ("model.name", "needs its own code", "--trust-remote-code"),
     ),
+    "run name climbing out of runs/": Case({}, ("--name", "../../escaped"), ("run name '../../escaped'",)),
+    "run name that is an absolute path": Case({}, ("--name", "/tmp/escaped"), ("run name '/tmp/escaped'",)),
+    "run name naming a hidden folder": Case({}, ("--name", ".hidden"), ("run name '.hidden'",)),
     "YAML tag that constructs an object": Case(
         {"evil.yaml": b'train: !!python/object/apply:os.system ["touch {tmp}/CANARY"]\n'},
         ("--config", "{tmp}/evil.yaml"),
@@ -221,3 +226,53 @@ def test_secrets_in_the_environment_never_reach_errors_or_logs(
         _, out, err = run_cli(capsys, *argv)
         for value in secrets.values():
             assert value not in out + err
+
+
+@pytest.mark.parametrize("bad", ["../escaped", "a/b", "..", "/tmp/escaped", ".hidden", "x" * 101, "", "a\\b"])
+def test_run_names_cannot_escape_the_output_folder(
+    bad: str,
+    tmp_path: Path,
+    bert_dir: Path,
+    toy_data: ToyData,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--name`` without ``--out``: a name that is a path is refused before anything is created,
+    inside the working folder or outside it."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    before = sorted(tmp_path.rglob("*"))
+    argv = ["train", "--name", bad, "--model", str(bert_dir), *(f"--set={a}" for a in toy_data.assignments())]
+    code, out, err = run_cli(capsys, *argv, "--set", "train.cpu=true")
+    check_refusal(code, out, err, ("run name",))
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_run_name_names_the_folder_under_runs(
+    tmp_path: Path,
+    bert_dir: Path,
+    toy_data: ToyData,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--name", "my-probe.v1", "--model", str(bert_dir), "--set", "train.cpu=true"]
+    code, _out, err = run_cli(
+        capsys, *argv, *(f"--set={a}" for a in toy_data.assignments()), "--set", "train.epochs=1"
+    )
+    assert code == 0, err
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("my-probe.v1-") and (run / "checkpoint").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+    code, _, err = run_cli(capsys, "train", "--name", "x", "--out", str(tmp_path / "o"))
+    assert code == 2 and "not both" in err
+
+
+@given(st.text(max_size=150))
+def test_names_derived_from_presets_and_config_files_are_always_safe(text: str) -> None:
+    from probekit.engine import check_run_name, safe_run_name
+
+    name = safe_run_name(text)
+    assert check_run_name(name) == name
+    assert "/" not in name and not name.startswith(".")

@@ -21,8 +21,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
-from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import probekit
@@ -39,7 +37,6 @@ from probekit.engine import (
     prepare,
     resolve_precision,
     train,
-    window_sizes,
 )
 from probekit.errors import UserError
 from probekit.evaluate import evaluate_file
@@ -80,11 +77,14 @@ ROW_KEYS = {
     "val_recall_at_1pct_fpr",
     "val_recall_at_5pct_fpr",
     "val_ece",
+    "skipped_steps",
     "best",
 }
 REPORT_KEYS = {
     "activation_cache",
     "batching",
+    "distributed",
+    "numerics",
     "best_epoch",
     "epochs_run",
     "stopped_early",
@@ -228,30 +228,7 @@ def test_learning_rate_of_every_step_follows_the_schedule(
     assert [r["lr_head"] for r in rows] == pytest.approx([2e-4 * lam(e * spe) for e in (1, 2, 3)], abs=1e-15)
 
 
-# -- accumulation normalisation -----------------------------------------------------------------
-@given(
-    n=st.integers(min_value=0, max_value=600),
-    batch=st.integers(min_value=1, max_value=64),
-    accum=st.integers(min_value=1, max_value=16),
-)
-def test_window_sizes_are_the_examples_of_each_accumulation_window(n: int, batch: int, accum: int) -> None:
-    sizes = window_sizes(n, batch, accum)
-    micro = [min(batch, n - i * batch) for i in range(math.ceil(n / batch))]
-    assert len(sizes) == len(micro)
-    windows = [range(start, min(start + accum, len(micro))) for start in range(0, len(micro), accum)]
-    for w, members in enumerate(windows):
-        total = sum(micro[i] for i in members)
-        assert all(sizes[i] == total for i in members)
-        if w < len(windows) - 1:
-            assert total == batch * accum
-        else:
-            assert 0 < total <= batch * accum
-        # The engine backpropagates loss_sum * accum / size, Accelerate divides by accum: each
-        # example of the window weighs 1 / size, so the window's weights sum to one.
-        assert sum(micro[i] * (accum / sizes[i]) / accum for i in members) == pytest.approx(1.0)
-    assert sum(sizes[members[0]] for members in windows) == n
-
-
+# -- accumulation normalisation (the windows themselves: tests/test_distributed.py) ------------
 @pytest.mark.parametrize("cached", [True, False], ids=["cached", "uncached"])
 def test_accumulated_gradient_equals_the_mean_gradient_of_each_window(
     bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_plots: list[Any], cached: bool

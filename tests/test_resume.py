@@ -9,7 +9,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,16 @@ from probekit import engine, state
 from probekit.config import ProbeConfig
 from probekit.engine import Collator, RunResult, train
 
-from .engine_fixtures import ToyData, bert_dir, leftovers, make_config, no_plots, run_cli, toy_data
+from .engine_fixtures import (
+    ToyData,
+    bert_dir,
+    leftovers,
+    make_config,
+    no_plots,
+    run_cli,
+    toy_data,
+    wait_for_checkpoint,
+)
 
 __all__ = ["bert_dir", "no_plots", "toy_data"]
 
@@ -255,22 +263,6 @@ def _train_args(bert_dir: Path, toy_data: ToyData, out: Path, epochs: int) -> li
     return ["train", "--model", str(bert_dir), *(f"--set={s}" for s in sets), "--out", str(out)]
 
 
-def _wait_for_checkpoint(process: subprocess.Popen[str], parent: Path, at_least: int) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        folders = [p / "state" for p in leftovers(parent) if (p / "state").is_dir()]
-        done = [c for f in folders for c in f.iterdir() if c.name.startswith("step-")]
-        if folders and len(list(folders[0].iterdir())) and len(done) >= 1 and _step_of(done) >= at_least:
-            return
-        assert process.poll() is None, "the run ended before it could be stopped"
-        time.sleep(0.05)
-    raise AssertionError("no checkpoint appeared")
-
-
-def _step_of(done: list[Path]) -> int:
-    return max(int(p.name.split("-")[1]) for p in done)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "SIGINT"])
 def test_a_real_process_stopped_by_a_signal_resumes_bit_identical(
@@ -297,7 +289,7 @@ def test_a_real_process_stopped_by_a_signal_resumes_bit_identical(
         stdout=subprocess.DEVNULL,
         text=True,
     )
-    _wait_for_checkpoint(process, out.parent, at_least=random.Random(how).randint(4, 14))
+    wait_for_checkpoint(process, out.parent, at_least=random.Random(how).randint(4, 14))
     process.send_signal(getattr(signal, how))
     _, err = process.communicate(timeout=120)
     expected = {"SIGKILL": -signal.SIGKILL, "SIGTERM": 143, "SIGINT": 130}[how]
@@ -315,4 +307,106 @@ def test_a_real_process_stopped_by_a_signal_resumes_bit_identical(
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from checkpoint step-" in resumed.stderr
+    assert_identical(out, reference)
+
+
+# -- fp16: steps the grad scaler skips ---------------------------------------------------------
+POISON_ROW = 5
+"""The train row whose micro-batch gets non-finite gradients: one skipped step per epoch."""
+
+
+@pytest.fixture
+def fp16_scaler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An fp16-style run on the CPU: the real engine with a real ``torch.amp.GradScaler`` in the
+    Accelerator (Accelerate creates one only on GPUs), and NaN gradients in every window holding
+    `POISON_ROW` (decided by the data, so a resumed run poisons the same windows)."""
+    rows: list[int] = []
+    real_call = Collator.__call__
+
+    def call(self: Collator, indices: Any) -> Any:
+        if self.cache is not None:
+            rows[:] = list(indices)
+        return real_call(self, indices)
+
+    real_make, real_build = engine.make_accelerator, engine.build_optimizer
+
+    def make(precision: str, spec: Any) -> Any:
+        accelerator = real_make(precision, spec)
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+        accelerator.unscale_gradients = lambda optimizer=None: [
+            accelerator.scaler.unscale_(o.optimizer) for o in accelerator._optimizers
+        ]
+        return accelerator
+
+    def build(probe: Any, spec: Any) -> Any:
+        weight = next(probe.head.parameters())
+        weight.register_hook(lambda grad: grad * float("nan") if POISON_ROW in rows else grad)
+        return real_build(probe, spec)
+
+    monkeypatch.setattr(Collator, "__call__", call)
+    monkeypatch.setattr(engine, "make_accelerator", make)
+    monkeypatch.setattr(engine, "build_optimizer", build)
+
+
+def test_fp16_skipped_steps_are_counted_and_do_not_move_the_schedule(
+    bert_dir: Path, toy_data: ToyData, tmp_path: Path, fp16_scaler: None, no_plots: list[Any]
+) -> None:
+    config = config_for(bert_dir, toy_data)
+    result = run(config, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    windows_per_epoch = MICRO_PER_EPOCH // 2
+    assert [r["skipped_steps"] for r in rows] == [1, 1, 1]
+    # Skipped steps are not optimiser steps: the step count and the schedule stand still.
+    assert [r["step"] for r in rows] == [(windows_per_epoch - 1) * e for e in (1, 2, 3)]
+    total = windows_per_epoch * EPOCHS
+    lam = config.scheduler.lr_lambda(total, windows_per_epoch)
+    assert [r["lr_head"] for r in rows] == pytest.approx(
+        [2e-4 * lam(r["step"]) for r in rows], rel=1e-9, abs=1e-15
+    )
+    report = json.loads((result.run_dir / "report.json").read_text())
+    assert report["numerics"]["skipped_steps"] == 3
+    # Halved once per skip, doubled after every 2 good steps.
+    assert report["numerics"]["loss_scale"] not in (None, 2.0**10)
+    for tensor in load_file(result.run_dir / "checkpoint" / "probe.safetensors").values():
+        assert torch.isfinite(tensor).all()
+
+
+def test_the_grad_scaler_is_resumed_with_the_run(
+    bert_dir: Path,
+    toy_data: ToyData,
+    tmp_path: Path,
+    fp16_scaler: None,
+    monkeypatch: pytest.MonkeyPatch,
+    no_plots: list[Any],
+) -> None:
+    """Killed after skipped steps and resumed: the same weights, metrics and final loss scale (a
+    scaler restarted from its initial scale would end elsewhere)."""
+    config = config_for(bert_dir, toy_data)
+    reference = tmp_path / "reference"
+    run(config, reference)
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        stop_at_micro_batch(config, out, patch, MICRO_PER_EPOCH + 7, len(toy_data.texts("train")))
+    run(config, out, resume=True)
+    assert_identical(out, reference)
+    scale = [json.loads((d / "report.json").read_text())["numerics"]["loss_scale"] for d in (out, reference)]
+    assert scale[0] == scale[1]
+
+
+def test_resume_under_bf16_mixed_precision_is_bit_identical(
+    bert_dir: Path,
+    toy_data: ToyData,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    no_plots: list[Any],
+) -> None:
+    """Frozen modules held in bf16, trainable ones in fp32 under bf16 autocast (CUDA's default
+    precision, run here on the CPU): a resumed run is still bit-identical."""
+    config = config_for(bert_dir, toy_data, "train.precision=bf16")
+    reference = tmp_path / "reference"
+    run(config, reference)
+    assert json.loads((reference / "report.json").read_text())["numerics"]["precision"] == "bf16"
+    out = tmp_path / "run"
+    stop_at_micro_batch(config, out, monkeypatch, MICRO_PER_EPOCH + 5, len(toy_data.texts("train")))
+    run(config, out, resume=True)
     assert_identical(out, reference)

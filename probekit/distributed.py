@@ -1,0 +1,229 @@
+"""Data-parallel training over several processes, on Accelerate and ``torch.distributed``.
+
+The same spec runs under ``torchrun`` or ``accelerate launch`` as in one process:
+
+- `resolve_batch` keeps the effective batch the spec names (``batch_size x grad_accum``) by
+  dividing the accumulation (or, when it cannot, the per-device batch) by the process count.
+- `shard_windows` hands each process its share of every accumulation window of the global,
+  seeded batch order. Every example is used once per epoch, every process runs the same number of
+  micro-batches per window (a process short of a batch runs a zero-weight stand-in, so gradient
+  synchronisation never waits for a process that has nothing to send), and each micro-batch's
+  loss is divided by the examples of its whole window: the optimiser sees the same mean as a
+  single process would.
+- `Group` wraps the collectives the engine needs (flags agreed by every process, sums, gathered
+  objects, byte-exact merging of cache shards) and is a no-op in a single process.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field
+
+from probekit.errors import PeerLostError, ProbekitError, UserError
+
+
+class DistributedSpec(BaseModel):
+    """How several processes share the work (ignored in a single process)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    strategy: Literal["ddp", "fsdp"] = Field(
+        default="ddp",
+        description="ddp: every process holds the whole model (data parallel); fsdp: parameters, "
+        "gradients and optimiser state are sharded over the processes (Accelerate's FSDP), for "
+        "backbones that do not fit one device.",
+    )
+    fsdp_cpu_offload: bool = Field(
+        default=False, description="With fsdp: keep sharded parameters in CPU memory between uses."
+    )
+    timeout_s: int = Field(
+        default=600,
+        ge=10,
+        description="A collective that waits longer than this for another process fails the run "
+        "(a killed or stuck process ends the job with an error instead of a hang).",
+    )
+
+
+def resolve_batch(batch_size: int, grad_accum: int, processes: int) -> tuple[int, int]:
+    """``(per-device batch, accumulation)`` whose product with ``processes`` is the spec's
+    effective batch ``batch_size x grad_accum``: the accumulation is divided first; the per-device
+    batch shrinks only when the accumulation cannot absorb the process count."""
+    effective = batch_size * grad_accum
+    for per_device in range(batch_size, 0, -1):
+        if effective % (per_device * processes) == 0:
+            return per_device, effective // (per_device * processes)
+    raise UserError(
+        f"train.batch_size x train.grad_accum = {batch_size} x {grad_accum} = {effective} examples per "
+        f"optimiser step cannot be split evenly over {processes} processes; make it a multiple of "
+        f"{processes} (for example train.grad_accum={math.lcm(grad_accum, processes)})"
+    )
+
+
+@dataclass(frozen=True)
+class Micro:
+    """One micro-batch of one process."""
+
+    rows: tuple[int, ...]
+    window: int
+    """Index of its accumulation window in the epoch (one optimiser step per window)."""
+    window_examples: int
+    """Examples in the whole window, over every process: the loss is divided by this."""
+    weight: float
+    """1, or 0 for a stand-in run only to keep the processes in step (it adds no gradient)."""
+    last: bool
+    """The last micro-batch of its window: gradients are synchronised and the optimiser steps."""
+
+
+def shard_windows(
+    batches: Sequence[Sequence[int]], accumulation: int, processes: int, rank: int
+) -> list[Micro]:
+    """Process ``rank``'s micro-batches of an epoch whose global batch order is ``batches``.
+
+    Windows are ``accumulation x processes`` consecutive batches; inside one, the batches are dealt
+    round robin. The last window may be short: every process still runs ``ceil(k / processes)``
+    micro-batches in it, a process without a batch of its own re-running the window's first batch
+    with weight 0.
+    """
+    out: list[Micro] = []
+    span = accumulation * processes
+    for window, start in enumerate(range(0, len(batches), span)):
+        group = batches[start : start + span]
+        examples = sum(len(b) for b in group)
+        mine = group[rank::processes]
+        count = math.ceil(len(group) / processes)
+        for j in range(count):
+            real = j < len(mine)
+            rows = mine[j] if real else group[0]
+            out.append(Micro(tuple(rows), window, examples, 1.0 if real else 0.0, j == count - 1))
+    return out
+
+
+def steps_per_epoch(num_batches: int, accumulation: int, processes: int) -> int:
+    return math.ceil(num_batches / (accumulation * processes))
+
+
+class Group:
+    """The collectives of a run; in a single process each is the identity."""
+
+    def __init__(self, accelerator: Any) -> None:
+        self.size = int(accelerator.num_processes)
+        self.rank = int(accelerator.process_index)
+        self.device = accelerator.device
+        self.is_main = bool(accelerator.is_main_process)
+        self.accelerator = accelerator
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1
+
+    def max_flags(self, *flags: int) -> list[int]:
+        """Each flag's maximum over every process (one small all-reduce)."""
+        if not self.active:
+            return list(flags)
+        tensor = torch.tensor(flags, dtype=torch.int64, device=self.device)
+        with _peers("agreeing on whether to stop"):
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return [int(v) for v in tensor.tolist()]
+
+    def sum(self, *values: float) -> list[float]:
+        """Each value summed over every process."""
+        if not self.active:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        with _peers("summing metrics"):
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return [float(v) for v in tensor.tolist()]
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every process's ``obj``, by rank."""
+        if not self.active:
+            return [obj]
+        out: list[Any] = [None] * self.size
+        with _peers("gathering results"):
+            dist.all_gather_object(out, obj)
+        return out
+
+    def merge(self, data: torch.Tensor, chunk_bytes: int = 64 * 2**20) -> None:
+        """Combine buffers that each process filled in disjoint places (zeros elsewhere): after
+        the call every process holds every value, bit for bit (their bytes are summed)."""
+        if not self.active:
+            return
+        flat = data.view(-1).view(torch.uint8)
+        with _peers("exchanging activation-cache shards"):
+            for start in range(0, flat.numel(), chunk_bytes):
+                chunk = flat[start : start + chunk_bytes]
+                moved = chunk.to(self.device)
+                dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+                if moved.data_ptr() != chunk.data_ptr():
+                    chunk.copy_(moved.cpu())
+
+    def barrier(self) -> None:
+        if self.active:
+            with _peers("waiting for the other processes"):
+                self.accelerator.wait_for_everyone()
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective failing because another process died, hung or timed out."""
+    if isinstance(exc, dist.DistError):
+        return True
+    if not isinstance(exc, RuntimeError) or isinstance(exc, ProbekitError):
+        return False
+    text = str(exc).lower()
+    return any(
+        word in text
+        for word in ("gloo", "nccl", "connection closed", "connection reset", "broken pipe", "timed out")
+    )
+
+
+def peer_lost(exc: BaseException, doing: str) -> PeerLostError:
+    """The one-line error for a failed collective."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    first = re.sub(r"^\[[^\]]*\]\s*", "", first)[:160]  # gloo prefixes its source file
+    return PeerLostError(
+        f"lost contact with another training process while {doing} ({type(exc).__name__}: {first}); "
+        "the job stops; continue with --resume once every process can run"
+    )
+
+
+@contextmanager
+def _peers(doing: str) -> Iterator[None]:
+    """Turn a failed collective (a peer died, or timed out) into `PeerLostError`."""
+    try:
+        yield
+    except BaseException as exc:
+        if is_peer_failure(exc):
+            raise peer_lost(exc, doing) from exc
+        raise
+
+
+def make_accelerator(precision: str, spec: Any) -> Any:
+    """The run's `Accelerator`: its mixed precision, a bounded collective timeout, and with
+    ``train.distributed.strategy=fsdp`` in a multi-process launch, Accelerate's FSDP plugin.
+
+    Accumulation is probekit's own (`shard_windows` + ``no_sync``), so Accelerate's is 1.
+    """
+    import datetime
+    import os
+
+    from accelerate import Accelerator  # type: ignore[import-untyped]
+    from accelerate.utils import InitProcessGroupKwargs  # type: ignore[import-untyped]
+
+    options = spec.distributed
+    handlers = [InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=options.timeout_s))]
+    extra: dict[str, Any] = {}
+    if options.strategy == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        extra["fsdp_plugin"] = FullyShardedDataParallelPlugin(
+            fsdp_version=2, cpu_offload=options.fsdp_cpu_offload, reshard_after_forward=True
+        )
+    return Accelerator(mixed_precision=precision, cpu=spec.cpu, kwargs_handlers=handlers, **extra)
