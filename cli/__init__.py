@@ -188,6 +188,14 @@ def train_command(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the resolved plan; do not train.")
     ] = False,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            "--processes",
+            min=1,
+            help="With --dry-run: plan for this many processes (default: the launcher's WORLD_SIZE, or 1).",
+        ),
+    ] = None,
     trust_remote_code: Annotated[
         bool, typer.Option("--trust-remote-code", help="Allow the model's own Python code to run.")
     ] = False,
@@ -208,9 +216,14 @@ def train_command(
         preset=preset, config=config, model=model, data=data, assignments=[*extra, *(assignments or [])]
     )
     if dry_run:
-        for line in prepare(cfg).describe():
+        import os
+
+        count = processes or int(os.environ.get("WORLD_SIZE", "1") or 1)
+        for line in prepare(cfg, num_processes=count).describe():
             typer.echo(line)
         return
+    if processes is not None:
+        raise UserError("--processes only plans (--dry-run); the launcher decides how many run")
     if resume is not None:
         if out is not None and out.resolve() != resume.resolve():
             raise UserError(f"--resume {resume} and --out {out} name different run folders")

@@ -21,7 +21,7 @@ import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -31,19 +31,11 @@ from probekit.errors import PeerLostError, ProbekitError, UserError
 
 
 class DistributedSpec(BaseModel):
-    """How several processes share the work (ignored in a single process)."""
+    """How several processes share the work (ignored in a single process). Every process holds
+    the whole model and its share of each batch (DDP)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    strategy: Literal["ddp", "fsdp"] = Field(
-        default="ddp",
-        description="ddp: every process holds the whole model (data parallel); fsdp: parameters, "
-        "gradients and optimiser state are sharded over the processes (Accelerate's FSDP), for "
-        "backbones that do not fit one device.",
-    )
-    fsdp_cpu_offload: bool = Field(
-        default=False, description="With fsdp: keep sharded parameters in CPU memory between uses."
-    )
     timeout_s: int = Field(
         default=600,
         ge=10,
@@ -187,7 +179,8 @@ def is_peer_failure(exc: BaseException) -> bool:
 def peer_lost(exc: BaseException, doing: str) -> PeerLostError:
     """The one-line error for a failed collective."""
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    first = re.sub(r"^\[[^\]]*\]\s*", "", first)[:160]  # gloo prefixes its source file
+    first = re.sub(r"^\[[^\]]*\]\s*", "", first)  # gloo prefixes its source file
+    first = first.split(". ")[0][:160]  # the first sentence is the cause
     return PeerLostError(
         f"lost contact with another training process while {doing} ({type(exc).__name__}: {first}); "
         "the job stops; continue with --resume once every process can run"
@@ -206,24 +199,16 @@ def _peers(doing: str) -> Iterator[None]:
 
 
 def make_accelerator(precision: str, spec: Any) -> Any:
-    """The run's `Accelerator`: its mixed precision, a bounded collective timeout, and with
-    ``train.distributed.strategy=fsdp`` in a multi-process launch, Accelerate's FSDP plugin.
+    """The run's `Accelerator`: its mixed precision and a bounded collective timeout. Under a
+    launcher it sets up the process group and wraps the model in DDP.
 
     Accumulation is probekit's own (`shard_windows` + ``no_sync``), so Accelerate's is 1.
     """
     import datetime
-    import os
 
     from accelerate import Accelerator  # type: ignore[import-untyped]
     from accelerate.utils import InitProcessGroupKwargs  # type: ignore[import-untyped]
 
-    options = spec.distributed
-    handlers = [InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=options.timeout_s))]
-    extra: dict[str, Any] = {}
-    if options.strategy == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate.utils import FullyShardedDataParallelPlugin
-
-        extra["fsdp_plugin"] = FullyShardedDataParallelPlugin(
-            fsdp_version=2, cpu_offload=options.fsdp_cpu_offload, reshard_after_forward=True
-        )
-    return Accelerator(mixed_precision=precision, cpu=spec.cpu, kwargs_handlers=handlers, **extra)
+    timeout = datetime.timedelta(seconds=spec.distributed.timeout_s)
+    handlers = [InitProcessGroupKwargs(timeout=timeout)]
+    return Accelerator(mixed_precision=precision, cpu=spec.cpu, kwargs_handlers=handlers)

@@ -1259,7 +1259,7 @@ def _write_outputs(
         },
         "distributed": {
             "processes": prepared.num_processes,
-            "strategy": config.train.distributed.strategy if prepared.num_processes > 1 else "single",
+            "strategy": "ddp" if prepared.num_processes > 1 else "single",
             "per_device_batch": prepared.per_device_batch,
             "accumulation": prepared.accumulation,
             "effective_batch": prepared.effective_batch,

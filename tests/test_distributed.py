@@ -27,9 +27,17 @@ from probekit.distributed import resolve_batch, shard_windows, steps_per_epoch
 from probekit.engine import train
 from probekit.errors import UserError
 
-from .engine_fixtures import ToyData, leftovers, save_tiny_bert, toy_data, wait_for_checkpoint
+from .engine_fixtures import (
+    ToyData,
+    bert_dir,
+    leftovers,
+    run_cli,
+    save_tiny_bert,
+    toy_data,
+    wait_for_checkpoint,
+)
 
-__all__ = ["toy_data"]
+__all__ = ["bert_dir", "toy_data"]
 
 
 @st.composite
@@ -110,7 +118,9 @@ def test_the_effective_batch_is_what_the_spec_says_whatever_the_process_count(
     lengths=st.lists(st.integers(min_value=1, max_value=512), max_size=200),
     processes=st.integers(min_value=1, max_value=8),
 )
-def test_inference_shares_hold_every_row_once_and_balance_the_work(lengths: list[int], processes: int) -> None:
+def test_inference_shares_hold_every_row_once_and_balance_the_work(
+    lengths: list[int], processes: int
+) -> None:
     shares = [length_share(lengths, rank, processes) for rank in range(processes)]
     assert sorted(row for share in shares for row in share) == list(range(len(lengths)))
     assert max(map(len, shares)) - min(map(len, shares)) <= 1
@@ -340,3 +350,18 @@ def test_a_stuck_process_fails_the_run_after_the_collective_timeout(
     (line,) = [ln for ln in err.splitlines() if ln.startswith("probekit: error:")]
     assert line.startswith("probekit: error: [rank 0] lost contact with another training process")
     assert "Traceback" not in err
+
+
+def test_dry_run_prints_the_batch_resolved_for_a_process_count(
+    bert_dir: Path, toy_data: ToyData, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["train", "--dry-run", "--model", str(bert_dir), *(f"--set={a}" for a in toy_data.assignments())]
+    code, out, _ = run_cli(capsys, *base, "--processes", "2")
+    assert code == 0
+    assert "batch: 8 per micro-step x 2 accumulation x 2 process(es) = 32 effective" in out
+    code, out, _ = run_cli(capsys, *base, "--processes", "8")
+    assert "batch: 4 per micro-step x 1 accumulation x 8 process(es) = 32 effective" in out
+    code, _, err = run_cli(capsys, *base, "--processes", "3")
+    assert code == 2 and "cannot be split evenly over 3 processes" in err and "Traceback" not in err
+    code, _, err = run_cli(capsys, *base[:1], *base[2:], "--processes", "2")
+    assert code == 2 and "--processes only plans" in err
