@@ -365,3 +365,28 @@ def test_dry_run_prints_the_batch_resolved_for_a_process_count(
     assert code == 2 and "cannot be split evenly over 3 processes" in err and "Traceback" not in err
     code, _, err = run_cli(capsys, *base[:1], *base[2:], "--processes", "2")
     assert code == 2 and "--processes only plans" in err
+
+
+@pytest.mark.slow
+def test_two_processes_share_a_kept_cache_and_memory_mapped_storage(
+    one_process: Path, quiet_bert: Path, toy_data: ToyData, tmp_path: Path
+) -> None:
+    """Stored in ``train.cache.dir`` (written by rank 0 only) and memory-mapped (a tiny memory
+    limit): the first 2-process run builds the cache in shares, the second reuses it without
+    computing a row; both match the 1-process run."""
+    cache = tmp_path / "cache"
+    extra = ("train.epochs=3", f"train.cache.dir={cache}", "train.cache.max_memory_gb=0.000001")
+    for attempt, builds in (("first", True), ("second", False)):
+        out = tmp_path / attempt
+        finish(launch("torchrun", train_argv(quiet_bert, toy_data, out, *extra)), tmp_path)
+        report = json.loads((out / "report.json").read_text())
+        computed = report["activation_cache"]["rows_computed_per_process"]
+        rows_in = {"train": len(toy_data.texts("train")), "val": len(toy_data.texts("val"))}
+        assert {split: sum(computed[split]) for split in rows_in} == {
+            split: n if builds else 0 for split, n in rows_in.items()
+        }
+        one, two = weights(one_process), weights(out)
+        for name in one:
+            torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-6, msg=name)
+    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["train", "val"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "first", "second"]
