@@ -1,7 +1,7 @@
 """The training engine: ``train(config) -> RunResult``, built on Hugging Face Accelerate.
 
 Accelerate provides the device, mixed precision (bf16 autocast, fp16 with a grad scaler), the
-process group and the model wrapper for several processes (DDP, FSDP) with ``no_sync``;
+process group and the model wrapper for several processes (DDP) with ``no_sync``;
 `probekit.distributed` deals each process its share of every accumulation window. probekit adds
 the recipe: parameter groups from the freezing plan, loss normalised over the effective batch,
 label smoothing, clipping, the schedule, per-epoch evaluation, early stopping with restore of the
@@ -907,6 +907,13 @@ def _train_loop(
     start_epoch, skip = 1, 0  # skip: accumulation windows of start_epoch done before the checkpoint
     loss_total, correct, seen = 0.0, 0, 0
     if resume is not None:
+        before = resume.state.get("per_device_batch", prepared.per_device_batch)
+        if before != prepared.per_device_batch:
+            raise UserError(
+                f"--resume: the stopped run had micro-batches of {before} per process; with "
+                f"{group.size} process(es) they would be {prepared.per_device_batch}, which changes the "
+                f"data order; resume with a process count that keeps {before} per process"
+            )
         restored = restore_training(resume, model, optimizer, scheduler, accelerator)
         history, best = restored["history"], restored["best"]
         best_epoch, bad_epochs = restored["epochs"]
@@ -944,6 +951,7 @@ def _train_loop(
         state = {
             "config": config.model_dump(mode="json"),
             "processes": group.size,
+            "per_device_batch": prepared.per_device_batch,
             "epoch": epoch + 1 if epoch_done else epoch,
             "window": 0 if epoch_done else windows_done,
             "step": step,

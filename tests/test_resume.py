@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from probekit import engine, state
 from probekit.config import ProbeConfig
 from probekit.engine import Collator, RunResult, train
+from probekit.errors import UserError
 
 from .engine_fixtures import (
     ToyData,
@@ -410,3 +411,21 @@ def test_resume_under_bf16_mixed_precision_is_bit_identical(
     stop_at_micro_batch(config, out, monkeypatch, MICRO_PER_EPOCH + 5, len(toy_data.texts("train")))
     run(config, out, resume=True)
     assert_identical(out, reference)
+
+
+def test_resume_that_would_change_the_micro_batch_is_refused(
+    bert_dir: Path,
+    toy_data: ToyData,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    no_plots: list[Any],
+) -> None:
+    """Resumed with a process count that splits the effective batch into other micro-batches
+    (here: as 4 processes would split 8 x 2 -> 4 x 1), the data order would differ: refused."""
+    config = config_for(bert_dir, toy_data)
+    out = tmp_path / "run"
+    stop_at_micro_batch(config, out, monkeypatch, 9, len(toy_data.texts("train")))
+    monkeypatch.setattr(engine, "resolve_batch", lambda batch, accum, processes: (4, 1))
+    with pytest.raises(UserError, match=r"micro-batches of 8 per process; .* would be 4"):
+        run(config, out, resume=True)
+    assert len(leftovers(tmp_path)) == 1  # the stopped run is kept for a proper resume
