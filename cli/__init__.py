@@ -216,9 +216,7 @@ def train_command(
         preset=preset, config=config, model=model, data=data, assignments=[*extra, *(assignments or [])]
     )
     if dry_run:
-        import os
-
-        count = processes or int(os.environ.get("WORLD_SIZE", "1") or 1)
+        count = processes or _launched_processes()
         for line in prepare(cfg, num_processes=count).describe():
             typer.echo(line)
         return
@@ -325,9 +323,14 @@ def _rank_tag() -> str:
     prints its own errors; empty otherwise."""
     import os
 
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        return f"[rank {os.environ.get('RANK', '?')}] "
-    return ""
+    return f"[rank {os.environ.get('RANK', '?')}] " if _launched_processes() > 1 else ""
+
+
+def _launched_processes() -> int:
+    """The process count a launcher (torchrun, accelerate launch) set in ``WORLD_SIZE``, or 1."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 def _terminate(signum: int, frame: Any) -> None:

@@ -118,21 +118,22 @@ class Group:
 
     def max_flags(self, *flags: int) -> list[int]:
         """Each flag's maximum over every process (one small all-reduce)."""
-        if not self.active:
-            return list(flags)
-        tensor = torch.tensor(flags, dtype=torch.int64, device=self.device)
-        with _peers("agreeing on whether to stop"):
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return [int(v) for v in tensor.tolist()]
+        reduced = self._all_reduce(flags, torch.int64, dist.ReduceOp.MAX, "agreeing on whether to stop")
+        return [int(v) for v in reduced]
 
     def sum(self, *values: float) -> list[float]:
         """Each value summed over every process."""
+        return [
+            float(v) for v in self._all_reduce(values, torch.float64, dist.ReduceOp.SUM, "summing metrics")
+        ]
+
+    def _all_reduce(self, values: Sequence[float], dtype: torch.dtype, op: Any, doing: str) -> list[Any]:
         if not self.active:
             return list(values)
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        with _peers("summing metrics"):
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return [float(v) for v in tensor.tolist()]
+        tensor = torch.tensor(values, dtype=dtype, device=self.device)
+        with _peers(doing):
+            dist.all_reduce(tensor, op=op)
+        return list(tensor.tolist())
 
     def gather(self, obj: Any) -> list[Any]:
         """Every process's ``obj``, by rank."""

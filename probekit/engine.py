@@ -985,7 +985,6 @@ def _train_loop(
                 loss_total, correct, seen, epoch_skipped = 0.0, 0, 0, 0
             order = sampler.batches(epoch - 1)
             schedule = shard_windows(order, prepared.accumulation, group.size, group.rank)
-            windows = schedule[-1].window + 1 if schedule else 0
             if resume is not None and epoch == start_epoch:
                 schedule = [m for m in schedule if m.window >= skip]
                 _restore_rng(resume, group.rank)
@@ -1043,7 +1042,9 @@ def _train_loop(
                             f"non-finite fp16 gradients, at epoch {epoch}, step {step + 1}"
                         )
                 optimizer.zero_grad(set_to_none=True)
-                if micro.window + 1 < windows and (requested or (advanced and every and step % every == 0)):
+                if micro.window + 1 < prepared.steps_per_epoch and (
+                    requested or (advanced and every and step % every == 0)
+                ):
                     checkpoint(epoch, micro.window + 1, epoch_done=False)
                     stop_if_asked(requested)
             val_probs, val_labels, val_loss = predict_loader(

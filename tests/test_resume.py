@@ -67,7 +67,8 @@ def stop_at_micro_batch(
     config: ProbeConfig, out: Path, monkeypatch: pytest.MonkeyPatch, k: int, n_train: int
 ) -> None:
     """Train ``config`` into ``out`` and kill it (`Killed`) as it is about to fetch its k-th
-    training micro-batch (1-based, all epochs); every patch is undone afterwards."""
+    training micro-batch (1-based, all epochs). Only this function's own patch is undone
+    afterwards; the caller's stay."""
     fetched = [0]
     real = Collator.__call__
 
@@ -78,10 +79,23 @@ def stop_at_micro_batch(
                 raise Killed
         return real(self, indices)
 
-    monkeypatch.setattr(Collator, "__call__", call)
-    with pytest.raises(Killed):
-        run(config, out)
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(Collator, "__call__", call)
+        with pytest.raises(Killed):
+            run(config, out)
+
+
+def killed_resumed_and_compared(
+    config: ProbeConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, k: int, n_train: int
+) -> tuple[Path, Path]:
+    """Train ``config`` uninterrupted into ``tmp_path/reference``, and killed at micro-batch ``k``
+    then resumed into ``tmp_path/run``; assert both bit-identical and return (run, reference)."""
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    run(config, reference)
+    stop_at_micro_batch(config, out, monkeypatch, k, n_train)
+    run(config, out, resume=True)
+    assert_identical(out, reference)
+    return out, reference
 
 
 @pytest.fixture(scope="module")
@@ -383,13 +397,9 @@ def test_the_grad_scaler_is_resumed_with_the_run(
     """Killed after skipped steps and resumed: the same weights, metrics and final loss scale (a
     scaler restarted from its initial scale would end elsewhere)."""
     config = config_for(bert_dir, toy_data)
-    reference = tmp_path / "reference"
-    run(config, reference)
-    out = tmp_path / "run"
-    with monkeypatch.context() as patch:
-        stop_at_micro_batch(config, out, patch, MICRO_PER_EPOCH + 7, len(toy_data.texts("train")))
-    run(config, out, resume=True)
-    assert_identical(out, reference)
+    out, reference = killed_resumed_and_compared(
+        config, tmp_path, monkeypatch, MICRO_PER_EPOCH + 7, len(toy_data.texts("train"))
+    )
     scale = [json.loads((d / "report.json").read_text())["numerics"]["loss_scale"] for d in (out, reference)]
     assert scale[0] == scale[1]
 
@@ -404,13 +414,10 @@ def test_resume_under_bf16_mixed_precision_is_bit_identical(
     """Frozen modules held in bf16, trainable ones in fp32 under bf16 autocast (CUDA's default
     precision, run here on the CPU): a resumed run is still bit-identical."""
     config = config_for(bert_dir, toy_data, "train.precision=bf16")
-    reference = tmp_path / "reference"
-    run(config, reference)
+    _, reference = killed_resumed_and_compared(
+        config, tmp_path, monkeypatch, MICRO_PER_EPOCH + 5, len(toy_data.texts("train"))
+    )
     assert json.loads((reference / "report.json").read_text())["numerics"]["precision"] == "bf16"
-    out = tmp_path / "run"
-    stop_at_micro_batch(config, out, monkeypatch, MICRO_PER_EPOCH + 5, len(toy_data.texts("train")))
-    run(config, out, resume=True)
-    assert_identical(out, reference)
 
 
 def test_resume_that_would_change_the_micro_batch_is_refused(
