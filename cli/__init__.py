@@ -287,7 +287,7 @@ def predict_command(
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; map probekit errors to exit codes (see ``probekit.errors``)."""
-    from probekit.errors import EXIT_INTERRUPTED, ProbekitError
+    from probekit.errors import EXIT_INTERRUPTED, PeerLostError, ProbekitError
 
     logging.basicConfig(format="probekit: warning: %(message)s", level=logging.WARNING, stream=sys.stderr)
     previous = signal.signal(signal.SIGTERM, _terminate)
@@ -296,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     except ProbekitError as exc:
         for line in str(exc).splitlines() or [type(exc).__name__]:
             typer.echo(f"probekit: error: {_rank_tag()}{line}", err=True)
+        if isinstance(exc, PeerLostError):
+            _leave_now(exc.exit_code)
         return exc.exit_code
     except KeyboardInterrupt:
         typer.echo("probekit: interrupted", err=True)
@@ -316,6 +318,19 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     return code if isinstance(code, int) else 0
+
+
+def _leave_now(code: int) -> None:
+    """End the process without the interpreter's teardown. A process group with a dead or frozen
+    peer can abort the process (SIGABRT) while it is torn down: collectives still queued on its
+    worker threads time out there and throw where nothing catches them. The run folder is already
+    closed and the error printed, so nothing is lost by skipping the teardown."""
+    import os
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _rank_tag() -> str:

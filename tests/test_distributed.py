@@ -345,7 +345,7 @@ def test_a_stuck_process_fails_the_run_after_the_collective_timeout(
     finally:
         processes[1].kill()
         processes[1].communicate()
-    assert processes[0].returncode == 1
+    assert processes[0].returncode == 1, err
     assert waited < timeout + 30
     (line,) = [ln for ln in err.splitlines() if ln.startswith("probekit: error:")]
     assert line.startswith("probekit: error: [rank 0] lost contact with another training process")
