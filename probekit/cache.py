@@ -141,11 +141,14 @@ def storage_dtype(spec: CacheSpec, precision: str) -> torch.dtype:
 
 # -- the key -----------------------------------------------------------------------------------
 def weights_fingerprint(module: nn.Module, names: Iterable[str]) -> str:
-    """A hash of the named parameters' shapes, dtypes and an evenly spaced sample of their values."""
+    """A hash of the named parameters' shapes, dtypes and an evenly spaced sample of their values
+    (sharded parameters are gathered one at a time: every process must call it)."""
+    from probekit.distributed import full
+
     params = dict(module.named_parameters())
     digest = hashlib.sha256()
     for name in sorted(names):
-        tensor = params[name].detach()
+        tensor = full(params[name].detach())
         flat = tensor.reshape(-1)
         step = max(1, flat.numel() // 4096)
         sample = flat[::step][:4096].float().cpu().numpy()

@@ -29,9 +29,12 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 
 
 def trainable_state(probe: Any) -> dict[str, torch.Tensor]:
-    """The tensors training can change: pooler, head and trainable backbone parameters (CPU copies)."""
+    """The tensors training can change: pooler, head and trainable backbone parameters (whole
+    CPU copies; sharded parameters are gathered, so every process of the run must call it)."""
+    from probekit.distributed import full
+
     return {
-        name: param.detach().to("cpu", copy=True).contiguous()
+        name: full(param.detach()).to("cpu", copy=True).contiguous()
         for name, param in probe.named_parameters()
         if not name.startswith("backbone.") or name.removeprefix("backbone.") in probe.plan.trainable
     }
@@ -121,12 +124,14 @@ def save_checkpoint(
     label_names: list[Any],
     threshold: float,
     backbone: dict[str, Any],
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``probe.safetensors`` and ``probe.json`` into ``folder``; return the JSON's path."""
+    """Write ``probe.safetensors`` and ``probe.json`` into ``folder``; return the JSON's path.
+    ``weights``: the probe's `trainable_state`, when already gathered."""
     folder.mkdir(parents=True, exist_ok=True)
-    weights = folder / WEIGHTS
-    state = trainable_state(probe)
-    save_file(state, str(weights), metadata={"format": FORMAT})
+    state = trainable_state(probe) if weights is None else weights
+    weights_file = folder / WEIGHTS
+    save_file(state, str(weights_file), metadata={"format": FORMAT})
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -136,7 +141,7 @@ def save_checkpoint(
         "threshold": threshold,
         "backbone": backbone,
         "components": components(config),
-        "weights": {"file": WEIGHTS, "sha256": sha256_file(weights), "tensors": len(state)},
+        "weights": {"file": WEIGHTS, "sha256": sha256_file(weights_file), "tensors": len(state)},
         "versions": versions(),
     }
     path = folder / META

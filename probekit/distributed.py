@@ -12,6 +12,17 @@ The same spec runs under ``torchrun`` or ``accelerate launch`` as in one process
   single process would.
 - `Group` wraps the collectives the engine needs (flags agreed by every process, sums, gathered
   objects, byte-exact merging of cache shards) and is a no-op in a single process.
+
+Two strategies share the model (``train.distributed.strategy``):
+
+- ``ddp``: every process holds the whole model; gradients are all-reduced (DDP through
+  Accelerate).
+- ``fsdp``: parameters, gradients and optimiser state are sharded over the processes (torch's
+  FSDP2 ``fully_shard``, ZeRO stage 3): each embedding module and each block is one unit, all-gathered
+  just before it runs and freed after; the probe is the root unit. Every process must then run the
+  same number of forward passes (each one all-gathers), so evaluation and cache building pad a
+  process's share with throw-away passes (`forward_counts`). Checkpoints and outputs hold full
+  tensors (`full`), gathered from the shards, in the same format as ``ddp`` runs.
 """
 
 from __future__ import annotations
@@ -21,7 +32,7 @@ import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -31,10 +42,17 @@ from probekit.errors import PeerLostError, ProbekitError, UserError
 
 
 class DistributedSpec(BaseModel):
-    """How several processes share the work (ignored in a single process). Every process holds
-    the whole model and its share of each batch (DDP)."""
+    """How several processes share the work (ignored in a single process). Each process takes its
+    share of every batch; the strategy says how the model itself is shared."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    strategy: Literal["ddp", "fsdp"] = Field(
+        default="ddp",
+        description="ddp: every process holds the whole model (fastest when it fits one device); "
+        "fsdp: parameters, gradients and optimiser state are sharded over the processes (FSDP2, "
+        "ZeRO-3), for backbones that do not fit one device.",
+    )
 
     timeout_s: int = Field(
         default=600,
@@ -105,16 +123,28 @@ def steps_per_epoch(num_batches: int, accumulation: int, processes: int) -> int:
 class Group:
     """The collectives of a run; in a single process each is the identity."""
 
-    def __init__(self, accelerator: Any) -> None:
+    def __init__(self, accelerator: Any, strategy: str = "ddp") -> None:
         self.size = int(accelerator.num_processes)
         self.rank = int(accelerator.process_index)
         self.device = accelerator.device
         self.is_main = bool(accelerator.is_main_process)
         self.accelerator = accelerator
+        self.strategy = strategy if self.size > 1 else "single"
 
     @property
     def active(self) -> bool:
         return self.size > 1
+
+    @property
+    def sharded(self) -> bool:
+        """Parameters are sharded over the processes (``fsdp``)."""
+        return self.strategy == "fsdp"
+
+    def forward_counts(self, mine: int) -> int:
+        """The number of forward passes every process must run when this one has ``mine`` of its
+        own: under ``fsdp`` the largest share (each forward all-gathers, so all run together);
+        otherwise ``mine``."""
+        return self.max_flags(mine)[0] if self.sharded else mine
 
     def max_flags(self, *flags: int) -> list[int]:
         """Each flag's maximum over every process (one small all-reduce)."""
@@ -197,6 +227,102 @@ def _peers(doing: str) -> Iterator[None]:
         if is_peer_failure(exc):
             raise peer_lost(exc, doing) from exc
         raise
+
+
+# -- fsdp: sharded parameters ---------------------------------------------------------------------
+def shard_model(probe: Any, device: torch.device) -> tuple[int, int]:
+    """Shard ``probe`` over every process with FSDP2: each embedding module and each block is
+    one unit, the probe (head, pooler and what is left of the backbone) the root. Returns the
+    parameters this process holds and the model's total."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    total = sum(p.numel() for p in probe.parameters())
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    units = [probe.backbone.get_submodule(prefix) for prefix in _present(probe)]
+    units += list(probe.layout.blocks(probe.backbone))
+    for unit in units:
+        fully_shard(unit, mesh=mesh)
+    fully_shard(probe, mesh=mesh)
+    held = sum(local(p).numel() for p in probe.parameters())
+    return held, total
+
+
+def _present(probe: Any) -> list[str]:
+    """The embedding modules of the backbone that exist (a layout lists every candidate)."""
+    found = []
+    for prefix in probe.layout.embedding_prefixes:
+        try:
+            module = probe.backbone.get_submodule(prefix)
+        except AttributeError:
+            continue
+        if any(True for _ in module.parameters()):
+            found.append(prefix)
+    return found
+
+
+def reshard(model: Any) -> None:
+    """Free every gathered FSDP unit of ``model`` so its parameters are the shards again (the
+    root unit stays gathered after a forward pass); a no-op for a model that is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is sharded over the processes (a DTensor)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a sharded tensor (a DTensor), else the tensor."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: gathered from every process when sharded (a collective: every process
+    must call it, in the same order), else the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        with _peers("gathering sharded weights"):
+            return tensor.full_tensor()
+    return tensor
+
+
+def shard_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``value`` (a whole tensor) laid out like ``param``: this process's shard when ``param`` is
+    sharded and has ``value``'s shape, else ``value`` on ``param``'s device."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor) and tuple(value.shape) == tuple(param.shape):
+        return distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+    return value.to(param.device)
+
+
+@contextmanager
+def gradient_sync(model: Any, accelerator: Any, enabled: bool) -> Iterator[None]:
+    """Synchronise gradients in the backward passes inside (``enabled``) or only accumulate
+    them locally (a window's earlier micro-batches): DDP's ``no_sync`` or FSDP's
+    ``set_requires_gradient_sync``."""
+    if enabled:
+        yield
+        return
+    if hasattr(model, "set_requires_gradient_sync"):  # an FSDP2 module
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+        return
+    with accelerator.no_sync(model):
+        yield
 
 
 def make_accelerator(precision: str, spec: Any) -> Any:

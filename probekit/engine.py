@@ -1,7 +1,8 @@
 """The training engine: ``train(config) -> RunResult``, built on Hugging Face Accelerate.
 
 Accelerate provides the device, mixed precision (bf16 autocast, fp16 with a grad scaler), the
-process group and the model wrapper for several processes (DDP) with ``no_sync``;
+process group and the model wrapper for several processes (DDP) with ``no_sync``; with
+``train.distributed.strategy=fsdp`` the model is sharded with torch's FSDP2 instead.
 `probekit.distributed` deals each process its share of every accumulation window. probekit adds
 the recipe: parameter groups from the freezing plan, loss normalised over the effective batch,
 label smoothing, clipping, the schedule, per-epoch evaluation, early stopping with restore of the
@@ -20,7 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -52,10 +53,14 @@ from probekit.config import ProbeConfig, dump_config
 from probekit.data import Dataset, Split, load_data
 from probekit.distributed import (
     Group,
+    gradient_sync,
     is_peer_failure,
     make_accelerator,
     peer_lost,
+    reshard,
     resolve_batch,
+    shard_like,
+    shard_model,
     shard_windows,
     steps_per_epoch,
 )
@@ -245,6 +250,8 @@ class Prepared:
     """Padding share of train tokens in epoch 1: length-bucketed batches, and random batches."""
     cache_rows: dict[str, list[int]] = field(default_factory=dict)
     """Per split, the rows each process ran through the frozen blocks for the cache (by rank)."""
+    sharded_parameters: list[int] = field(default_factory=list)
+    """Under fsdp: the parameters each process holds, by rank (filled in by training)."""
 
     def data_origin(self) -> str:
         """Where the rows came from, naming the shipped demo dataset when it is used."""
@@ -462,7 +469,7 @@ def _progress(iterable: Iterable[Any], enabled: bool, desc: str, total: int | No
 
 def predict_loader(
     probe: Probe,
-    loader: Iterable[dict[str, torch.Tensor]],
+    loader: DataLoader[Any],
     accelerator: Any,
     *,
     progress: bool = False,
@@ -479,10 +486,15 @@ def predict_loader(
     labels: list[torch.Tensor] = []
     order: list[torch.Tensor] = []
     loss_sum, count = 0.0, 0
-    with torch.inference_mode(), accelerator.autocast():
-        for batch in _progress(loader, progress, "eval"):
+    batches: Iterable[dict[str, torch.Tensor]] = loader
+    if group is not None and group.sharded:  # every process runs as many forwards as the busiest
+        batches = _padded(loader, group)
+    with no_grad(group), accelerator.autocast():
+        for batch in _progress(batches, progress, "eval"):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             logits = probe(**probe_inputs(batch, plan)).float()
+            if "filler" in batch:
+                continue
             target = batch["labels"]
             loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
             count += int(target.numel())
@@ -499,6 +511,21 @@ def predict_loader(
         return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64), 0.0
     rows = torch.cat(order).argsort()
     return torch.cat(probs)[rows].numpy(), torch.cat(labels)[rows].numpy(), loss_sum / max(count, 1)
+
+
+def no_grad(group: Group | None) -> Any:
+    """No autograd for inference: ``inference_mode``, or plain ``no_grad`` for sharded models
+    (FSDP's gathered parameters must stay usable by the training steps that follow)."""
+    return torch.no_grad() if group is not None and group.sharded else torch.inference_mode()
+
+
+def _padded(loader: DataLoader[Any], group: Group) -> Iterator[dict[str, torch.Tensor]]:
+    """``loader``'s batches, then throw-away one-row batches (marked ``filler``) until this
+    process has run as many as the process with the most."""
+    total = group.forward_counts(len(loader))
+    yield from loader
+    for _ in range(total - len(loader)):
+        yield {**loader.collate_fn([0]), "filler": torch.ones(1)}
 
 
 def _better(metric: str, value: float, best: float | None) -> bool:
@@ -605,7 +632,7 @@ def train(
     precision = resolve_precision(spec.precision, probe_device)
     _forget_other_precision(precision)
     accelerator = make_accelerator(precision, spec)
-    group = Group(accelerator)
+    group = Group(accelerator, spec.distributed.strategy)
     if not group.is_main:  # one process speaks and writes
         log = _silent
         progress = False
@@ -721,10 +748,19 @@ def _fit(
     resume: Saved | None = None,
 ) -> RunResult:
     config, probe = prepared.config, prepared.probe
-    optimizer = build_optimizer(probe, config.optimizer)
+    if group.sharded:
+        # Shard first: the optimiser must hold the sharded parameters.
+        held, total = shard_model(probe.to(accelerator.device), accelerator.device)
+        prepared.sharded_parameters = [int(n) for n in group.gather(held)]
+        shares = " + ".join(f"{n:,}" for n in prepared.sharded_parameters)
+        log(f"fsdp: {total:,} parameters sharded over {group.size} processes: {shares}")
+        optimizer = accelerator.prepare_optimizer(build_optimizer(probe, config.optimizer))
+        model: Probe = probe
+    else:
+        optimizer = build_optimizer(probe, config.optimizer)
+        probe, optimizer = accelerator.prepare(probe, optimizer)
+        model = accelerator.unwrap_model(probe)
     scheduler = config.scheduler.build(optimizer, prepared.total_steps, prepared.steps_per_epoch)
-    probe, optimizer = accelerator.prepare(probe, optimizer)
-    model: Probe = accelerator.unwrap_model(probe)
     plan = prepared.cache_plan
     caches = build_caches(prepared, model, accelerator, group, log, show) if plan is not None else {}
     try:
@@ -747,9 +783,10 @@ def _fit(
     finally:
         for cache in caches.values():  # released before the outputs are written (lower peak memory)
             cache.close()
+    weights = trainable_state(model)  # every process takes part: sharded weights are gathered
     if group.is_main:
         scale = None if accelerator.scaler is None else float(accelerator.scaler.get_scale())
-        _write_outputs(prepared, model, folder, result, scores, loss_scale=scale)
+        _write_outputs(prepared, model, weights, folder, result, scores, loss_scale=scale, group=group)
     return result
 
 
@@ -789,10 +826,12 @@ def build_caches(
     def compute(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         ids = batch["input_ids"].to(accelerator.device)
         mask = batch["attention_mask"].to(accelerator.device)
-        with torch.inference_mode(), accelerator.autocast():
+        # Through the probe's own forward: under FSDP only a call of the root unit gathers its
+        # parameters.
+        with no_grad(group), accelerator.autocast():
             if plan.mode == "pooled":
-                return model.features(ids, mask)
-            return torch.stack(model.hidden_states(ids, mask, layers=plan.layers), dim=2)
+                return model(ids, mask, output="features")  # type: ignore[no-any-return]
+            return model(ids, mask, output="hidden", layers=plan.layers)  # type: ignore[no-any-return]
 
     shared_facts = cache_facts(
         model, plan, model=model_facts, tokenizer=tokenizer_facts, dtype=dtype, precision=prepared.precision
@@ -804,7 +843,7 @@ def build_caches(
             key, facts = cache_key(shared_facts, encoded.ids)
             # The cache stores real tokens only, so the rows are right-padded while computing.
             collate = Collator(encoded, pad_id, "right")
-            share = list(
+            share: list[Sequence[int]] = list(
                 LengthSortedBatchSampler(
                     encoded.lengths,
                     config.train.eval_batch_size,
@@ -812,13 +851,15 @@ def build_caches(
                     length_share(encoded.lengths, group.rank, group.size),
                 )
             )
+            # Under FSDP every process runs as many forwards: empty batches run a throw-away one.
+            share += [[] for _ in range(group.forward_counts(len(share)) - len(share))]
             batches = _progress(share, show, f"caching {name}", total=len(share))
             begun = time.perf_counter()
             computed = [0]
 
             def run(rows: Sequence[int], collate: Collator = collate, computed: list[int] = computed) -> Any:
                 computed[0] += len(rows)
-                return compute(collate(rows))
+                return compute(collate(rows)) if rows else compute(collate([0]))[:0]
 
             cache = build_split_cache(
                 plan,
@@ -901,7 +942,7 @@ def _train_loop(
     history: list[dict[str, Any]] = []
     best: float | None = None
     best_epoch, bad_epochs, step, skipped, epoch_skipped = 0, 0, 0, 0, 0
-    best_state: dict[str, torch.Tensor] = trainable_state(model)
+    best_state: dict[str, torch.Tensor] = trainable_state(model)  # every process: may gather
     best_val: tuple[np.ndarray, np.ndarray] | None = None
     stopped_early = False
     start_epoch, skip = 1, 0  # skip: accumulation windows of start_epoch done before the checkpoint
@@ -937,14 +978,15 @@ def _train_loop(
         and running sums are gathered); only the main process writes."""
         totals = [0.0, 0.0, 0.0] if epoch_done else group.sum(loss_total, correct, seen)
         rngs = group.gather(rng_state())
+        params = trainable_state(model)  # sharded weights and optimiser state are gathered
+        optim_tensors, optim_meta = optimizer_state(optimizer)
         if not group.is_main:
             return
-        tensors = {f"param.{k}": v for k, v in trainable_state(model).items()}
+        tensors = {f"param.{k}": v for k, v in params.items()}
         tensors.update({f"best.{k}": v for k, v in best_state.items()})
         if best_val is not None:
             tensors["bestval.probs"] = torch.from_numpy(np.asarray(best_val[0]))
             tensors["bestval.labels"] = torch.from_numpy(np.asarray(best_val[1]))
-        optim_tensors, optim_meta = optimizer_state(optimizer)
         tensors.update(optim_tensors)
         for rank, (rng_tensors, _meta) in enumerate(rngs):
             tensors.update({(f"rank{rank}." if rank else "") + k: v for k, v in rng_tensors.items()})
@@ -992,7 +1034,8 @@ def _train_loop(
             for micro in _progress(schedule, show, f"epoch {epoch}/{spec.epochs}", total=len(schedule)):
                 batch = {k: v.to(device) for k, v in collate(micro.rows).items()}
                 # Gradients are synchronised across processes on a window's last micro-batch only.
-                with nullcontext() if micro.last else accelerator.no_sync(probe):
+                # Autocast here too: a sharded probe is not wrapped by Accelerate, which would add it.
+                with gradient_sync(probe, accelerator, enabled=micro.last), accelerator.autocast():
                     logits = probe(**probe_inputs(batch, plan)).float()
                     loss_sum = F.cross_entropy(
                         logits, batch["labels"], label_smoothing=spec.label_smoothing, reduction="sum"
@@ -1202,19 +1245,24 @@ def precision_skips(accelerator: Any) -> bool:
 
 
 def restore(model: Probe, state: dict[str, torch.Tensor]) -> None:
-    """Copy saved trainable tensors back into ``model``."""
+    """Copy saved trainable tensors (whole) back into ``model`` (each process's shard of them
+    when sharded)."""
+    reshard(model)  # write the shards, not a gathered copy that the next reshard drops
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in state.items():
-            params[name].copy_(tensor.to(params[name].device))
+            params[name].copy_(shard_like(tensor, params[name]))
 
 
 def _write_outputs(
     prepared: Prepared,
     model: Probe,
+    weights: dict[str, torch.Tensor],
     folder: Path,
     result: RunResult,
     scores: dict[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    group: Group,
     loss_scale: float | None = None,
 ) -> None:
     from probekit.plots import write_report_plots
@@ -1223,6 +1271,7 @@ def _write_outputs(
     save_checkpoint(
         model,
         folder / "checkpoint",
+        weights=weights,
         config=config.model_dump(mode="json"),
         label_map=prepared.dataset.label_map,
         label_names=label_names(prepared.dataset.label_map),
@@ -1268,7 +1317,8 @@ def _write_outputs(
         },
         "distributed": {
             "processes": prepared.num_processes,
-            "strategy": "ddp" if prepared.num_processes > 1 else "single",
+            "strategy": group.strategy,
+            "parameters_per_process": prepared.sharded_parameters or None,
             "per_device_batch": prepared.per_device_batch,
             "accumulation": prepared.accumulation,
             "effective_batch": prepared.effective_batch,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -221,13 +221,24 @@ class Probe(nn.Module):
         *,
         cached: Mapping[int, Tensor] | None = None,
         features: Tensor | None = None,
+        output: Literal["logits", "features", "hidden"] = "logits",
+        layers: Sequence[int] | None = None,
         **extra: Any,
     ) -> Tensor:
         """Class logits ``(batch, num_classes)``.
 
         ``features`` (pooled features from the activation cache) skips backbone and pooler;
         ``cached`` replays cached hidden states of the frozen prefix (see `hidden_states`).
+        ``output`` asks for what the activation cache stores instead: the pooled ``features``
+        (`features`), or the ``hidden`` states ``layers`` stacked to ``(batch, tokens, layers,
+        hidden)`` (`hidden_states`). They are computed here, in the forward pass, because a
+        sharded probe (FSDP) gathers its parameters only when its own forward runs.
         """
+        if output == "features":
+            return self.features(input_ids, attention_mask, cached=cached, **extra)
+        if output == "hidden":
+            hidden = self.hidden_states(input_ids, attention_mask, layers=layers, cached=cached, **extra)
+            return torch.stack(hidden, dim=2)
         if features is not None:
             return self.head(features.to(next(self.head.parameters()).dtype))  # type: ignore[no-any-return]
         return self.head(self.features(input_ids, attention_mask, cached=cached, **extra))  # type: ignore[no-any-return]

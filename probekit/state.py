@@ -168,14 +168,17 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
 
 # -- optimizer and scheduler -----------------------------------------------------------------------
 def optimizer_state(optimizer: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The optimizer's per-parameter tensors, and its groups' settings as JSON."""
+    """The optimizer's per-parameter tensors (whole: sharded ones are gathered, so every process
+    must call it), and its groups' settings as JSON."""
+    from probekit.distributed import full
+
     state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for index, values in state["state"].items():
         for key, value in values.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optim.{index}.{key}"] = value
+                tensors[f"optim.{index}.{key}"] = full(value)
             else:
                 scalars.setdefault(str(index), {})[key] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
@@ -189,6 +192,15 @@ def load_optimizer_state(optimizer: Any, tensors: dict[str, torch.Tensor], meta:
             per_param.setdefault(int(index), {})[name] = value
     for index, values in meta["scalars"].items():
         per_param.setdefault(int(index), {}).update(values)
+    # Whole tensors go back as this process's shard of the parameter they belong to.
+    from probekit.distributed import is_sharded, shard_like
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for position, values in per_param.items():
+        if position < len(params) and is_sharded(params[position]):
+            for key, value in values.items():
+                if isinstance(value, torch.Tensor):
+                    values[key] = shard_like(value, params[position])
     optimizer.load_state_dict({"state": per_param, "param_groups": meta["param_groups"]})
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -208,17 +209,8 @@ def one_process(quiet_bert: Path, toy_data: ToyData, tmp_path_factory: pytest.Te
     return out
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
-def test_two_processes_reach_the_weights_of_one_process_with_the_same_effective_batch(
-    launcher: str, one_process: Path, quiet_bert: Path, toy_data: ToyData, tmp_path: Path
-) -> None:
-    done = finish(
-        launch(launcher, train_argv(quiet_bert, toy_data, tmp_path / "run", "train.epochs=3")), tmp_path
-    )
-    run = tmp_path / "run"
-    # The spec's effective batch, resolved over the processes and printed.
-    assert "batch: 9 per micro-step x 2 accumulation x 2 process(es) = 36 effective" in done.stderr
+def assert_same_as_one_process(run: Path, one_process: Path, toy_data: ToyData) -> dict[str, Any]:
+    """A 2-process run matches the 1-process reference; returns its report."""
     # The same weights within float tolerance (the sums run in another order).
     one, two = weights(one_process), weights(run)
     assert one.keys() == two.keys()
@@ -229,29 +221,75 @@ def test_two_processes_reach_the_weights_of_one_process_with_the_same_effective_
         assert a.keys() == b.keys()
         for key in a:
             assert a[key] == pytest.approx(b[key], abs=1e-6), key
-    report = json.loads((run / "report.json").read_text())
+    report: dict[str, Any] = json.loads((run / "report.json").read_text())
     # Evaluation saw every example exactly once.
     assert report["metrics"]["val"]["n"] == len(toy_data.texts("val"))
     assert report["metrics"]["test"]["n"] == len(toy_data.texts("test"))
-    assert report["distributed"] == {
-        "processes": 2,
-        "strategy": "ddp",
-        "per_device_batch": 9,
-        "accumulation": 2,
-        "effective_batch": 36,
-    }
     # The activation cache was built in shares: every row through the frozen blocks once.
     for split, counts in report["activation_cache"]["rows_computed_per_process"].items():
         assert len(counts) == 2 and all(counts) and sum(counts) == len(toy_data.texts(split))
     # Only the main process wrote, and only the run folder.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert sorted(p.name for p in run.parent.iterdir()) == ["run"]
+    return report
 
 
 @pytest.mark.slow
-def test_a_two_process_run_stopped_by_sigterm_resumes_bit_identical(
-    quiet_bert: Path, toy_data: ToyData, tmp_path: Path
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_processes_reach_the_weights_of_one_process_with_the_same_effective_batch(
+    launcher: str, one_process: Path, quiet_bert: Path, toy_data: ToyData, tmp_path: Path
 ) -> None:
-    extra = ("train.epochs=30", "train.patience=30", "train.checkpoint_every_steps=1")
+    done = finish(
+        launch(launcher, train_argv(quiet_bert, toy_data, tmp_path / "run", "train.epochs=3")), tmp_path
+    )
+    # The spec's effective batch, resolved over the processes and printed.
+    assert "batch: 9 per micro-step x 2 accumulation x 2 process(es) = 36 effective" in done.stderr
+    report = assert_same_as_one_process(tmp_path / "run", one_process, toy_data)
+    assert report["distributed"] == {
+        "processes": 2,
+        "strategy": "ddp",
+        "parameters_per_process": None,
+        "per_device_batch": 9,
+        "accumulation": 2,
+        "effective_batch": 36,
+    }
+
+
+@pytest.mark.slow
+def test_fsdp_shards_the_model_and_reaches_the_weights_of_one_process(
+    one_process: Path, quiet_bert: Path, toy_data: ToyData, tmp_path: Path
+) -> None:
+    """The same spec with train.distributed.strategy=fsdp: each process holds about half of the
+    parameters, and training, evaluation, the activation cache and the written probe are those of
+    one process."""
+    argv = train_argv(
+        quiet_bert, toy_data, tmp_path / "run", "train.epochs=3", "train.distributed.strategy=fsdp"
+    )
+    done = finish(launch("torchrun", argv), tmp_path)
+    report = assert_same_as_one_process(tmp_path / "run", one_process, toy_data)
+    assert report["distributed"]["strategy"] == "fsdp"
+    found = re.search(
+        r"fsdp: ([\d,]+) parameters sharded over 2 processes: ([\d,]+) \+ ([\d,]+)", done.stderr
+    )
+    assert found is not None, done.stderr[-2000:]
+    total, *held = (int(g.replace(",", "")) for g in found.groups())
+    # Every parameter (frozen blocks included) is held by exactly one process, about half each.
+    assert report["distributed"]["parameters_per_process"] == held and sum(held) == total
+    assert all(0.4 < share / total < 0.6 for share in held)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_two_process_run_stopped_by_sigterm_resumes_bit_identical(
+    strategy: str, quiet_bert: Path, toy_data: ToyData, tmp_path: Path
+) -> None:
+    """Under fsdp the checkpoint holds the gathered weights and optimiser state; resuming
+    shards them again."""
+    extra = (
+        "train.epochs=30",
+        "train.patience=30",
+        "train.checkpoint_every_steps=1",
+        f"train.distributed.strategy={strategy}",
+    )
     reference = tmp_path / "reference"
     finish(launch("torchrun", train_argv(quiet_bert, toy_data, reference, *extra, test=False)), tmp_path)
 
