@@ -237,6 +237,54 @@ def train_command(
     )
 
 
+@app.command("sweep")
+def sweep_command(
+    preset: Annotated[
+        str | None, typer.Option(help="A registered preset (safety8k when no --config).")
+    ] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="A full config file (JSON/YAML).")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Hugging Face id or local folder.")] = None,
+    data: Annotated[
+        str | None, typer.Option("--data", help="A data file or a folder with train/val/test.")
+    ] = None,
+    assignments: Annotated[
+        list[str] | None, typer.Option("--set", help="Override any spec field: a.b=value (repeatable).")
+    ] = None,
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            "--layers",
+            help="Hidden states to probe, comma-separated (0 = embeddings, -1 = last); default all.",
+        ),
+    ] = None,
+    combos: Annotated[
+        bool,
+        typer.Option("--combos/--no-combos", help="Also probe the best 2, best 3 and all layers combined."),
+    ] = True,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Output folder (default runs/sweep-<time>).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
+    trust_remote_code: Annotated[
+        bool, typer.Option("--trust-remote-code", help="Allow the model's own Python code to run.")
+    ] = False,
+) -> None:
+    """Probe every layer: one frozen pass caches each layer's pooled features, a head trains on
+    each layer and on combinations; prints the table, writes it with a plot and best.yaml."""
+    import probekit
+    from probekit.sweep import parse_layers, sweep
+
+    chosen = parse_layers(layers) if layers is not None else None
+    _discover()
+    extra = ["model.trust_remote_code=true"] if trust_remote_code else []
+    cfg = probekit.compose_config(
+        preset=preset, config=config, model=model, data=data, assignments=[*extra, *(assignments or [])]
+    )
+    result = sweep(cfg, out=out, overwrite=overwrite, layers=chosen, combos=combos, log=_echo_err)
+    for line in result.table():
+        typer.echo(line)
+
+
 @app.command("eval")
 def eval_command(
     run: Annotated[Path, typer.Argument(help="A run folder written by probekit train.")],

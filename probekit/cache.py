@@ -106,6 +106,14 @@ def frozen_prefix(probe: Probe) -> int:
     return count
 
 
+def is_static(module: nn.Module) -> bool:
+    """True when ``module`` computes a fixed function: no parameters and no active dropout (its
+    output for an input can be computed once and reused)."""
+    return not any(True for _ in module.parameters()) and not any(
+        isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules()
+    )
+
+
 def plan_cache(probe: Probe) -> tuple[CachePlan | None, str]:
     """The cache plan for ``probe``, or None with the reason there is nothing to cache."""
     prefix = frozen_prefix(probe)
@@ -124,10 +132,8 @@ def plan_cache(probe: Probe) -> tuple[CachePlan | None, str]:
         if outside or prefix < layout.num_blocks:
             reach = min(prefix, layout.num_blocks - 1)
     if reach >= top:
-        static = not any(True for _ in probe.pooler.parameters()) and not any(
-            isinstance(m, nn.Dropout) and m.p > 0 for m in probe.pooler.modules()
-        )
-        return CachePlan("pooled" if static else "layers", probe.layers, 0), "every pooled layer is frozen"
+        mode: Literal["pooled", "layers"] = "pooled" if is_static(probe.pooler) else "layers"
+        return CachePlan(mode, probe.layers, 0), "every pooled layer is frozen"
     layers = tuple(sorted({reach, *(i for i in probe.layers if i < reach)}))
     return CachePlan("prefix", layers, reach), f"blocks 0-{reach - 1} and the embeddings are frozen"
 

@@ -458,7 +458,10 @@ class RunResult:
 
 
 # -- evaluation --------------------------------------------------------------------------------
-def _progress(iterable: Iterable[Any], enabled: bool, desc: str, total: int | None = None) -> Iterator[Any]:
+def progress_bar(
+    iterable: Iterable[Any], enabled: bool, desc: str, total: int | None = None
+) -> Iterator[Any]:
+    """``iterable``, with a progress bar on stderr when ``enabled``."""
     if not enabled:
         yield from iterable
         return
@@ -490,7 +493,7 @@ def predict_loader(
     if group is not None and group.sharded:  # every process runs as many forwards as the busiest
         batches = _padded(loader, group)
     with no_grad(group), accelerator.autocast():
-        for batch in _progress(batches, progress, "eval"):
+        for batch in progress_bar(batches, progress, "eval"):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             logits = probe(**probe_inputs(batch, plan)).float()
             if "filler" in batch:
@@ -528,7 +531,9 @@ def _padded(loader: DataLoader[Any], group: Group) -> Iterator[dict[str, torch.T
         yield {**loader.collate_fn([0]), "filler": torch.ones(1)}
 
 
-def _better(metric: str, value: float, best: float | None) -> bool:
+def improves(metric: str, value: float, best: float | None) -> bool:
+    """Whether ``value`` of the monitored ``metric`` beats ``best`` (lower for ``loss``, higher
+    otherwise); nan never does, anything beats None."""
     if math.isnan(value):
         return False
     if best is None:
@@ -853,7 +858,7 @@ def build_caches(
             )
             # Under FSDP every process runs as many forwards: empty batches run a throw-away one.
             share += [[] for _ in range(group.forward_counts(len(share)) - len(share))]
-            batches = _progress(share, show, f"caching {name}", total=len(share))
+            batches = progress_bar(share, show, f"caching {name}", total=len(share))
             begun = time.perf_counter()
             computed = [0]
 
@@ -1031,7 +1036,7 @@ def _train_loop(
                 schedule = [m for m in schedule if m.window >= skip]
                 _restore_rng(resume, group.rank)
             bad_loss = False
-            for micro in _progress(schedule, show, f"epoch {epoch}/{spec.epochs}", total=len(schedule)):
+            for micro in progress_bar(schedule, show, f"epoch {epoch}/{spec.epochs}", total=len(schedule)):
                 batch = {k: v.to(device) for k, v in collate(micro.rows).items()}
                 # Gradients are synchronised across processes on a window's last micro-batch only.
                 # Autocast here too: a sharded probe is not wrapped by Accelerate, which would add it.
@@ -1106,7 +1111,7 @@ def _train_loop(
                 "skipped_steps": epoch_skipped,
             }
             monitored = val_loss if spec.monitor == "loss" else val[spec.monitor]
-            if _better(spec.monitor, monitored, best):
+            if improves(spec.monitor, monitored, best):
                 best, best_epoch, bad_epochs = monitored, epoch, 0
                 best_state = trainable_state(model)
                 best_val = (val_probs, val_labels)

@@ -7,6 +7,7 @@ dimension or less (biases, norm weights, scalar-mix weights) never get weight de
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -57,6 +58,21 @@ class ParamGroup:
         }
 
 
+def decay_groups(
+    part: str, lr: float, named: Iterable[tuple[str, nn.Parameter]], weight_decay: float
+) -> list[ParamGroup]:
+    """``named`` parameters as the groups ``{part}/decay`` (at ``weight_decay``) and
+    ``{part}/no_decay`` (see `no_weight_decay`), both at ``lr``; an empty group is dropped."""
+    named = list(named)
+    groups: list[ParamGroup] = []
+    for suffix, decay in (("decay", weight_decay), ("no_decay", 0.0)):
+        chosen = [(n, p) for n, p in named if no_weight_decay(n, p) == (suffix == "no_decay")]
+        if chosen:
+            names, params = zip(*chosen, strict=True)
+            groups.append(ParamGroup(f"{part}/{suffix}", lr, decay, tuple(names), tuple(params)))
+    return groups
+
+
 def param_groups(probe: Probe, spec: OptimizerSpec) -> list[ParamGroup]:
     """Trainable parameters of ``probe`` split into head/body x decay/no-decay; empty groups dropped.
 
@@ -64,30 +80,20 @@ def param_groups(probe: Probe, spec: OptimizerSpec) -> list[ParamGroup]:
     reach the optimiser even if someone flipped ``requires_grad`` by hand.
     """
     trainable_body = probe.plan.trainable
-    parts: list[tuple[str, float, list[tuple[str, nn.Parameter]]]] = [
-        (
-            "head",
-            spec.lr_head,
-            [(f"pooler.{n}", p) for n, p in probe.pooler.named_parameters()]
-            + [(f"head.{n}", p) for n, p in probe.head.named_parameters()],
-        ),
-        (
-            "body",
-            spec.lr_body,
-            [(f"backbone.{n}", p) for n, p in probe.backbone.named_parameters() if n in trainable_body],
-        ),
+    head = [(f"pooler.{n}", p) for n, p in probe.pooler.named_parameters()] + [
+        (f"head.{n}", p) for n, p in probe.head.named_parameters()
     ]
-    groups: list[ParamGroup] = []
-    for part, lr, named in parts:
-        for suffix, decay in (("decay", spec.weight_decay), ("no_decay", 0.0)):
-            chosen = [(n, p) for n, p in named if no_weight_decay(n, p) == (suffix == "no_decay")]
-            if chosen:
-                names, params = zip(*chosen, strict=True)
-                groups.append(ParamGroup(f"{part}/{suffix}", lr, decay, tuple(names), tuple(params)))
-    return groups
+    body = [(f"backbone.{n}", p) for n, p in probe.backbone.named_parameters() if n in trainable_body]
+    return decay_groups("head", spec.lr_head, head, spec.weight_decay) + decay_groups(
+        "body", spec.lr_body, body, spec.weight_decay
+    )
+
+
+def adamw(groups: Iterable[ParamGroup], spec: OptimizerSpec) -> torch.optim.AdamW:
+    """AdamW over ``groups`` with the spec's betas and eps."""
+    return torch.optim.AdamW([g.as_torch() for g in groups], lr=spec.lr_head, betas=spec.betas, eps=spec.eps)
 
 
 def build_optimizer(probe: Probe, spec: OptimizerSpec) -> torch.optim.AdamW:
     """AdamW over `param_groups`."""
-    groups = [g.as_torch() for g in param_groups(probe, spec)]
-    return torch.optim.AdamW(groups, lr=spec.lr_head, betas=spec.betas, eps=spec.eps)
+    return adamw(param_groups(probe, spec), spec)

@@ -1,4 +1,5 @@
-"""PNG plots of a training run: loss/accuracy curves, ROC, PR, confusion matrix, calibration.
+"""PNG plots of a training run: loss/accuracy curves, ROC, PR, confusion matrix, calibration;
+and of a layer sweep: validation metrics per hidden state.
 
 Figures are drawn with matplotlib's Agg canvas directly (`Figure` + `FigureCanvasAgg`), never
 through `pyplot`: importing or calling this module changes no global matplotlib state (backend,
@@ -375,3 +376,74 @@ def write_report_plots(
         lambda path: plot_calibration(y, p, path),
     ]
     return [write(out / name) for write, name in zip(writers, REPORT_PLOTS, strict=True)]
+
+
+LAYER_METRICS = (("accuracy", "accuracy", _TRAIN), ("auroc", "AUROC", _VAL), ("auprc", "AUPRC", "tab:green"))
+"""The validation metrics `plot_layers` draws: key, label, colour."""
+
+
+def plot_layers(
+    layers: Sequence[int],
+    metrics: Sequence[Mapping[str, float | None]],
+    path: PathLike,
+    combos: Sequence[tuple[str, Mapping[str, float | None]]] = (),
+    best: str | None = None,
+) -> Path:
+    """Validation accuracy, AUROC and AUPRC of a probe per hidden state, combinations beside them.
+
+    The single layers are drawn as lines over the hidden-state index; each combination (a probe
+    reading several layers) gets its own position to the right of them, after a separator, as
+    points of the same colours. A missing, `None` or non-finite value is skipped. The y axis
+    runs from a little below the lowest value drawn (a multiple of 0.05) to 1.
+
+    Args:
+        layers: the hidden-state indices, in the order of `metrics`.
+        metrics: per layer, a mapping with any of `accuracy`, `auroc`, `auprc`.
+        path: where to write the PNG.
+        combos: `(label, metrics)` per combination, in drawing order.
+        best: the tick label to mark with a vertical line: a layer index as text (`"3"`) or a
+            combination's label; `None` marks nothing.
+
+    Returns:
+        The path written.
+    """
+    if len(layers) != len(metrics):
+        raise UserError(f"plot_layers: {len(layers)} layers but {len(metrics)} rows of metrics")
+    xs = list(range(len(layers)))
+    combo_xs = [len(layers) + 1 + i for i in range(len(combos))]  # after a one-position gap
+    ticks = [*xs, *combo_xs]
+    labels = [*(str(layer) for layer in layers), *(label for label, _ in combos)]
+    fig = Figure(figsize=(min(max(6.5, 0.32 * len(ticks) + 3.0), 24.0), 4.5))
+    ax = fig.subplots()
+    drawn: list[float] = []
+    for key, name, color in LAYER_METRICS:
+        points = [(x, v) for x, row in zip(xs, metrics, strict=True) if (v := _value(row, key)) is not None]
+        if points:
+            px, py = zip(*points, strict=True)
+            ax.plot(px, py, "-", marker="o", markersize=4, color=color, label=f"val {name}")
+        extra = [
+            (x, v)
+            for x, (_, row) in zip(combo_xs, combos, strict=True)
+            if (v := _value(row, key)) is not None
+        ]
+        if extra:
+            cx, cy = zip(*extra, strict=True)
+            ax.plot(cx, cy, linestyle="none", marker="D", markersize=6, color=color)
+        drawn += [v for _, v in points + extra]
+    if combos:
+        ax.axvline(len(layers), color="0.75", linewidth=1)
+    if best is not None and best in labels:
+        what = best if best in labels[len(layers) :] else f"layer {best}"
+        ax.axvline(ticks[labels.index(best)], color="0.3", linestyle=":", label=f"best: {what}")
+    if not ax.lines:
+        _note(ax, "no values")
+    ax.set_xticks(ticks, labels)
+    ax.set_xlim(-0.5, (ticks[-1] if ticks else 0) + 0.5)
+    ax.set_ylim(max(-0.02, math.floor(20 * min(drawn, default=0.0) - 1) / 20), 1.02)
+    ax.set_xlabel("Hidden state (0 = embeddings)" + ("; then layer combinations" if combos else ""))
+    ax.set_ylabel("Validation metric")
+    ax.set_title("Probe per layer")
+    ax.grid(True, alpha=0.3)
+    _legend(ax, "lower right")
+    fig.tight_layout()
+    return _save(fig, path)

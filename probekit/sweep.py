@@ -1,0 +1,658 @@
+"""Layer sweep: which hidden states of a backbone carry the signal, and the config that uses them.
+
+`sweep` loads the backbone and data a config names (with `probekit.engine.prepare`, as training
+does), runs the whole backbone frozen, in eval mode and without gradients, once over every split
+(length-sorted batches, so padding is small), and pools every requested hidden state with the
+spec's token pooler into one float32 array per split, ``[rows, layers, width]``. It then trains
+the spec's head on each layer's features, and on a few combinations of layers, with the spec's
+optimiser, schedule, label smoothing, clipping, epochs, early stopping and seed. Those probes
+cost only the head, so the sweep costs about one pass of the backbone over the data.
+
+The pooler must compute a fixed function (no parameters, no dropout) since it runs once, before
+any training: a single-layer pooler (``masked_mean``, ``cls``, ``last_token``, ``max``, or a
+parameter-free plugin), or ``multilayer`` over one of them, whose ``token_pooler`` pools each
+layer. A pooler with parameters (the ``attention`` plugin) is refused.
+
+Combinations: the best 2 and the best 3 single layers by the monitored val metric
+(``train.monitor``; ties go to the lower layer), and all requested layers; one that repeats an
+earlier one's layers is dropped. A combination pools each layer and then combines the pooled
+vectors as the spec's ``multilayer`` pooler does (its ``combine``: ``mean``, ``concat`` or a
+learned ``scalar_mix``, trained with the head), or by ``concat`` when the spec's pooler reads a
+single layer. The best candidate is the one with the best monitored val metric (ties go to the
+earlier: single layers in layer order, then the combinations).
+
+The run folder (written whole or not at all, like a training run's) holds ``sweep.json``,
+``sweep.md``, ``layers.png`` and ``best.yaml``: the config with the pooler set to the best
+candidate (``combine_at: pooled`` for a combination, which is what the sweep measured), ready for
+``probekit train --config best.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from probekit.backbone import resolve_layers
+from probekit.cache import is_static
+from probekit.config import ProbeConfig, dump_config, load_config
+from probekit.engine import (
+    DivergedError,
+    Encoded,
+    Log,
+    absolute_paths,
+    claim_run_dir,
+    default_run_dir,
+    eval_loader,
+    improves,
+    prepare,
+    progress_bar,
+    publish_run_dir,
+)
+from probekit.errors import UserError
+from probekit.freezers.all import FreezeAllSpec
+from probekit.metrics import choose_threshold, compute_metrics
+from probekit.optim import adamw, decay_groups
+from probekit.poolers.base import Pooler
+from probekit.poolers.multilayer import Combine, MultiLayerPooler, MultiLayerSpec
+from probekit.probe import Probe
+from probekit.registry import POOLERS
+from probekit.spec import BuildContext, PoolerSpec, TokenPoolerSpec
+
+SWEEP_FILES = ("sweep.json", "sweep.md", "layers.png", "best.yaml")
+"""The files a sweep writes into its run folder."""
+
+TOP_SIZES = (2, 3)
+"""Combinations of the best this many single layers (then all layers)."""
+
+
+# -- pure helpers ------------------------------------------------------------------------------
+def parse_layers(text: str) -> tuple[int, ...]:
+    """Hidden-state indices from a comma list such as ``"0,3,6"`` or ``"-3,-2,-1"`` (``--layers``).
+
+    Whether they exist is checked once the backbone is known (`probekit.backbone.resolve_layers`).
+
+    Raises:
+        UserError: an empty list, or an item that is not an integer.
+    """
+    items = [item.strip() for item in text.split(",")]
+    layers: list[int] = []
+    for item in items:
+        try:
+            layers.append(int(item))
+        except ValueError:
+            raise UserError(
+                f"--layers {text!r}: {item!r} is not a layer index; give hidden-state indices "
+                "separated by commas, e.g. 0,3,6 (0 = embeddings, -1 = last)"
+            ) from None
+    return tuple(layers)
+
+
+def sweep_pooler(spec: PoolerSpec) -> tuple[TokenPoolerSpec, Combine]:
+    """The single-layer pooler a sweep pools every layer with, and how it combines layers:
+    ``multilayer``'s token pooler and ``combine``, or a single-layer pooler and ``concat``.
+
+    Raises:
+        UserError: a pooler that reads several layers and is not ``multilayer``.
+    """
+    if isinstance(spec, MultiLayerSpec):
+        return spec.token_pooler, spec.combine
+    if isinstance(spec, TokenPoolerSpec):
+        return spec, "concat"
+    raise UserError(
+        f"pooler.kind={spec.kind!r}: a sweep pools each layer with a single-layer pooler; use one "
+        f"({', '.join(_fixed_token_poolers())}) or multilayer over one of them"
+    )
+
+
+def _fixed_token_poolers() -> list[str]:
+    """The built-in single-layer pooler kinds (each computes a fixed function)."""
+    return [e.kind for e in POOLERS.entries() if e.builtin and issubclass(e.obj, TokenPoolerSpec)]
+
+
+def _rank_key(value: float, lower_is_better: bool) -> float:
+    """Sort key, best first; an undefined (nan) value sorts last."""
+    if math.isnan(value):
+        return math.inf
+    return value if lower_is_better else -value
+
+
+def choose_combinations(
+    scores: Mapping[int, float], *, lower_is_better: bool = False
+) -> list[tuple[str, tuple[int, ...]]]:
+    """The layer combinations a sweep trains, from the single layers' monitored val scores.
+
+    ``top 2`` and ``top 3`` hold the best 2 and 3 layers (ties: the lower layer first), ``all``
+    every layer; each has at least two layers, and a combination with the same layers as an
+    earlier one is dropped. Layers are listed in ascending order.
+
+    Args:
+        scores: hidden-state index -> the val score of the probe on that layer (nan: undefined,
+            ranked last).
+        lower_is_better: True when the score is a loss.
+    """
+    ranked = sorted(scores, key=lambda layer: (_rank_key(scores[layer], lower_is_better), layer))
+    wanted = [(f"top {k}", ranked[:k]) for k in TOP_SIZES] + [("all", ranked)]
+    chosen: list[tuple[str, tuple[int, ...]]] = []
+    for label, layers in wanted:
+        members = tuple(sorted(layers))
+        if len(members) >= 2 and members not in {c for _, c in chosen}:
+            chosen.append((label, members))
+    return chosen
+
+
+# -- the one pass over the backbone ------------------------------------------------------------
+def pool_layers(
+    probe: Probe,
+    encoded: Encoded,
+    layers: Sequence[int],
+    *,
+    pad_id: int,
+    padding_side: str = "right",
+    batch_size: int = 64,
+    max_tokens: int | None = 4096,
+    precision: str = "no",
+    progress: bool = False,
+    desc: str = "features",
+) -> np.ndarray:
+    """Pooled features of every hidden state ``layers`` for every row: ``[rows, layers, width]``
+    float32, rows in the split's order.
+
+    The backbone runs once per batch (in eval mode, without gradients, under autocast when
+    ``precision`` is ``bf16`` or ``fp16``), up to the highest of ``layers``; each hidden state then
+    goes through the probe's own pooling path (cast to the head's dtype, ``probe.pooler``, its
+    output-shape check) as if it were the layer the probe reads, so layer ``i`` gets exactly what a
+    probe pooling layer ``i`` computes. Batches are sorted by length (`eval_loader`).
+    """
+    device = next(probe.head.parameters()).device
+    width = probe.pooler.output_dim(probe.layout.hidden_size)
+    out = np.zeros((len(encoded), len(layers), width), dtype=np.float32)
+    read = probe.layers[0]
+    loader = eval_loader(encoded, pad_id, batch_size, padding_side=padding_side, max_tokens=max_tokens)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    probe.eval()
+    with torch.inference_mode(), autocast:
+        for batch in progress_bar(loader, progress, desc, total=len(loader)):
+            ids = batch["input_ids"].to(device)
+            mask = batch["attention_mask"].to(device)
+            hidden = probe.hidden_states(ids, mask, layers=layers)
+            pooled = torch.stack([probe.features(ids, mask, cached={read: h}) for h in hidden], dim=1)
+            out[batch["index"].numpy()] = pooled.float().cpu().numpy()
+    return out
+
+
+# -- probes on cached features -----------------------------------------------------------------
+class _Pooled(Pooler):
+    """Stands in for the token pooler when the features are pooled already: ``(b, 1, w) -> (b, w)``."""
+
+    def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        return hidden[:, 0]
+
+    def output_dim(self, hidden_size: int) -> int:
+        return hidden_size
+
+
+class FeatureProbe(nn.Module):
+    """What a sweep candidate trains: the spec's head on pooled features ``(b, k, w)`` of ``k``
+    layers; with ``combine`` they are first combined as a ``multilayer`` pooler with
+    ``combine_at="pooled"`` does (the same module, so ``scalar_mix`` weights train too)."""
+
+    def __init__(self, head: nn.Module, pooler: MultiLayerPooler | None = None) -> None:
+        super().__init__()
+        self.pooler = pooler
+        self.head = head
+
+    def forward(self, features: Tensor) -> Tensor:
+        if self.pooler is None:
+            pooled = features[:, 0]
+        else:
+            mask = features.new_ones((features.shape[0], 1))
+            pooled = self.pooler([part.unsqueeze(1) for part in features.unbind(1)], mask)
+        logits: Tensor = self.head(pooled)
+        return logits
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One probe of the sweep: the hidden states it read, how it combined them, its results."""
+
+    name: str
+    """``layer 3``, or a combination: ``top 2``, ``top 3``, ``all``."""
+    layers: tuple[int, ...]
+    combine: Combine | None
+    """How several layers were combined; None for a single layer."""
+    metrics: dict[str, dict[str, float]]
+    """Per split (``val``, ``test``): `compute_metrics` at the val threshold, plus ``loss``."""
+    threshold: float
+    best_epoch: int
+    epochs_run: int
+
+    def value(self, metric: str) -> float:
+        """The val value of ``metric`` (``auroc``, ``accuracy``, ``f1``, ``auprc``, ``loss``...)."""
+        return self.metrics["val"][metric]
+
+    @property
+    def members(self) -> str:
+        """The layers as text: ``3``, or ``2+4 (concat)``."""
+        text = "+".join(map(str, self.layers))
+        return text if self.combine is None else f"{text} ({self.combine})"
+
+    def as_json(self) -> dict[str, Any]:
+        """The candidate as ``sweep.json`` holds it."""
+        return {
+            "name": self.name,
+            "layers": list(self.layers),
+            "combine": self.combine,
+            "threshold": self.threshold,
+            "best_epoch": self.best_epoch,
+            "epochs_run": self.epochs_run,
+            "metrics": self.metrics,
+        }
+
+
+def _predict(
+    model: FeatureProbe, features: Tensor, labels: Tensor, batch_size: int
+) -> tuple[np.ndarray, float]:
+    """Positive-class probabilities and the mean (unsmoothed) loss, in eval mode."""
+    model.eval()
+    with torch.inference_mode():
+        logits = torch.cat([model(chunk) for chunk in torch.split(features, batch_size)]).float()
+        loss = float(F.cross_entropy(logits, labels))
+        return torch.softmax(logits, dim=-1)[:, 1].cpu().numpy(), loss
+
+
+def fit_candidate(
+    name: str,
+    layers: tuple[int, ...],
+    splits: Mapping[str, tuple[Tensor, Tensor]],
+    config: ProbeConfig,
+    ctx: BuildContext,
+    combine: Combine | None = None,
+) -> Candidate:
+    """Train the spec's head on cached features and evaluate it, as training would train it.
+
+    ``splits`` maps ``train``, ``val`` (and ``test``) to features ``(rows, k, w)`` of the ``k``
+    ``layers`` and labels, on the device to train on. The head is built through its spec with
+    the seed set (`FeatureProbe`); AdamW at the head's learning rate and weight decay (none on
+    biases and norms), the spec's schedule, batches of the effective batch size (``batch_size x
+    grad_accum``) in a seeded random order, label smoothing, gradient clipping; the val metric
+    ``train.monitor`` is evaluated after each epoch, training stops after ``train.patience`` epochs
+    without improvement, and the best epoch's weights are restored. The decision threshold is
+    chosen on val by the spec's rule (``threshold.target_fpr``), and metrics are computed there.
+
+    Raises:
+        DivergedError: a non-finite loss.
+    """
+    spec = config.train
+    torch.manual_seed(spec.seed)
+    x, y = splits["train"]
+    width = x.shape[2]
+    pooler = None if combine is None else MultiLayerPooler(len(layers), combine, "pooled", _Pooled())
+    in_dim = width if pooler is None else pooler.output_dim(width)
+    model = FeatureProbe(config.head.build(ctx, in_dim), pooler).to(x.device)
+    optimizer = adamw(
+        decay_groups(
+            "head", config.optimizer.lr_head, model.named_parameters(), config.optimizer.weight_decay
+        ),
+        config.optimizer,
+    )
+    batch = spec.batch_size * spec.grad_accum
+    per_epoch = math.ceil(len(y) / batch)
+    scheduler = config.scheduler.build(optimizer, per_epoch * spec.epochs, per_epoch)
+    order = torch.Generator().manual_seed(spec.seed)
+    val_x, val_y = splits["val"]
+    val_labels = val_y.cpu().numpy()
+    best: float | None = None
+    best_state = {k: v.clone() for k, v in model.state_dict().items()}
+    best_epoch = bad_epochs = epochs_run = 0
+    for epoch in range(1, spec.epochs + 1):
+        model.train()
+        for chunk in torch.split(torch.randperm(len(y), generator=order), batch):
+            rows = chunk.to(x.device)
+            loss = F.cross_entropy(model(x[rows]), y[rows], label_smoothing=spec.label_smoothing)
+            if not torch.isfinite(loss):
+                raise DivergedError(
+                    f"training diverged: non-finite loss of the probe on {name}, epoch {epoch}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            if spec.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+        epochs_run = epoch
+        probs, val_loss = _predict(model, val_x, val_y, spec.eval_batch_size)
+        monitored = (
+            val_loss if spec.monitor == "loss" else compute_metrics(val_labels, probs, 0.5)[spec.monitor]
+        )
+        if improves(spec.monitor, monitored, best):
+            best, best_epoch, bad_epochs = monitored, epoch, 0
+            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+        else:
+            bad_epochs += 1
+        if bad_epochs >= spec.patience and epoch < spec.epochs:
+            break
+    model.load_state_dict(best_state)
+    scores = {
+        split: (labels.cpu().numpy(), *_predict(model, features, labels, spec.eval_batch_size))
+        for split, (features, labels) in splits.items()
+        if split != "train"
+    }
+    target = config.threshold.target_fpr
+    threshold = choose_threshold(
+        scores["val"][0],
+        scores["val"][1],
+        rule="max_f1" if target is None else "target_fpr",
+        target_fpr=target,
+    )
+    metrics = {
+        split: {**compute_metrics(labels, probs, threshold), "loss": loss}
+        for split, (labels, probs, loss) in scores.items()
+    }
+    return Candidate(name, layers, combine, metrics, threshold, best_epoch, epochs_run)
+
+
+# -- results -----------------------------------------------------------------------------------
+TABLE_METRICS = (
+    ("accuracy", "acc"),
+    ("f1", "f1"),
+    ("auroc", "auroc"),
+    ("auprc", "auprc"),
+    ("recall_at_1pct_fpr", "r@1%fpr"),
+    ("recall_at_5pct_fpr", "r@5%fpr"),
+    ("ece", "ece"),
+)
+"""Metrics of the sweep table, per split: key and column name."""
+
+
+@dataclass
+class SweepResult:
+    """What a sweep produced: the layers, every candidate, the best one, the cached features."""
+
+    run_dir: Path
+    layers: tuple[int, ...]
+    candidates: list[Candidate]
+    best: Candidate
+    monitor: str
+    combine: Combine
+    """How the combinations combined their layers."""
+    features: dict[str, np.ndarray] = field(repr=False)
+    """Per split, the pooled features ``[rows, layers, width]`` (float32; layers in ``layers`` order)."""
+    labels: dict[str, np.ndarray] = field(repr=False)
+    """Per split, the class index of each row."""
+    feature_seconds: float = 0.0
+    """The pass of the backbone over every split."""
+    probe_seconds: float = 0.0
+    """Training and evaluating every candidate."""
+    seconds: float = 0.0
+    """The whole sweep, loading included."""
+
+    def table(self) -> list[str]:
+        """The candidates as a Markdown table (val metrics, then test metrics when there is a test
+        split); the best candidate's name ends in ``(best)``."""
+        splits = [s for s in ("val", "test") if s in self.best.metrics]
+        header = ["candidate", "layers"] + [f"{s} {col}" for s in splits for _, col in TABLE_METRICS]
+        header.append("epochs")
+        rows = [header, ["---"] * len(header)]
+        for c in self.candidates:
+            name = f"{c.name} (best)" if c is self.best else c.name
+            cells = [f"{c.metrics[s][key]:.4f}" for s in splits for key, _ in TABLE_METRICS]
+            rows.append([name, c.members, *cells, f"{c.best_epoch}/{c.epochs_run}"])
+        return ["| " + " | ".join(row) + " |" for row in rows]
+
+    def summary(self) -> list[str]:
+        """A short human summary: where, the best candidate, the time spent."""
+        return [
+            f"sweep: {self.run_dir}",
+            f"best: {self.best.name} (hidden states {self.best.members}), val {self.monitor} "
+            f"{self.best.value(self.monitor):.4f}; config in {self.run_dir / 'best.yaml'}",
+            f"features {self.feature_seconds:.1f} s, probes {self.probe_seconds:.1f} s, "
+            f"total {self.seconds:.1f} s",
+        ]
+
+
+def best_config(config: ProbeConfig, candidate: Candidate, token_pooler: TokenPoolerSpec) -> ProbeConfig:
+    """``config`` with its pooler reading what ``candidate`` read: ``token_pooler`` on its layer,
+    or ``multilayer`` over its layers (its ``combine``, ``combine_at: pooled``) with
+    ``token_pooler`` inside. Everything else (freezer, head, optimiser...) is kept. Validated."""
+    data = config.model_dump(mode="json")
+    inner = {k: v for k, v in token_pooler.model_dump(mode="json").items() if k != "layer"}
+    if candidate.combine is None:
+        data["pooler"] = {**inner, "layer": candidate.layers[0]}
+    else:
+        data["pooler"] = {
+            "kind": "multilayer",
+            "layers": list(candidate.layers),
+            "combine": candidate.combine,
+            "combine_at": "pooled",
+            "token_pooler": inner,
+        }
+    return load_config(data)
+
+
+# -- the sweep ---------------------------------------------------------------------------------
+def sweep(
+    config: ProbeConfig,
+    *,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    layers: Sequence[int] | None = None,
+    combos: bool = True,
+    log: Log = print,
+    progress: bool | None = None,
+    name: str = "sweep",
+) -> SweepResult:
+    """Probe every requested hidden state of the config's backbone; write the sweep's run folder.
+
+    Args:
+        config: a validated config; its model, data, pooler (the token pooler used on every
+            layer), head, optimiser, schedule and training settings are used, its freezer only
+            in ``best.yaml`` (the sweep runs the backbone frozen).
+        out: the run folder (default ``runs/<name>-<timestamp>``); must not exist or be empty
+            unless ``overwrite``; written to a temporary sibling and moved into place when
+            complete.
+        overwrite: replace a non-empty ``out`` once the sweep is complete.
+        layers: hidden-state indices (0 = embeddings, negative from the end); default: all.
+        combos: also train the combinations (best 2, best 3, all layers).
+        log: where progress lines go.
+        progress: show progress bars; default: when stderr is a terminal.
+        name: prefix of the default run folder name.
+
+    Raises:
+        UserError: a pooler with parameters or one that is not single-layer or ``multilayer``, a
+            layer the backbone lacks, a non-empty ``out``, bad data or model.
+    """
+    started = time.perf_counter()
+    token_pooler, combine = sweep_pooler(config.pooler)
+    show = sys.stderr.isatty() if progress is None else progress
+    out_dir = Path(out) if out is not None else default_run_dir(name)
+    partial = claim_run_dir(out_dir, overwrite)
+    try:
+        result = _sweep(config, token_pooler, combine, layers, combos, partial, log, show)
+        publish_run_dir(partial, out_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    result.run_dir = out_dir
+    result.seconds = time.perf_counter() - started
+    for line in result.summary():
+        log(line)
+    return result
+
+
+def _sweep(
+    config: ProbeConfig,
+    token_pooler: TokenPoolerSpec,
+    combine: Combine,
+    layers: Sequence[int] | None,
+    combos: bool,
+    folder: Path,
+    log: Log,
+    show: bool,
+) -> SweepResult:
+    # The pass reads the backbone frozen, with the token pooler (its layer is set per hidden state).
+    reader = token_pooler.model_copy(update={"layer": -1})
+    prepared = prepare(config.model_copy(update={"pooler": reader, "freezer": FreezeAllSpec()}))
+    probe, spec = prepared.probe, config.train
+    if not is_static(probe.pooler):
+        raise UserError(
+            f"pooler {token_pooler.kind!r} has parameters (or dropout); a sweep pools every layer once, "
+            f"before training, so it needs a fixed pooler: {', '.join(_fixed_token_poolers())} "
+            "(alone or as multilayer.token_pooler)"
+        )
+    num_blocks = probe.layout.num_blocks
+    chosen = resolve_layers(range(num_blocks + 1) if layers is None else layers, num_blocks, field="--layers")
+    config.freezer.resolve(probe.backbone)  # best.yaml keeps the spec's freezer: it must fit
+    data = prepared.dataset
+    rows = {split.name: len(split) for split in data.splits()}
+    log(
+        f"model: {prepared.backbone.name} ({prepared.backbone.provenance}); {probe.layout.model_type}, "
+        f"{num_blocks} blocks, width {probe.layout.hidden_size}"
+    )
+    log(f"data: {prepared.data_origin()}; " + " / ".join(f"{k} {n}" for k, n in rows.items()) + " rows")
+    precision = "fp32" if prepared.precision == "no" else prepared.precision
+    log(
+        f"sweep: {token_pooler.kind} pooling of hidden states {list(chosen)} (0 = embeddings), "
+        f"backbone frozen, {precision} on {prepared.device}"
+    )
+    log(
+        f"probes: {config.head.kind} head on each layer"
+        + (f", then the best 2, best 3 and all layers combined by {combine}" if combos else "")
+        + f"; best by val {spec.monitor}"
+    )
+
+    begun = time.perf_counter()
+    probe.to(prepared.device)
+    pad_id = int(prepared.backbone.tokenizer.pad_token_id)
+    features = {
+        split: pool_layers(
+            probe,
+            encoded,
+            chosen,
+            pad_id=pad_id,
+            padding_side=config.model.padding_side,
+            batch_size=spec.eval_batch_size,
+            max_tokens=spec.eval_max_tokens,
+            precision=prepared.precision,
+            progress=show,
+            desc=f"features {split}",
+        )
+        for split, encoded in prepared.encoded.items()
+    }
+    labels = {
+        split: np.asarray(encoded.labels, dtype=np.int64) for split, encoded in prepared.encoded.items()
+    }
+    feature_seconds = time.perf_counter() - begun
+    size = sum(f.nbytes for f in features.values()) / 2**20
+    log(
+        f"features: {len(chosen)} hidden states x {features['train'].shape[2]} for {sum(rows.values())} "
+        f"rows ({size:.1f} MiB) in {feature_seconds:.1f} s"
+    )
+
+    begun = time.perf_counter()
+    tensors = {
+        split: (torch.from_numpy(features[split]), torch.from_numpy(labels[split])) for split in features
+    }
+
+    def run(label: str, members: tuple[int, ...], how: Combine | None) -> Candidate:
+        positions = [chosen.index(layer) for layer in members]
+        splits = {
+            split: (_select(x, positions).to(prepared.device), y.to(prepared.device))
+            for split, (x, y) in tensors.items()
+        }
+        candidate = fit_candidate(label, members, splits, config, probe.context, how)
+        log(
+            f"{candidate.name} [{candidate.members}]: val acc {candidate.value('accuracy'):.4f} "
+            f"auroc {candidate.value('auroc'):.4f} auprc {candidate.value('auprc'):.4f} "
+            f"(best epoch {candidate.best_epoch} of {candidate.epochs_run})"
+        )
+        return candidate
+
+    singles = [run(f"layer {layer}", (layer,), None) for layer in progress_bar(chosen, show, "probes")]
+    lower = spec.monitor == "loss"
+    combined = [
+        run(label, members, combine)
+        for label, members in (
+            choose_combinations({c.layers[0]: c.value(spec.monitor) for c in singles}, lower_is_better=lower)
+            if combos
+            else []
+        )
+    ]
+    candidates = singles + combined
+    best, best_value = candidates[0], None
+    for candidate in candidates:
+        if improves(spec.monitor, candidate.value(spec.monitor), best_value):
+            best, best_value = candidate, candidate.value(spec.monitor)
+    result = SweepResult(
+        run_dir=folder,
+        layers=chosen,
+        candidates=candidates,
+        best=best,
+        monitor=spec.monitor,
+        combine=combine,
+        features=features,
+        labels=labels,
+        feature_seconds=feature_seconds,
+        probe_seconds=time.perf_counter() - begun,
+    )
+    _write_outputs(result, absolute_paths(config), token_pooler, prepared.backbone.name, rows, folder)
+    return result
+
+
+def _select(features: Tensor, positions: list[int]) -> Tensor:
+    """The ``positions`` of the layer axis; all of them in order without a copy."""
+    return features if positions == list(range(features.shape[1])) else features[:, positions]
+
+
+def _write_outputs(
+    result: SweepResult,
+    config: ProbeConfig,
+    token_pooler: TokenPoolerSpec,
+    model: str,
+    rows: dict[str, int],
+    folder: Path,
+) -> None:
+    from probekit.plots import plot_layers
+
+    best = result.best
+    target = config.threshold.target_fpr
+    report = {
+        "model": model,
+        "rows": rows,
+        "pooler": token_pooler.model_dump(mode="json"),
+        "combine": result.combine,
+        "layers": list(result.layers),
+        "monitor": result.monitor,
+        "threshold_rule": "max_f1" if target is None else f"target_fpr={target}",
+        "candidates": [c.as_json() for c in result.candidates],
+        "best": best.as_json(),
+        "seconds": {"features": result.feature_seconds, "probes": result.probe_seconds},
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    (folder / "sweep.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (folder / "sweep.md").write_text("\n".join(result.table()) + "\n", encoding="utf-8")
+    singles = [c for c in result.candidates if c.combine is None]
+    combos = [(c.name, c.metrics["val"]) for c in result.candidates if c.combine is not None]
+    plot_layers(
+        [c.layers[0] for c in singles],
+        [c.metrics["val"] for c in singles],
+        folder / "layers.png",
+        combos,
+        best=best.name if best.combine is not None else str(best.layers[0]),
+    )
+    chosen = best_config(config, best, token_pooler)
+    (folder / "best.yaml").write_text(dump_config(chosen), encoding="utf-8")
