@@ -754,8 +754,9 @@ def _fit(
 ) -> RunResult:
     config, probe = prepared.config, prepared.probe
     if group.sharded:
-        # Shard first: the optimiser must hold the sharded parameters.
-        held, total = shard_model(probe.to(accelerator.device), accelerator.device)
+        # Shard first: the optimiser must hold the sharded parameters. Each unit moves to the
+        # device as it is sharded, so the whole model is never on one device.
+        held, total = shard_model(probe, accelerator.device)
         prepared.sharded_parameters = [int(n) for n in group.gather(held)]
         shares = " + ".join(f"{n:,}" for n in prepared.sharded_parameters)
         log(f"fsdp: {total:,} parameters sharded over {group.size} processes: {shares}")
