@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     except ProbekitError as exc:
         for line in str(exc).splitlines() or [type(exc).__name__]:
             typer.echo(f"probekit: error: {_rank_tag()}{line}", err=True)
-        if isinstance(exc, PeerLostError):
+        if isinstance(exc, PeerLostError) and _launched_processes() > 1:
             _leave_now(exc.exit_code)
         return exc.exit_code
     except KeyboardInterrupt:
@@ -369,10 +369,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _leave_now(code: int) -> None:
-    """End the process without the interpreter's teardown. A process group with a dead or frozen
-    peer can abort the process (SIGABRT) while it is torn down: collectives still queued on its
-    worker threads time out there and throw where nothing catches them. The run folder is already
-    closed and the error printed, so nothing is lost by skipping the teardown."""
+    """End a launched training process without the interpreter's teardown. A process group with
+    a dead or frozen peer can abort the process (SIGABRT) while it is torn down. The run folder is
+    already closed and the error printed, so nothing is lost by skipping the teardown. Only under
+    a launcher: ``main`` called in-process by other code returns."""
     import os
 
     logging.shutdown()

@@ -28,16 +28,22 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 """Suffixes of pickled checkpoints (PyTorch, Lightning): refused by name, never loaded."""
 
 
-def trainable_state(probe: Any) -> dict[str, torch.Tensor]:
-    """The tensors training can change: pooler, head and trainable backbone parameters (whole
-    CPU copies; sharded parameters are gathered, so every process of the run must call it)."""
-    from probekit.distributed import full
-
+def trainable_parameters(probe: Any) -> dict[str, torch.nn.Parameter]:
+    """The parameters training can change: pooler, head and trainable backbone parameters."""
     return {
-        name: full(param.detach()).to("cpu", copy=True).contiguous()
+        name: param
         for name, param in probe.named_parameters()
         if not name.startswith("backbone.") or name.removeprefix("backbone.") in probe.plan.trainable
     }
+
+
+def trainable_state(probe: Any, *, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Whole CPU copies of `trainable_parameters`. Sharded parameters are gathered one at a time,
+    so every process of the run must call it; a process that only takes part in the gathering
+    passes ``keep=False`` and gets an empty dict (it never holds more than one whole tensor)."""
+    from probekit.distributed import gathered
+
+    return gathered({name: p.detach() for name, p in trainable_parameters(probe).items()}, keep=keep)
 
 
 def sha256_file(path: Path) -> str:

@@ -296,14 +296,36 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def gathered(tensors: dict[str, torch.Tensor], *, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Whole, contiguous CPU copies of ``tensors``, gathered one at a time where sharded (every
+    process must call it, in the same order). ``keep=False``: take part in the gathering only, and
+    drop each tensor at once; returns an empty dict."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        whole = full(tensor)
+        if keep:
+            out[name] = whole.to("cpu", copy=True).contiguous()
+    return out
+
+
 def shard_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """``value`` (a whole tensor) laid out like ``param``: this process's shard when ``param`` is
-    sharded and has ``value``'s shape, else ``value`` on ``param``'s device."""
+    """``value`` laid out like ``param``: a whole tensor becomes this process's shard when
+    ``param`` is sharded (an already sharded ``value`` stays as it is); otherwise ``value`` moves
+    to ``param``'s device. A 0-dim value (an optimiser's step count) is never sharded.
+
+    Raises:
+        ValueError: a whole ``value`` whose shape is not the sharded ``param``'s.
+    """
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    if isinstance(param, DTensor) and tuple(value.shape) == tuple(param.shape):
-        return distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
-    return value.to(param.device)
+    if isinstance(value, DTensor) or not isinstance(param, DTensor) or value.dim() == 0:
+        return value if isinstance(value, DTensor) else value.to(param.device)
+    if tuple(value.shape) != tuple(param.shape):
+        raise ValueError(
+            f"a tensor of shape {tuple(value.shape)} cannot take the place of {tuple(param.shape)}"
+        )
+    # Every process holds the same whole value: each takes its own shard, nothing is sent.
+    return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
 
 
 @contextmanager
@@ -338,4 +360,12 @@ def make_accelerator(precision: str, spec: Any) -> Any:
 
     timeout = datetime.timedelta(seconds=spec.distributed.timeout_s)
     handlers = [InitProcessGroupKwargs(timeout=timeout)]
-    return Accelerator(mixed_precision=precision, cpu=spec.cpu, kwargs_handlers=handlers)
+    accelerator = Accelerator(mixed_precision=precision, cpu=spec.cpu, kwargs_handlers=handlers)
+    kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
+    if kind in {"FSDP", "DEEPSPEED", "MEGATRON_LM"}:
+        raise UserError(
+            f"accelerate launch is set up for {kind}; probekit shards the model itself: launch with "
+            "--multi_gpu (no --use_fsdp/--use_deepspeed, no FSDP or DeepSpeed in `accelerate config`) "
+            "and set train.distributed.strategy=fsdp"
+        )
+    return accelerator

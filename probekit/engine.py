@@ -48,11 +48,12 @@ from probekit.cache import (
     plan_cache,
     storage_dtype,
 )
-from probekit.checkpoint import save_checkpoint, trainable_state
+from probekit.checkpoint import save_checkpoint, trainable_parameters, trainable_state
 from probekit.config import ProbeConfig, dump_config
 from probekit.data import Dataset, Split, load_data
 from probekit.distributed import (
     Group,
+    gathered,
     gradient_sync,
     is_peer_failure,
     make_accelerator,
@@ -415,6 +416,18 @@ def threshold_rule(config: ProbeConfig) -> str:
     """The documented threshold rule in words."""
     fpr = config.threshold.target_fpr
     return "max val F1" if fpr is None else f"lowest with val FPR <= {fpr}"
+
+
+def threshold_rule_id(config: ProbeConfig) -> str:
+    """The threshold rule as reports record it: ``max_f1`` or ``target_fpr=<budget>``."""
+    fpr = config.threshold.target_fpr
+    return "max_f1" if fpr is None else f"target_fpr={fpr}"
+
+
+def choose_val_threshold(config: ProbeConfig, labels: np.ndarray, probs: np.ndarray) -> float:
+    """The decision threshold the config's rule picks on val scores (`threshold_rule`)."""
+    fpr = config.threshold.target_fpr
+    return choose_threshold(labels, probs, rule="max_f1" if fpr is None else "target_fpr", target_fpr=fpr)
 
 
 def label_names(label_map: dict[str, int]) -> list[Any]:
@@ -789,7 +802,8 @@ def _fit(
     finally:
         for cache in caches.values():  # released before the outputs are written (lower peak memory)
             cache.close()
-    weights = trainable_state(model)  # every process takes part: sharded weights are gathered
+    # Every process takes part (sharded weights are gathered); only the writer keeps them.
+    weights = trainable_state(model, keep=group.is_main)
     if group.is_main:
         scale = None if accelerator.scaler is None else float(accelerator.scaler.get_scale())
         _write_outputs(prepared, model, weights, folder, result, scores, loss_scale=scale, group=group)
@@ -948,7 +962,7 @@ def _train_loop(
     history: list[dict[str, Any]] = []
     best: float | None = None
     best_epoch, bad_epochs, step, skipped, epoch_skipped = 0, 0, 0, 0, 0
-    best_state: dict[str, torch.Tensor] = trainable_state(model)  # every process: may gather
+    best_state: dict[str, torch.Tensor] = snapshot(model, group)
     best_val: tuple[np.ndarray, np.ndarray] | None = None
     stopped_early = False
     start_epoch, skip = 1, 0  # skip: accumulation windows of start_epoch done before the checkpoint
@@ -984,12 +998,14 @@ def _train_loop(
         and running sums are gathered); only the main process writes."""
         totals = [0.0, 0.0, 0.0] if epoch_done else group.sum(loss_total, correct, seen)
         rngs = group.gather(rng_state())
-        params = trainable_state(model)  # sharded weights and optimiser state are gathered
-        optim_tensors, optim_meta = optimizer_state(optimizer)
+        # Sharded weights and optimiser state are gathered; only the writer keeps them.
+        params = trainable_state(model, keep=group.is_main)
+        best_params = gathered(best_state, keep=group.is_main)
+        optim_tensors, optim_meta = optimizer_state(optimizer, keep=group.is_main)
         if not group.is_main:
             return
         tensors = {f"param.{k}": v for k, v in params.items()}
-        tensors.update({f"best.{k}": v for k, v in best_state.items()})
+        tensors.update({f"best.{k}": v for k, v in best_params.items()})
         if best_val is not None:
             tensors["bestval.probs"] = torch.from_numpy(np.asarray(best_val[0]))
             tensors["bestval.labels"] = torch.from_numpy(np.asarray(best_val[1]))
@@ -1114,7 +1130,7 @@ def _train_loop(
             monitored = val_loss if spec.monitor == "loss" else val[spec.monitor]
             if improves(spec.monitor, monitored, best):
                 best, best_epoch, bad_epochs = monitored, epoch, 0
-                best_state = trainable_state(model)
+                best_state = snapshot(model, group)
                 best_val = (val_probs, val_labels)
                 row["best"] = True
             else:
@@ -1141,12 +1157,7 @@ def _train_loop(
     if best_val is None:
         best_val = predict_loader(model, val_loader, accelerator, plan=plan, group=group)[:2]
     val_probs, val_labels = best_val
-    threshold = choose_threshold(
-        val_labels,
-        val_probs,
-        rule="max_f1" if config.threshold.target_fpr is None else "target_fpr",
-        target_fpr=config.threshold.target_fpr,
-    )
+    threshold = choose_val_threshold(config, val_labels, val_probs)
     model.threshold = threshold
     results = {"val": compute_metrics(val_labels, val_probs, threshold)}
     scores = {"val": (val_labels, val_probs)}
@@ -1250,9 +1261,18 @@ def precision_skips(accelerator: Any) -> bool:
     return getattr(accelerator, "scaler", None) is not None
 
 
+def snapshot(model: Probe, group: Group) -> dict[str, torch.Tensor]:
+    """The trainable weights to come back to (the best epoch's): CPU copies, or under fsdp a copy
+    of this process's shards, on its device (nothing gathered; `restore` takes either)."""
+    if not group.sharded:
+        return trainable_state(model)
+    reshard(model)  # the root unit stays gathered after a forward pass: copy its shards
+    return {name: p.detach().clone() for name, p in trainable_parameters(model).items()}
+
+
 def restore(model: Probe, state: dict[str, torch.Tensor]) -> None:
-    """Copy saved trainable tensors (whole) back into ``model`` (each process's shard of them
-    when sharded)."""
+    """Copy trainable tensors back into ``model``: whole ones (each process takes its shard of
+    them when sharded), or shards from `snapshot`."""
     reshard(model)  # write the shards, not a gathered copy that the next reshard drops
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -1296,9 +1316,7 @@ def _write_outputs(
         "epochs_run": result.epochs_run,
         "stopped_early": result.stopped_early,
         "threshold": result.threshold,
-        "threshold_rule": "max_f1"
-        if config.threshold.target_fpr is None
-        else f"target_fpr={config.threshold.target_fpr}",
+        "threshold_rule": threshold_rule_id(config),
         "metrics": result.metrics,
         "data": {
             "label_map": prepared.dataset.label_map,

@@ -225,7 +225,7 @@ class Probe(nn.Module):
         layers: Sequence[int] | None = None,
         **extra: Any,
     ) -> Tensor:
-        """Class logits ``(batch, num_classes)``.
+        """Class logits ``(batch, num_classes)``, or what ``output`` asks for.
 
         ``features`` (pooled features from the activation cache) skips backbone and pooler;
         ``cached`` replays cached hidden states of the frozen prefix (see `hidden_states`).

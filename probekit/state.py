@@ -167,10 +167,11 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
 
 
 # -- optimizer and scheduler -----------------------------------------------------------------------
-def optimizer_state(optimizer: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The optimizer's per-parameter tensors (whole: sharded ones are gathered, so every process
-    must call it), and its groups' settings as JSON."""
-    from probekit.distributed import full
+def optimizer_state(optimizer: Any, *, keep: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The optimizer's per-parameter tensors, whole, and its groups' settings as JSON. Sharded
+    tensors are gathered one at a time, so every process must call it; with ``keep=False`` a
+    process only takes part and gets no tensors."""
+    from probekit.distributed import gathered
 
     state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
@@ -178,10 +179,10 @@ def optimizer_state(optimizer: Any) -> tuple[dict[str, torch.Tensor], dict[str, 
     for index, values in state["state"].items():
         for key, value in values.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optim.{index}.{key}"] = full(value)
+                tensors[f"optim.{index}.{key}"] = value
             else:
                 scalars.setdefault(str(index), {})[key] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+    return gathered(tensors, keep=keep), {"param_groups": state["param_groups"], "scalars": scalars}
 
 
 def load_optimizer_state(optimizer: Any, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

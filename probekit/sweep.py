@@ -6,7 +6,7 @@ does), runs the whole backbone frozen, in eval mode and without gradients, once 
 spec's token pooler into one float32 array per split, ``[rows, layers, width]``. It then trains
 the spec's head on each layer's features, and on a few combinations of layers, with the spec's
 optimiser, schedule, label smoothing, clipping, epochs, early stopping and seed. Those probes
-cost only the head, so the sweep costs about one pass of the backbone over the data.
+cost only the head: the sweep costs one pass of the backbone over the data plus small heads.
 
 The pooler must compute a fixed function (no parameters, no dropout) since it runs once, before
 any training: a single-layer pooler (``masked_mean``, ``cls``, ``last_token``, ``max``, or a
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -54,6 +55,7 @@ from probekit.engine import (
     Encoded,
     Log,
     absolute_paths,
+    choose_val_threshold,
     claim_run_dir,
     default_run_dir,
     eval_loader,
@@ -61,10 +63,11 @@ from probekit.engine import (
     prepare,
     progress_bar,
     publish_run_dir,
+    threshold_rule_id,
 )
 from probekit.errors import UserError
 from probekit.freezers.all import FreezeAllSpec
-from probekit.metrics import choose_threshold, compute_metrics
+from probekit.metrics import compute_metrics
 from probekit.optim import adamw, decay_groups
 from probekit.poolers.base import Pooler
 from probekit.poolers.multilayer import Combine, MultiLayerPooler, MultiLayerSpec
@@ -352,13 +355,7 @@ def fit_candidate(
         for split, (features, labels) in splits.items()
         if split != "train"
     }
-    target = config.threshold.target_fpr
-    threshold = choose_threshold(
-        scores["val"][0],
-        scores["val"][1],
-        rule="max_f1" if target is None else "target_fpr",
-        target_fpr=target,
-    )
+    threshold = choose_val_threshold(config, scores["val"][0], scores["val"][1])
     metrics = {
         split: {**compute_metrics(labels, probs, threshold), "loss": loss}
         for split, (labels, probs, loss) in scores.items()
@@ -477,6 +474,8 @@ def sweep(
             layer the backbone lacks, a non-empty ``out``, bad data or model.
     """
     started = time.perf_counter()
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise UserError("probekit sweep runs in one process; start it without torchrun or accelerate launch")
     token_pooler, combine = sweep_pooler(config.pooler)
     show = sys.stderr.isatty() if progress is None else progress
     out_dir = Path(out) if out is not None else default_run_dir(name)
@@ -515,7 +514,12 @@ def _sweep(
             "(alone or as multilayer.token_pooler)"
         )
     num_blocks = probe.layout.num_blocks
-    chosen = resolve_layers(range(num_blocks + 1) if layers is None else layers, num_blocks, field="--layers")
+    # In layer order, whatever order --layers gave: the table, the ties and the plot follow it.
+    chosen = tuple(
+        sorted(
+            resolve_layers(range(num_blocks + 1) if layers is None else layers, num_blocks, field="--layers")
+        )
+    )
     config.freezer.resolve(probe.backbone)  # best.yaml keeps the spec's freezer: it must fit
     data = prepared.dataset
     rows = {split.name: len(split) for split in data.splits()}
@@ -629,7 +633,6 @@ def _write_outputs(
     from probekit.plots import plot_layers
 
     best = result.best
-    target = config.threshold.target_fpr
     report = {
         "model": model,
         "rows": rows,
@@ -637,7 +640,7 @@ def _write_outputs(
         "combine": result.combine,
         "layers": list(result.layers),
         "monitor": result.monitor,
-        "threshold_rule": "max_f1" if target is None else f"target_fpr={target}",
+        "threshold_rule": threshold_rule_id(config),
         "candidates": [c.as_json() for c in result.candidates],
         "best": best.as_json(),
         "seconds": {"features": result.feature_seconds, "probes": result.probe_seconds},

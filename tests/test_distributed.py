@@ -428,3 +428,43 @@ def test_two_processes_share_a_kept_cache_and_memory_mapped_storage(
             torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-6, msg=name)
     assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["train", "val"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "first", "second"]
+
+
+@pytest.mark.slow
+def test_fsdp_trains_a_scalar_mix_pooler_like_one_process(
+    quiet_bert: Path, toy_data: ToyData, tmp_path: Path
+) -> None:
+    """A pooler with parameters of its own (scalar_mix's mixing weights and scale) is sharded and
+    trained like the head: 2 fsdp processes against 1."""
+    extra = ("train.epochs=2", "pooler.combine=scalar_mix")
+    reference = tmp_path / "one"
+    config = compose_config(
+        preset="safety8k",
+        assignments=[f"model.name={quiet_bert}", *toy_data.assignments(), *SETTINGS, *extra],
+    )
+    train(config, out=reference, log=lambda _l: None, progress=False)
+    argv = train_argv(quiet_bert, toy_data, tmp_path / "run", *extra, "train.distributed.strategy=fsdp")
+    finish(launch("torchrun", argv), tmp_path)
+    one, two = weights(reference), weights(tmp_path / "run")
+    assert {"pooler.mix_logits", "pooler.mix_scale"} <= one.keys() and one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_accelerates_own_sharding_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A launch set up for Accelerate's FSDP or DeepSpeed would wrap the probe behind probekit's
+    back: refused with a one-line error that says what to do."""
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    from probekit.distributed import DistributedSpec, make_accelerator
+
+    class Launched:
+        def __init__(self, **_kwargs: Any) -> None:
+            self.distributed_type = DistributedType.DEEPSPEED
+
+    monkeypatch.setattr(accelerate, "Accelerator", Launched)
+    spec = compose_config(preset="safety8k").train
+    assert isinstance(spec.distributed, DistributedSpec)
+    with pytest.raises(UserError, match=r"set up for DEEPSPEED.*--multi_gpu.*strategy=fsdp"):
+        make_accelerator("no", spec)

@@ -245,8 +245,8 @@ def test_layers_and_no_combos(
     )
     assert code == 0, err
     report = json.loads((out / "sweep.json").read_text())
-    assert report["layers"] == [4, 0, 2]
-    assert [c["layers"] for c in report["candidates"]] == [[4], [0], [2]]
+    assert report["layers"] == [0, 2, 4]  # in layer order, whatever order --layers gave
+    assert [c["layers"] for c in report["candidates"]] == [[0], [2], [4]]
     assert len(stdout.splitlines()) == 2 + 3
 
 
@@ -270,6 +270,21 @@ def test_a_malformed_layer_list_is_refused_before_loading(
     )
     assert_one_line_error(code, stdout, err, "--layers '1,x': 'x' is not a layer index")
     assert names(tmp_path) == []
+
+
+def test_a_launched_sweep_is_refused(
+    bert_dir: Path,
+    toy_data: ToyData,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under torchrun every process would run the whole sweep and race for --out."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "o"
+    code, stdout, err = run_cli(capsys, *sweep_args(bert_dir, toy_data, "--out", out))
+    assert_one_line_error(code, stdout, err, "probekit sweep runs in one process")
+    assert not out.exists() and names(tmp_path) == []
 
 
 def test_a_non_empty_out_needs_overwrite(

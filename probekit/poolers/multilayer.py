@@ -40,7 +40,9 @@ class MultiLayerPooler(Pooler):
         self.token_pooler = token_pooler
         if combine == "scalar_mix":
             self.mix_logits = nn.Parameter(torch.zeros(num_layers))
-            self.mix_scale = nn.Parameter(torch.ones(()))
+            # Shape (1,), not a 0-dim scalar: FSDP cannot shard 0-dim parameters. Checkpoints
+            # written with the 0-dim shape still load (copied with broadcasting).
+            self.mix_scale = nn.Parameter(torch.ones(1))
 
     def _mix(self, parts: Sequence[Tensor]) -> Tensor:
         stacked = torch.stack(list(parts))
