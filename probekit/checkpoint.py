@@ -198,7 +198,7 @@ def load_probe(run_dir: str | Path) -> Any:
     loaded = load_backbone(config.model)
     probe = Probe.from_config(config, loaded.model)
     state = load_file(str(weights))
-    wanted = trainable_state(probe)
+    wanted = trainable_parameters(probe)
     if set(state) != set(wanted):
         missing, extra = sorted(set(wanted) - set(state)), sorted(set(state) - set(wanted))
         raise UserError(
@@ -207,11 +207,14 @@ def load_probe(run_dir: str | Path) -> Any:
     with torch.no_grad():
         params = dict(probe.named_parameters())
         for name, tensor in state.items():
-            if params[name].shape != tensor.shape:
+            # A one-element tensor may differ in shape only: scalar_mix's scale was 0-dim in
+            # earlier checkpoints and is (1,) now.
+            single = tensor.numel() == params[name].numel() == 1
+            if params[name].shape != tensor.shape and not single:
                 raise UserError(
                     f"{weights}: {name} has shape {tuple(tensor.shape)}, expected {tuple(params[name].shape)}"
                 )
-            params[name].copy_(tensor)
+            params[name].copy_(tensor.reshape(params[name].shape))
     probe.tokenizer = loaded.tokenizer
     probe.max_length = config.model.max_length
     probe.threshold = float(meta["threshold"])

@@ -21,12 +21,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import probekit
 import probekit.engine as engine
 import probekit.plots
 from probekit import Probe, load_config
+from probekit.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from probekit.checkpoint import trainable_state
 from probekit.config import ProbeConfig, compose_config
 from probekit.data import DataError
@@ -551,6 +552,26 @@ def test_damaged_or_missing_weights_are_refused(bert_run: SimpleNamespace, tmp_p
         Probe.from_pretrained(run_dir)
     with pytest.raises(UserError, match="no such run folder"):
         Probe.from_pretrained(tmp_path / "nowhere")
+
+
+def test_a_checkpoint_with_a_0_dim_scalar_mix_scale_still_loads(
+    bert_dir: Path, toy_data: ToyData, tmp_path: Path, no_plots: list[Any]
+) -> None:
+    """scalar_mix's scale is shape (1,) now (FSDP cannot shard 0-dim parameters); a checkpoint
+    that holds it 0-dim, as earlier versions wrote it, loads to the same probe."""
+    config = make_config(bert_dir, toy_data, "pooler.combine=scalar_mix", "train.epochs=1")
+    run(config, tmp_path / "run")
+    texts = toy_data.texts("val")[:8]
+    expected = Probe.from_pretrained(tmp_path / "run").predict_proba(texts)
+    folder = tmp_path / "run" / "checkpoint"
+    state = load_file(str(folder / "probe.safetensors"))
+    assert state["pooler.mix_scale"].shape == (1,)
+    state["pooler.mix_scale"] = state["pooler.mix_scale"].reshape(())
+    save_file(state, str(folder / "probe.safetensors"), metadata={"format": CHECKPOINT_FORMAT})
+    meta = json.loads((folder / "probe.json").read_text())
+    meta["weights"]["sha256"] = hashlib.sha256((folder / "probe.safetensors").read_bytes()).hexdigest()
+    (folder / "probe.json").write_text(json.dumps(meta))
+    assert Probe.from_pretrained(tmp_path / "run").predict_proba(texts) == expected
 
 
 # -- the run folder appears whole or not at all -------------------------------------------------
