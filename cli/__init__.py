@@ -152,19 +152,25 @@ def _echo_err(line: str) -> None:
     typer.echo(line, err=True)
 
 
+# The options that compose a config, shared by the commands that take one (see compose_config).
+PresetOption = Annotated[str | None, typer.Option(help="A registered preset (safety8k when no --config).")]
+ConfigOption = Annotated[Path | None, typer.Option("--config", help="A full config file (JSON/YAML).")]
+ModelOption = Annotated[str | None, typer.Option("--model", help="Hugging Face id or local folder.")]
+DataOption = Annotated[
+    str | None, typer.Option("--data", help="A data file or a folder with train/val/test.")
+]
+SetOption = Annotated[
+    list[str] | None, typer.Option("--set", help="Override any spec field: a.b=value (repeatable).")
+]
+
+
 @app.command("train")
 def train_command(
-    preset: Annotated[
-        str | None, typer.Option(help="A registered preset (safety8k when no --config).")
-    ] = None,
-    config: Annotated[Path | None, typer.Option("--config", help="A full config file (JSON/YAML).")] = None,
-    model: Annotated[str | None, typer.Option("--model", help="Hugging Face id or local folder.")] = None,
-    data: Annotated[
-        str | None, typer.Option("--data", help="A data file or a folder with train/val/test.")
-    ] = None,
-    assignments: Annotated[
-        list[str] | None, typer.Option("--set", help="Override any spec field: a.b=value (repeatable).")
-    ] = None,
+    preset: PresetOption = None,
+    config: ConfigOption = None,
+    model: ModelOption = None,
+    data: DataOption = None,
+    assignments: SetOption = None,
     out: Annotated[
         Path | None, typer.Option("--out", help="Run folder (default runs/<name>-<time>).")
     ] = None,
@@ -239,17 +245,11 @@ def train_command(
 
 @app.command("sweep")
 def sweep_command(
-    preset: Annotated[
-        str | None, typer.Option(help="A registered preset (safety8k when no --config).")
-    ] = None,
-    config: Annotated[Path | None, typer.Option("--config", help="A full config file (JSON/YAML).")] = None,
-    model: Annotated[str | None, typer.Option("--model", help="Hugging Face id or local folder.")] = None,
-    data: Annotated[
-        str | None, typer.Option("--data", help="A data file or a folder with train/val/test.")
-    ] = None,
-    assignments: Annotated[
-        list[str] | None, typer.Option("--set", help="Override any spec field: a.b=value (repeatable).")
-    ] = None,
+    preset: PresetOption = None,
+    config: ConfigOption = None,
+    model: ModelOption = None,
+    data: DataOption = None,
+    assignments: SetOption = None,
     layers: Annotated[
         str | None,
         typer.Option(
