@@ -121,6 +121,28 @@ def sweep_pooler(spec: PoolerSpec) -> tuple[TokenPoolerSpec, Combine]:
     )
 
 
+def _check_fixed(spec: TokenPoolerSpec, ctx: BuildContext, *, early: bool = False) -> None:
+    """Refuse a pooler that is not a fixed function: it runs once, before any training. ``early``:
+    a check on a stand-in backbone before anything loads (so a refusal does not wait for the
+    model); a pooler that cannot be built for the stand-in is left to the check after loading.
+
+    Raises:
+        UserError: the pooler has parameters or dropout.
+    """
+    try:
+        pooler = spec.build(ctx)
+    except Exception:
+        if early:
+            return
+        raise
+    if not is_static(pooler):
+        raise UserError(
+            f"pooler {spec.kind!r} has parameters (or dropout); a sweep pools every layer once, "
+            f"before training, so it needs a fixed pooler: {', '.join(_fixed_token_poolers())} "
+            "(alone or as multilayer.token_pooler)"
+        )
+
+
 def _fixed_token_poolers() -> list[str]:
     """The built-in single-layer pooler kinds (each computes a fixed function)."""
     return [e.kind for e in POOLERS.entries() if e.builtin and issubclass(e.obj, TokenPoolerSpec)]
@@ -477,6 +499,7 @@ def sweep(
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         raise UserError("probekit sweep runs in one process; start it without torchrun or accelerate launch")
     token_pooler, combine = sweep_pooler(config.pooler)
+    _check_fixed(token_pooler, BuildContext(hidden_size=8, num_layers=1), early=True)
     show = sys.stderr.isatty() if progress is None else progress
     out_dir = Path(out) if out is not None else default_run_dir(name)
     partial = claim_run_dir(out_dir, overwrite)
@@ -507,12 +530,7 @@ def _sweep(
     reader = token_pooler.model_copy(update={"layer": -1})
     prepared = prepare(config.model_copy(update={"pooler": reader, "freezer": FreezeAllSpec()}))
     probe, spec = prepared.probe, config.train
-    if not is_static(probe.pooler):
-        raise UserError(
-            f"pooler {token_pooler.kind!r} has parameters (or dropout); a sweep pools every layer once, "
-            f"before training, so it needs a fixed pooler: {', '.join(_fixed_token_poolers())} "
-            "(alone or as multilayer.token_pooler)"
-        )
+    _check_fixed(token_pooler, probe.context)
     num_blocks = probe.layout.num_blocks
     # In layer order, whatever order --layers gave: the table, the ties and the plot follow it.
     chosen = tuple(

@@ -338,6 +338,11 @@ def test_a_pooler_with_parameters_is_refused(
         code, stdout, err, "pooler 'learned_pool' has parameters", "masked_mean", "last_token", "multilayer"
     )
     assert names(tmp_path) == []
+    # Refused before anything loads: the model named here does not even exist.
+    args[args.index("--model") + 1] = str(tmp_path / "no-model")
+    code, stdout, err = run_cli(capsys, *args)
+    assert_one_line_error(code, stdout, err, "pooler 'learned_pool' has parameters")
+    assert names(tmp_path) == []
 
 
 def test_a_multi_layer_pooler_other_than_multilayer_is_refused() -> None:
