@@ -162,6 +162,26 @@ DataOption = Annotated[
 SetOption = Annotated[
     list[str] | None, typer.Option("--set", help="Override any spec field: a.b=value (repeatable).")
 ]
+TrustOption = Annotated[
+    bool, typer.Option("--trust-remote-code", help="Allow the model's own Python code to run.")
+]
+
+
+def _compose(
+    preset: str | None,
+    config: Path | None,
+    model: str | None,
+    data: str | None,
+    assignments: list[str] | None,
+    trust_remote_code: bool,
+) -> Any:
+    """The config those options describe (`probekit.compose_config`)."""
+    import probekit
+
+    extra = ["model.trust_remote_code=true"] if trust_remote_code else []
+    return probekit.compose_config(
+        preset=preset, config=config, model=model, data=data, assignments=[*extra, *(assignments or [])]
+    )
 
 
 @app.command("train")
@@ -202,12 +222,9 @@ def train_command(
             help="With --dry-run: plan for this many processes (default: the launcher's WORLD_SIZE, or 1).",
         ),
     ] = None,
-    trust_remote_code: Annotated[
-        bool, typer.Option("--trust-remote-code", help="Allow the model's own Python code to run.")
-    ] = False,
+    trust_remote_code: TrustOption = False,
 ) -> None:
     """Train a probe: the preset or config, with --model/--data/--set applied on top."""
-    import probekit
     from probekit.engine import check_run_name, prepare, safe_run_name, train
     from probekit.errors import UserError
 
@@ -217,10 +234,7 @@ def train_command(
             raise UserError("--name picks the folder under runs/; give --name or --out/--resume, not both")
     _discover()
     name = run_name or safe_run_name(preset or (config.stem if config else "safety8k"))
-    extra = ["model.trust_remote_code=true"] if trust_remote_code else []
-    cfg = probekit.compose_config(
-        preset=preset, config=config, model=model, data=data, assignments=[*extra, *(assignments or [])]
-    )
+    cfg = _compose(preset, config, model, data, assignments, trust_remote_code)
     if dry_run:
         count = processes or _launched_processes()
         for line in prepare(cfg, num_processes=count).describe():
@@ -265,21 +279,15 @@ def sweep_command(
         Path | None, typer.Option("--out", help="Output folder (default runs/sweep-<time>).")
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
-    trust_remote_code: Annotated[
-        bool, typer.Option("--trust-remote-code", help="Allow the model's own Python code to run.")
-    ] = False,
+    trust_remote_code: TrustOption = False,
 ) -> None:
     """Probe every layer: one frozen pass caches each layer's pooled features, a head trains on
     each layer and on combinations; prints the table, writes it with a plot and best.yaml."""
-    import probekit
     from probekit.sweep import parse_layers, sweep
 
     chosen = parse_layers(layers) if layers is not None else None
     _discover()
-    extra = ["model.trust_remote_code=true"] if trust_remote_code else []
-    cfg = probekit.compose_config(
-        preset=preset, config=config, model=model, data=data, assignments=[*extra, *(assignments or [])]
-    )
+    cfg = _compose(preset, config, model, data, assignments, trust_remote_code)
     result = sweep(cfg, out=out, overwrite=overwrite, layers=chosen, combos=combos, log=_echo_err)
     for line in result.table():
         typer.echo(line)
@@ -390,10 +398,9 @@ def _rank_tag() -> str:
 
 
 def _launched_processes() -> int:
-    """The process count a launcher (torchrun, accelerate launch) set in ``WORLD_SIZE``, or 1."""
-    import os
+    from probekit.distributed import launched_processes
 
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return launched_processes()
 
 
 def _terminate(signum: int, frame: Any) -> None:

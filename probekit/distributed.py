@@ -28,6 +28,7 @@ Two strategies share the model (``train.distributed.strategy``):
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -114,6 +115,11 @@ def shard_windows(
             rows = mine[j] if real else group[0]
             out.append(Micro(tuple(rows), window, examples, 1.0 if real else 0.0, j == count - 1))
     return out
+
+
+def launched_processes() -> int:
+    """The process count a launcher (torchrun, accelerate launch) set in ``WORLD_SIZE``, or 1."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 def steps_per_epoch(num_batches: int, accumulation: int, processes: int) -> int:
@@ -239,26 +245,13 @@ def shard_model(probe: Any, device: torch.device) -> tuple[int, int]:
 
     total = sum(p.numel() for p in probe.parameters())
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    units = [probe.backbone.get_submodule(prefix) for prefix in _present(probe)]
+    units = [m for m in probe.embedding_modules() if any(True for _ in m.parameters())]
     units += list(probe.layout.blocks(probe.backbone))
     for unit in units:
         fully_shard(unit, mesh=mesh)
     fully_shard(probe, mesh=mesh)
     held = sum(local(p).numel() for p in probe.parameters())
     return held, total
-
-
-def _present(probe: Any) -> list[str]:
-    """The embedding modules of the backbone that exist (a layout lists every candidate)."""
-    found = []
-    for prefix in probe.layout.embedding_prefixes:
-        try:
-            module = probe.backbone.get_submodule(prefix)
-        except AttributeError:
-            continue
-        if any(True for _ in module.parameters()):
-            found.append(prefix)
-    return found
 
 
 def reshard(model: Any) -> None:

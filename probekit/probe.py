@@ -243,17 +243,23 @@ class Probe(nn.Module):
             return self.head(features.to(next(self.head.parameters()).dtype))  # type: ignore[no-any-return]
         return self.head(self.features(input_ids, attention_mask, cached=cached, **extra))  # type: ignore[no-any-return]
 
+    def embedding_modules(self) -> list[nn.Module]:
+        """The backbone's embedding modules that exist (its layout names every candidate)."""
+        modules: list[nn.Module] = []
+        for prefix in self.layout.embedding_prefixes:
+            try:
+                modules.append(self.backbone.get_submodule(prefix))
+            except AttributeError:
+                continue
+        return modules
+
     # -- frozen parts stay deterministic -------------------------------------------------------
     def frozen_modules(self) -> list[nn.Module]:
         """Blocks (and embeddings) the plan freezes: they always run in eval mode, without dropout."""
         blocks = self.layout.blocks(self.backbone)
         modules: list[nn.Module] = [blocks[i] for i in self.plan.frozen_blocks]
         if self.plan.embeddings_frozen:
-            for prefix in self.layout.embedding_prefixes:
-                try:
-                    modules.append(self.backbone.get_submodule(prefix))
-                except AttributeError:
-                    continue
+            modules += self.embedding_modules()
         return modules
 
     def train(self, mode: bool = True) -> Probe:

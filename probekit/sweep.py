@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -50,6 +49,7 @@ from torch import Tensor, nn
 from probekit.backbone import resolve_layers
 from probekit.cache import is_static
 from probekit.config import ProbeConfig, dump_config, load_config
+from probekit.distributed import launched_processes
 from probekit.engine import (
     DivergedError,
     Encoded,
@@ -496,7 +496,7 @@ def sweep(
             layer the backbone lacks, a non-empty ``out``, bad data or model.
     """
     started = time.perf_counter()
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    if launched_processes() > 1:
         raise UserError("probekit sweep runs in one process; start it without torchrun or accelerate launch")
     token_pooler, combine = sweep_pooler(config.pooler)
     _check_fixed(token_pooler, BuildContext(hidden_size=8, num_layers=1), early=True)
