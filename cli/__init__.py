@@ -154,7 +154,7 @@ def _echo_err(line: str) -> None:
 
 # The options that compose a config, shared by the commands that take one (see compose_config).
 PresetOption = Annotated[str | None, typer.Option(help="A registered preset (safety8k when no --config).")]
-ConfigOption = Annotated[Path | None, typer.Option("--config", help="A full config file (JSON/YAML).")]
+ConfigOption = Annotated[str | None, typer.Option("--config", help="A full config file (JSON/YAML).")]
 ModelOption = Annotated[str | None, typer.Option("--model", help="Hugging Face id or local folder.")]
 DataOption = Annotated[
     str | None, typer.Option("--data", help="A data file or a folder with train/val/test.")
@@ -165,6 +165,24 @@ SetOption = Annotated[
 TrustOption = Annotated[
     bool, typer.Option("--trust-remote-code", help="Allow the model's own Python code to run.")
 ]
+
+
+def _path(value: str | None, option: str) -> Path | None:
+    """A path option as given (typer would turn an empty one into ``.``, the working folder)."""
+    from probekit.errors import UserError
+
+    if value is None:
+        return None
+    if not value.strip():
+        raise UserError(f"{option}: empty path; name a file or folder")
+    if "\0" in value:
+        raise UserError(f"{option}: {value!r}: a path cannot hold a NUL character")
+    return Path(value)
+
+
+def _protect(config: Path | None) -> dict[str, Path]:
+    """The inputs of a command line that the config does not name (see ``train(protect=...)``)."""
+    return {"config file (--config)": config} if config is not None else {}
 
 
 def _compose(
@@ -187,12 +205,12 @@ def _compose(
 @app.command("train")
 def train_command(
     preset: PresetOption = None,
-    config: ConfigOption = None,
+    config_text: ConfigOption = None,
     model: ModelOption = None,
     data: DataOption = None,
     assignments: SetOption = None,
-    out: Annotated[
-        Path | None, typer.Option("--out", help="Run folder (default runs/<name>-<time>).")
+    out_text: Annotated[
+        str | None, typer.Option("--out", help="Run folder (default runs/<name>-<time>).")
     ] = None,
     run_name: Annotated[
         str | None,
@@ -202,8 +220,8 @@ def train_command(
         ),
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
-    resume: Annotated[
-        Path | None,
+    resume_text: Annotated[
+        str | None,
         typer.Option(
             "--resume", help="Continue the stopped run of this run folder from its last checkpoint."
         ),
@@ -225,9 +243,12 @@ def train_command(
     trust_remote_code: TrustOption = False,
 ) -> None:
     """Train a probe: the preset or config, with --model/--data/--set applied on top."""
-    from probekit.engine import check_run_name, prepare, safe_run_name, train
+    from probekit.engine import prepare, train
     from probekit.errors import UserError
+    from probekit.rundir import check_run_name, safe_run_name
 
+    out, resume = _path(out_text, "--out"), _path(resume_text, "--resume")
+    config = _path(config_text, "--config")
     if run_name is not None:
         check_run_name(run_name)
         if out is not None or resume is not None:
@@ -254,13 +275,14 @@ def train_command(
         name=name,
         resume=resume is not None,
         allow_spec_change=allow_spec_change,
+        protect=_protect(config),
     )
 
 
 @app.command("sweep")
 def sweep_command(
     preset: PresetOption = None,
-    config: ConfigOption = None,
+    config_text: ConfigOption = None,
     model: ModelOption = None,
     data: DataOption = None,
     assignments: SetOption = None,
@@ -275,8 +297,8 @@ def sweep_command(
         bool,
         typer.Option("--combos/--no-combos", help="Also probe the best 2, best 3 and all layers combined."),
     ] = True,
-    out: Annotated[
-        Path | None, typer.Option("--out", help="Output folder (default runs/sweep-<time>).")
+    out_text: Annotated[
+        str | None, typer.Option("--out", help="Output folder (default runs/sweep-<time>).")
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
     trust_remote_code: TrustOption = False,
@@ -285,68 +307,105 @@ def sweep_command(
     each layer and on combinations; prints the table, writes it with a plot and best.yaml."""
     from probekit.sweep import parse_layers, sweep
 
+    out, config = _path(out_text, "--out"), _path(config_text, "--config")
     chosen = parse_layers(layers) if layers is not None else None
     _discover()
     cfg = _compose(preset, config, model, data, assignments, trust_remote_code)
-    result = sweep(cfg, out=out, overwrite=overwrite, layers=chosen, combos=combos, log=_echo_err)
+    result = sweep(
+        cfg,
+        out=out,
+        overwrite=overwrite,
+        layers=chosen,
+        combos=combos,
+        log=_echo_err,
+        protect=_protect(config),
+    )
     for line in result.table():
         typer.echo(line)
 
 
 @app.command("eval")
 def eval_command(
-    run: Annotated[Path, typer.Argument(help="A run folder written by probekit train.")],
-    data: Annotated[Path, typer.Option("--data", help="A labelled JSONL, CSV or Parquet file.")],
+    run_text: Annotated[str, typer.Argument(metavar="RUN", help="A run folder written by probekit train.")],
+    data_text: Annotated[str, typer.Option("--data", help="A labelled JSONL, CSV or Parquet file.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    trust_remote_code: TrustOption = False,
 ) -> None:
-    """Evaluate a trained probe on a labelled file; print and write the metrics."""
+    """Evaluate a trained probe on a labelled file; print and write the metrics (an undefined
+    metric prints as n/a, and as null in JSON)."""
+    import math
+
+    from probekit import jsonio
     from probekit.evaluate import evaluate_file
 
-    metrics, written = evaluate_file(run, data)
+    run, data = _path(run_text, "RUN"), _path(data_text, "--data")
+    assert run is not None and data is not None
+    metrics, written = evaluate_file(run, data, trust_remote_code=trust_remote_code)
     if as_json:
-        typer.echo(json.dumps(metrics))
+        typer.echo(jsonio.dumps(metrics))
         return
     for key, value in metrics.items():
-        typer.echo(f"{key:<20} {value:.4f}" if isinstance(value, float) else f"{key:<20} {value}")
-    typer.echo(f"written to {written}")
+        if isinstance(value, float):
+            typer.echo(f"{key:<20} {value:.4f}" if math.isfinite(value) else f"{key:<20} n/a")
+        else:
+            typer.echo(f"{key:<20} {value}")
+    if written is not None:
+        typer.echo(f"written to {written}")
 
 
 @app.command("predict")
 def predict_command(
-    run: Annotated[Path, typer.Argument(help="A run folder written by probekit train.")],
+    run_text: Annotated[str, typer.Argument(metavar="RUN", help="A run folder written by probekit train.")],
     texts: Annotated[
         list[str] | None, typer.Argument(help="Texts to classify (else --input or stdin).")
     ] = None,
-    input_file: Annotated[
-        Path | None,
+    input_text: Annotated[
+        str | None,
         typer.Option("--input", help="One text per line, or JSONL/CSV with the run's text field."),
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Texts per batch.", min=1)] = 64,
+    batch_size: Annotated[int, typer.Option(help="Texts per batch.", min=1, max=1_000_000)] = 64,
+    trust_remote_code: TrustOption = False,
 ) -> None:
     """Classify texts; write one JSON object per text to stdout (text, probability, label)."""
+    from probekit.checkpoint import read_meta
+    from probekit.data import check_text, stored_data_spec, stream_text_lines
     from probekit.errors import UserError
     from probekit.evaluate import read_texts
     from probekit.probe import Probe
 
+    run, input_file = _path(run_text, "RUN"), _path(input_text, "--input")
+    assert run is not None
     if texts and input_file is not None:
         raise UserError("give texts as arguments or --input, not both")
-    probe = Probe.from_pretrained(run)
+    folder, meta = read_meta(run)
+    # Texts are checked (never coerced) and bounded by the run's data.max_text_chars, before the
+    # model loads.
+    max_chars = stored_data_spec(
+        (meta.get("config") or {}).get("data"), label=str(folder / "probe.json")
+    ).max_text_chars
     if texts:
-        items = list(texts)
+        items = [
+            check_text(text, f"text argument {i} of {len(texts)}", max_chars)
+            for i, text in enumerate(texts, 1)
+        ]
     elif input_file is not None:
         items = read_texts(input_file, run)
     else:
-        items = [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+        items = stream_text_lines(sys.stdin, "<stdin>", max_chars)
+    probe = Probe.from_pretrained(run, trust_remote_code=trust_remote_code)
     for row in probe.predict(items, batch_size=batch_size):
         typer.echo(json.dumps(row, ensure_ascii=False))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; map probekit errors to exit codes (see ``probekit.errors``)."""
-    from probekit.errors import EXIT_INTERRUPTED, PeerLostError, ProbekitError
+    from probekit.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, PeerLostError, ProbekitError, Terminated
 
     logging.basicConfig(format="probekit: warning: %(message)s", level=logging.WARNING, stream=sys.stderr)
     previous = signal.signal(signal.SIGTERM, _terminate)
+    previous_int = signal.getsignal(signal.SIGINT)
+    if previous_int is not signal.SIG_IGN:  # from here on Ctrl-C unwinds (see probekit._startup)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         code = app(args=argv, prog_name="probekit", standalone_mode=False)
     except ProbekitError as exc:
@@ -356,9 +415,14 @@ def main(argv: list[str] | None = None) -> int:
             _leave_now(exc.exit_code)
         return exc.exit_code
     except KeyboardInterrupt:
-        typer.echo("probekit: interrupted", err=True)
+        typer.echo("probekit: interrupted by Ctrl-C", err=True)
         return EXIT_INTERRUPTED
+    except Terminated:
+        typer.echo("probekit: terminated by SIGTERM", err=True)
+        return EXIT_TERMINATED
     except typer.Exit as exc:
+        if isinstance(exc.__cause__, KeyboardInterrupt):  # typer's own Ctrl-C handling: say so
+            typer.echo("probekit: interrupted by Ctrl-C", err=True)
         return int(exc.exit_code)
     except typer.Abort:
         typer.echo("probekit: aborted", err=True)
@@ -373,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     return code if isinstance(code, int) else 0
 
 
@@ -404,11 +469,12 @@ def _launched_processes() -> int:
 
 
 def _terminate(signum: int, frame: Any) -> None:
-    """SIGTERM outside the training loop: unwind like an exception (the engine removes an unfinished
-    run folder without checkpoints; inside the loop its own handler stops after a checkpoint)."""
-    from probekit.errors import TerminatedError
+    """SIGTERM outside the training loop: unwind like Ctrl-C, past any ``except Exception`` of the
+    libraries at work (the engine removes an unfinished run folder without checkpoints; inside the
+    loop its own handler stops after a checkpoint)."""
+    from probekit.errors import Terminated
 
-    raise TerminatedError("terminated by SIGTERM")
+    raise Terminated
 
 
 def run() -> None:

@@ -17,6 +17,10 @@ Built-in components register on import; third-party ones load only when
 
 from __future__ import annotations
 
+from probekit._startup import guard_start_up
+
+guard_start_up()  # only in the `probekit` command's own process, before the slow imports below
+
 from typing import Any
 
 from torch import nn

@@ -37,6 +37,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from probekit.spec import PathText
+
 if TYPE_CHECKING:
     from probekit.distributed import Group
     from probekit.probe import Probe
@@ -48,7 +50,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 class CacheSpec(BaseModel):
     """How the frozen-prefix activation cache is used (``train.cache``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     enabled: bool = Field(
         default=True,
@@ -60,7 +62,7 @@ class CacheSpec(BaseModel):
         description="Storage dtype; auto: the dtype the frozen blocks compute in (fp32 without "
         "mixed precision), so cached and uncached training agree.",
     )
-    dir: str | None = Field(
+    dir: PathText | None = Field(
         default=None,
         description="Keep caches in this folder and reuse them across runs (keyed on model, layers, "
         "tokenizer settings and data); null: the cache lives for one run.",
@@ -68,6 +70,7 @@ class CacheSpec(BaseModel):
     max_memory_gb: float = Field(
         default=4.0,
         ge=0.0,
+        le=1e6,
         description="Caches larger than this go to a memory-mapped file instead of host memory.",
     )
 

@@ -3,6 +3,38 @@
 A checkpoint never holds the frozen backbone: ``probe.json`` names the base model (id, revision,
 where it was loaded from) and ``probe.safetensors`` holds only the pooler, the head and the
 backbone parameters the freezing plan left trainable. Nothing is unpickled on load.
+
+**A run folder is untrusted input** (see `probekit.runfiles`). Loading one reads ``probe.json``
+through the `ProbeMeta` schema and the config schema, keeps every file it names inside the
+folder, refuses a run that asks for the model's own code unless the caller allows it, checks
+the backbone it loads against the one the run was trained on, and checks the weights file
+(checksum, header, dtypes, finite values) before using it.
+
+``probe.json``, ``format_version`` 2::
+
+    format           "probekit-checkpoint"
+    format_version   2
+    config           the full validated config of the run
+    label_map        label name -> class index, 0..K-1, K >= 2
+    label_names      the K label values by class index (ints, booleans or strings)
+    threshold        the decision threshold, a finite number in [0, 1]
+    backbone         name, revision, provenance, model_type, num_blocks, hidden_size
+    components       per component kind: family, kind, source, distribution
+    weights          file (a bare file name in this folder), sha256, tensors (their count)
+    versions         probekit and library versions that wrote it
+    checksums        weights: the sha256 of the weights file; meta: the sha256 of the canonical
+                     JSON (sorted keys, compact separators, ASCII) of every other field
+
+Version 1 (written by earlier probekits) has no ``checksums`` block: its weights are checked
+against ``weights.sha256`` (required), its config is not covered by any checksum, and loading it
+logs one warning saying so.
+
+What the checksums do and do not protect against: they detect damage (a flipped bit, a truncated
+file) and partial edits (a changed threshold, label map or config without updating the
+checksums). They do not stop a malicious author, who can recompute them. The defences against a
+malicious run folder are elsewhere: nothing in it can execute code (no pickle; no model code
+without the caller's ``trust_remote_code``), name a file outside the folder, or reach torch,
+transformers or the OS without passing a schema first.
 """
 
 from __future__ import annotations
@@ -10,22 +42,58 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import logging
 import platform
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from probekit._version import __version__
-from probekit.errors import PluginError, UserError
+from probekit.errors import ConfigError, PluginError, UserError
+from probekit.rundir import save_tensors
+from probekit.runfiles import (
+    Label,
+    NonNegative,
+    SFloat,
+    Sha256,
+    SInt,
+    SStr,
+    canonical_json,
+    escape_note,
+    first_error,
+    inside,
+    is_bare_name,
+    is_distribution_name,
+    is_hub_id,
+    is_revision,
+    load_safetensors,
+    printable,
+    read_json,
+    shown,
+)
+
+if TYPE_CHECKING:
+    from probekit.config import ProbeConfig
+    from probekit.hub import ModelSpec
 
 FORMAT = "probekit-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 WEIGHTS = "probe.safetensors"
 META = "probe.json"
+MAX_META_BYTES = 16 << 20
+"""The largest ``probe.json`` read."""
+MAX_LENGTH = 1 << 20
+"""The largest ``model.max_length`` a run folder may give (tokens)."""
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 """Suffixes of pickled checkpoints (PyTorch, Lightning): refused by name, never loaded."""
+
+log = logging.getLogger("probekit")
 
 
 def trainable_parameters(probe: Any) -> dict[str, torch.nn.Parameter]:
@@ -91,18 +159,300 @@ def components(config: dict[str, Any]) -> list[dict[str, Any]]:
     return found
 
 
-def _require_plugins(meta: dict[str, Any], where: Path) -> None:
-    """Refuse, naming the package to install, a run whose plugin kinds are not available here."""
+# -- probe.json -----------------------------------------------------------------------------------
+class _Open(BaseModel):
+    """A block later versions may add fields to (forward compatible): unknown fields are kept."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class _Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BackboneMeta(_Open):
+    """The backbone the run was trained on; checked against the one loaded."""
+
+    name: Annotated[SStr, Field(min_length=1, max_length=4096)]
+    revision: SStr | None = None
+    provenance: SStr = ""
+    model_type: Annotated[SStr, Field(min_length=1, max_length=200)]
+    num_blocks: Annotated[SInt, Field(ge=1, le=100_000)]
+    hidden_size: Annotated[SInt, Field(ge=1, le=10_000_000)]
+
+
+class ComponentMeta(_Open):
+    """Where a component kind of the run came from (a plugin distribution, or built in)."""
+
+    family: SStr
+    kind: SStr
+    source: SStr | None = None
+    distribution: SStr | None = None
+
+
+class WeightsMeta(_Closed):
+    file: SStr
+    sha256: Sha256 | None = None
+    tensors: NonNegative
+
+
+class Checksums(_Closed):
+    weights: Sha256
+    """sha256 of the weights file."""
+    meta: Sha256
+    """sha256 of the canonical JSON of every field of ``probe.json`` but ``checksums``."""
+
+
+class ProbeMeta(_Open):
+    """The schema of ``probe.json`` (see the module docstring)."""
+
+    format: Literal["probekit-checkpoint"]
+    format_version: Literal[1, 2]
+    config: dict[str, Any]
+    label_map: dict[str, NonNegative]
+    label_names: list[Label]
+    threshold: Annotated[SFloat, Field(ge=0.0, le=1.0)]
+    backbone: BackboneMeta
+    components: list[ComponentMeta] = Field(default_factory=list)
+    weights: WeightsMeta
+    versions: dict[str, SStr] = Field(default_factory=dict)
+    checksums: Checksums | None = None
+
+
+def meta_checksum(meta: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of every field of ``meta`` except ``checksums``."""
+    return hashlib.sha256(canonical_json({k: v for k, v in meta.items() if k != "checksums"})).hexdigest()
+
+
+def write_meta(folder: Path, meta: Mapping[str, Any]) -> Path:
+    """Write ``meta`` (format version 2) as ``folder/probe.json`` with its checksums, computed
+    from ``meta`` itself (``weights.sha256`` must already be the weights file's). Returns the path."""
+    # Hash what a reader will parse: the JSON round trip (tuples become lists, keys strings).
+    sealed = json.loads(json.dumps({k: v for k, v in meta.items() if k != "checksums"}))
+    sealed["checksums"] = {"weights": sealed["weights"]["sha256"], "meta": meta_checksum(sealed)}
+    path = folder / META
+    path.write_text(json.dumps(sealed, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def expected_label_names(label_map: Mapping[str, int]) -> list[Any]:
+    """Label values by class index, as training stores them: ints, booleans or strings."""
+    names = [name for name, _ in sorted(label_map.items(), key=lambda kv: kv[1])]
+    if all(n.lstrip("-").isdigit() for n in names):
+        return [int(n) for n in names]
+    if set(names) == {"false", "true"}:
+        return [n == "true" for n in names]
+    return names
+
+
+@dataclass(frozen=True)
+class RunMeta:
+    """A validated ``probe.json``: where it is, its fields and its config."""
+
+    path: Path
+    """``probe.json``."""
+    folder: Path
+    """The checkpoint folder holding it."""
+    raw: dict[str, Any]
+    meta: ProbeMeta
+    config: ProbeConfig
+
+
+def _locate(run_dir: str | Path) -> tuple[Path, Path]:
+    """The checkpoint folder of a run folder (itself or its ``checkpoint`` subfolder) and its
+    ``probe.json``; neither may lead out of the run folder."""
+    root = Path(run_dir)
+    if "\0" in str(root):
+        raise UserError(f"{shown(str(root))}: a path cannot hold a NUL character")
+    for folder in (root, root / "checkpoint"):
+        path = folder / META
+        try:
+            found = path.is_file()
+        except OSError:
+            found = False
+        if not found:
+            continue
+        if not inside(folder, root):
+            raise UserError(f"{folder}: leads out of the run folder ({escape_note(folder)}); refused")
+        if not inside(path, folder):
+            raise UserError(f"{path}: leads out of the run folder ({escape_note(path)}); refused")
+        return folder, path
+    if not root.exists():
+        raise UserError(f"{root}: no such run folder")
+    if root.is_file():
+        kind = "a pickle file" if root.suffix.lower() in PICKLE_SUFFIXES else "a file"
+        raise UserError(
+            f"{root}: {kind}, not a probekit run folder; probekit never unpickles checkpoints, it "
+            f"reads a run folder holding {META} and {WEIGHTS} (safetensors)"
+        )
+    raise UserError(f"{root}: no {META} here or in {root / 'checkpoint'}; is this a probekit run folder?")
+
+
+def _check_fields(meta: ProbeMeta, raw: dict[str, Any], where: Path) -> None:
+    """What the schema's types cannot say: labels, the weights file name, the checksums."""
+    values = sorted(meta.label_map.values())
+    if len(values) < 2 or values != list(range(len(values))):
+        raise UserError(
+            f"{where}: label_map: class indices must be 0..K-1, each once, with K >= 2; got {shown(values)}"
+        )
+    names = meta.label_names
+    if len(names) < 2:
+        raise UserError(f"{where}: label_names: a probe needs at least two label names, got {len(names)}")
+    expected = expected_label_names(meta.label_map)
+    if names != expected or [type(n) for n in names] != [type(n) for n in expected]:
+        raise UserError(
+            f"{where}: label_names: {shown(names)} do not match label_map (expected {shown(expected)})"
+        )
+    if not is_bare_name(meta.weights.file):
+        raise UserError(
+            f"{where}: weights.file: {shown(meta.weights.file)} is not a bare file name in the "
+            "checkpoint folder (one name: no '/', '\\' or '..', not absolute, not hidden)"
+        )
+    if meta.format_version == 1:
+        if meta.weights.sha256 is None:
+            raise UserError(
+                f"{where}: weights.sha256: missing; a checkpoint without the checksum of its weights "
+                "is refused (the weights could have been replaced)"
+            )
+        return
+    if meta.checksums is None:
+        raise UserError(
+            f"{where}: checksums: missing; format_version 2 requires the checksums of the weights "
+            "and of the rest of probe.json"
+        )
+    if meta.weights.sha256 is not None and meta.weights.sha256 != meta.checksums.weights:
+        raise UserError(f"{where}: checksums.weights: differs from weights.sha256; the file was edited")
+    if meta_checksum(raw) != meta.checksums.meta:
+        raise UserError(
+            f"{where}: checksums.meta: does not match the content of {META}; the file is damaged or "
+            "was edited after it was written"
+        )
+
+
+def _check_model(model: ModelSpec, where: Path) -> None:
+    """What a run folder may say about its backbone: a hub id, or a local folder by absolute path."""
+    name = model.name
+    local = Path(name)
+    if name.startswith("/") or local.is_absolute():
+        if not name.isprintable() or len(name) > 4096:
+            raise UserError(f"{where}: config.model.name: {shown(name)} is not a usable path")
+        try:
+            is_dir = local.is_dir()
+        except OSError:
+            is_dir = False
+        if not is_dir:
+            raise UserError(f"{where}: config.model.name: {shown(name)}: no such model folder")
+    elif is_hub_id(name):
+        try:
+            ambiguous = local.exists()
+        except OSError:
+            ambiguous = False
+        if ambiguous:
+            raise UserError(
+                f"{where}: config.model.name: {shown(name)} is a hub id, but the working folder holds "
+                "a path of that name; a run folder names a local model by its absolute path, so "
+                "probekit will not load that path in its place (run from another folder)"
+            )
+    else:
+        raise UserError(
+            f"{where}: config.model.name: {shown(name)} is neither a hub id ('name' or 'org/name' of "
+            "letters, digits, '.', '_' and '-', no '..') nor the absolute path of a model folder"
+        )
+    if model.max_length > MAX_LENGTH:
+        raise UserError(
+            f"{where}: config.model.max_length: {model.max_length} tokens; a run may say at most {MAX_LENGTH}"
+        )
+    if model.revision is not None and not is_revision(model.revision):
+        raise UserError(
+            f"{where}: config.model.revision: {shown(model.revision)} is not a branch, tag or commit"
+        )
+
+
+def _validate_config(data: dict[str, Any], where: Path) -> ProbeConfig:
+    """The run's config through the config schema; the message names ``config.<field>`` and is one
+    line (its first problem, and how many more)."""
+    from probekit.config import validate
+
+    label = str(where)
+    try:
+        return validate(data, label=label)
+    except ConfigError as exc:
+        lines = str(exc).splitlines() or ["invalid"]
+        first = lines[0].removeprefix(f"{label}: ").removeprefix(f"{label}:")
+        first = "config" if first.startswith("(top level)") else f"config.{first}"
+        more = f" (and {len(lines) - 1} more problems)" if len(lines) > 1 else ""
+        raise ConfigError(f"{label}: {printable(first)}{more}") from None
+
+
+def read_run(run_dir: str | Path) -> RunMeta:
+    """Find ``probe.json`` in a run folder (or its ``checkpoint`` subfolder) and validate all of
+    it: the schema, the checksums (format version 2), the plugins it needs, its config, and what
+    it says about its backbone.
+
+    Raises:
+        UserError: ``<path>/probe.json: <field path>: <problem>``.
+    """
+    from probekit.registry import discover
+
+    folder, path = _locate(run_dir)
+    try:
+        raw = read_json(path, limit=MAX_META_BYTES)
+    except ValueError as exc:
+        raise UserError(f"{path}: unreadable checkpoint description: {exc}") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise UserError(f"{path}: not a probekit checkpoint")
+    version = raw.get("format_version")
+    if "format_version" not in raw:
+        raise UserError(f"{path}: format_version: missing (a required field)")
+    if type(version) is int and version > FORMAT_VERSION:
+        raise UserError(
+            f"{path}: format_version: written by a newer probekit: format_version {version}; this "
+            f"probekit reads {' and '.join(map(str, READABLE_VERSIONS))}"
+        )
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        raise UserError(
+            f"{path}: format_version: {shown(version)} is not a format version; this probekit reads "
+            + " and ".join(map(str, READABLE_VERSIONS))
+        )
+    try:
+        meta = ProbeMeta.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(f"{path}: {first_error(exc)}") from None
+    _check_fields(meta, raw, path)
+    discover()
+    _require_plugins(meta, path)
+    config = _validate_config(meta.config, path)
+    _check_model(config.model, path)
+    return RunMeta(path, folder, raw, meta, config)
+
+
+def read_meta(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
+    """Find and validate ``probe.json`` in a run folder (see `read_run`); return its folder and
+    its content."""
+    run = read_run(run_dir)
+    return run.folder, run.raw
+
+
+def _require_plugins(meta: ProbeMeta, where: Path) -> None:
+    """Refuse, naming the package to install, a run whose plugin kinds are not available here.
+    The names come from the run folder: a distribution name is shown in an install command only
+    when it is a valid one (PEP 508), shell-quoted; anything else is shown with ``repr``."""
     from probekit.registry import REGISTRIES
 
     by_family = {registry.family: registry for registry in REGISTRIES.values()}
-    for component in meta.get("components", []):
-        dist, kind = component.get("distribution"), component.get("kind")
-        registry = by_family.get(component.get("family", ""))
+    for component in meta.components:
+        dist, kind = component.distribution, component.kind
+        registry = by_family.get(component.family)
         if dist is None or registry is None or kind in registry:
             continue
+        if not is_distribution_name(dist):
+            raise PluginError(
+                f"{where}: components: this run uses the {registry.family} kind {shown(kind)} from a "
+                f"package it names with an invalid distribution name, {shown(dist)}; no such package "
+                "can be installed"
+            )
         raise PluginError(
-            f"{where}: this run uses the {registry.family} kind {kind!r} from the package {dist}, "
+            f"{where}: this run uses the {registry.family} kind {shown(kind)} from the package {dist}, "
             + _why_missing(registry.unavailable().get(kind), dist, kind)
         )
 
@@ -112,13 +462,13 @@ def _why_missing(reason: str | None, dist: str, kind: str) -> str:
     from probekit.registry import ENV_BLOCK, ENV_DISABLE_AUTOLOAD, last_report
 
     if reason:
-        return f"which failed to load: {reason}"
+        return f"which failed to load: {printable(reason)}"
     report = last_report()
     if report is not None and report.disabled:
         return f"but plugin autoload is disabled by {ENV_DISABLE_AUTOLOAD}; unset it to load {dist}"
     if report is not None and any(f":{kind} (" in b or f"({dist} " in b for b in report.blocked):
         return f"which is installed but blocked by {ENV_BLOCK}"
-    return f"which is not installed: pip install {dist}"
+    return f"which is not installed: pip install {shlex.quote(dist)}"
 
 
 def save_checkpoint(
@@ -132,12 +482,13 @@ def save_checkpoint(
     backbone: dict[str, Any],
     weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``probe.safetensors`` and ``probe.json`` into ``folder``; return the JSON's path.
-    ``weights``: the probe's `trainable_state`, when already gathered."""
+    """Write ``probe.safetensors`` and ``probe.json`` (format version 2, with its checksums) into
+    ``folder``; return the JSON's path. ``weights``: the probe's `trainable_state`, when already
+    gathered."""
     folder.mkdir(parents=True, exist_ok=True)
     state = trainable_state(probe) if weights is None else weights
     weights_file = folder / WEIGHTS
-    save_file(state, str(weights_file), metadata={"format": FORMAT})
+    save_tensors(state, weights_file, metadata={"format": FORMAT})
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -150,59 +501,107 @@ def save_checkpoint(
         "weights": {"file": WEIGHTS, "sha256": sha256_file(weights_file), "tensors": len(state)},
         "versions": versions(),
     }
-    path = folder / META
-    path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    return path
+    return write_meta(folder, meta)
 
 
-def read_meta(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
-    """Find and read ``probe.json`` in a run folder (or its ``checkpoint`` subfolder)."""
-    root = Path(run_dir)
-    for folder in (root, root / "checkpoint"):
-        if (folder / META).is_file():
-            try:
-                meta = json.loads((folder / META).read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as exc:
-                raise UserError(f"{folder / META}: unreadable checkpoint description: {exc}") from None
-            if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-                raise UserError(f"{folder / META}: not a probekit checkpoint")
-            return folder, meta
-    if not root.exists():
-        raise UserError(f"{root}: no such run folder")
-    if root.is_file():
-        kind = "a pickle file" if root.suffix.lower() in PICKLE_SUFFIXES else "a file"
-        raise UserError(
-            f"{root}: {kind}, not a probekit run folder; probekit never unpickles checkpoints, it "
-            f"reads a run folder holding {META} and {WEIGHTS} (safetensors)"
-        )
-    raise UserError(f"{root}: no {META} here or in {root / 'checkpoint'}; is this a probekit run folder?")
-
-
-def load_probe(run_dir: str | Path) -> Any:
-    """Rebuild the probe of a run: base model from its reference, trained weights from safetensors."""
-    from probekit.config import validate
-    from probekit.hub import load_backbone
-    from probekit.probe import Probe
-    from probekit.registry import discover
-
-    folder, meta = read_meta(run_dir)
-    discover()
-    _require_plugins(meta, folder / META)
-    config = validate(meta["config"], label=str(folder / META))
-    weights = folder / meta.get("weights", {}).get("file", WEIGHTS)
-    if not weights.is_file():
+# -- loading a run ---------------------------------------------------------------------------------
+def _check_weights(run: RunMeta) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The weights file of a run, confined to its folder, checked against its checksum, read with
+    its header checked, holding as many finite floating-point tensors as ``probe.json`` says."""
+    meta, where = run.meta, run.path
+    weights = run.folder / meta.weights.file
+    try:
+        present = weights.is_file()
+    except OSError:
+        present = False
+    if not present:
         raise UserError(f"{weights}: missing checkpoint weights")
-    expected = meta.get("weights", {}).get("sha256")
-    if expected and sha256_file(weights) != expected:
+    if not inside(weights, run.folder):
+        raise UserError(f"{weights}: leads out of the run folder ({escape_note(weights)}); refused")
+    expected = meta.checksums.weights if meta.checksums is not None else meta.weights.sha256
+    if sha256_file(weights) != expected:
         raise UserError(f"{weights}: checksum does not match {META}; the file is damaged or was replaced")
-    loaded = load_backbone(config.model)
-    probe = Probe.from_config(config, loaded.model)
-    state = load_file(str(weights))
+    try:
+        state = load_safetensors(weights)
+    except ValueError as exc:
+        raise UserError(f"{weights}: {exc}") from None
+    if len(state) != meta.weights.tensors:
+        raise UserError(
+            f"{where}: weights.tensors: says {meta.weights.tensors}, but {weights.name} holds "
+            f"{len(state)} tensors"
+        )
+    for name, tensor in state.items():
+        if not tensor.is_floating_point():
+            raise UserError(f"{weights}: {shown(name)} has dtype {tensor.dtype}; weights are floating point")
+        if not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"{weights}: {shown(name)} holds non-finite values (nan or inf)")
+    return weights, state
+
+
+def _load_backbone(spec: ModelSpec, where: Path) -> Any:
+    """`probekit.hub.load_backbone`, its errors naming ``probe.json``."""
+    from probekit.hub import load_backbone
+
+    name = spec.name
+    try:
+        return load_backbone(spec)
+    except UserError as exc:
+        if "needs its own code" in str(exc):
+            raise UserError(
+                f"{where}: config.model.name: {shown(name)} needs its own code to run; pass "
+                "--trust-remote-code (trust_remote_code=True) only if you trust that code"
+            ) from None
+        raise UserError(f"{where}: config.{printable(str(exc))}") from None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError, ImportError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"{where}: config.model.name: cannot load {shown(name)}: {printable(first)}"
+        ) from None
+
+
+def load_run(run_dir: str | Path, trust_remote_code: bool = False) -> tuple[Any, RunMeta]:
+    """Rebuild the probe of a run (see `load_probe`); return it and its validated ``probe.json``."""
+    from probekit.backbone import base_model, locate
+    from probekit.probe import Probe
+
+    run = read_run(run_dir)
+    where, meta, config = run.path, run.meta, run.config
+    if config.model.trust_remote_code and not trust_remote_code:
+        raise UserError(
+            f"{where}: config.model.trust_remote_code: this run asks to run the model's own code, and "
+            "a run folder cannot allow that; pass --trust-remote-code (trust_remote_code=True) only "
+            f"if you trust {shown(config.model.name)}"
+        )
+    if meta.format_version == 1:
+        log.warning(
+            "%s: its config is not covered by a checksum (only the weights are), because it was "
+            "written by an earlier probekit (format_version 1)",
+            where,
+        )
+    weights, state = _check_weights(run)
+    spec = config.model.model_copy(update={"trust_remote_code": trust_remote_code})
+    loaded = _load_backbone(spec, where)
+    layout = locate(base_model(loaded.model))
+    for field in ("model_type", "num_blocks", "hidden_size"):
+        said, found = getattr(meta.backbone, field), getattr(layout, field)
+        if said != found:
+            raise UserError(
+                f"{where}: backbone.{field}: the run was trained on a backbone with {field} {shown(said)}, "
+                f"but {shown(config.model.name)} has {shown(found)}; it is not the run's backbone"
+            )
+    try:
+        probe = Probe.from_config(config, loaded.model)
+    except UserError as exc:
+        raise UserError(f"{where}: config: {printable(str(exc))}") from None
+    except (RuntimeError, MemoryError, OverflowError, ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{where}: config: cannot build the probe it describes: {printable(first)}") from None
     wanted = trainable_parameters(probe)
     if set(state) != set(wanted):
         missing, extra = sorted(set(wanted) - set(state)), sorted(set(state) - set(wanted))
         raise UserError(
-            f"{weights}: tensors do not match the probe (missing {missing[:3]}, unexpected {extra[:3]})"
+            f"{weights}: tensors do not match the probe (missing {shown(missing[:3])}, "
+            f"unexpected {shown(extra[:3])})"
         )
     with torch.no_grad():
         params = dict(probe.named_parameters())
@@ -217,7 +616,22 @@ def load_probe(run_dir: str | Path) -> Any:
             params[name].copy_(tensor.reshape(params[name].shape))
     probe.tokenizer = loaded.tokenizer
     probe.max_length = config.model.max_length
-    probe.threshold = float(meta["threshold"])
-    probe.label_names = list(meta.get("label_names") or [0, 1])
+    probe.threshold = float(meta.threshold)
+    probe.label_names = list(meta.label_names)
     probe.eval()
+    return probe, run
+
+
+def load_probe(run_dir: str | Path, trust_remote_code: bool = False) -> Any:
+    """Rebuild the probe of a run: base model from its reference, trained weights from safetensors.
+
+    The run folder is untrusted (see the module docstring): ``probe.json`` is validated whole;
+    a run that asks for the model's own code is refused unless ``trust_remote_code`` is given
+    here (the run folder's own ``model.trust_remote_code`` never allows it); the backbone loaded
+    must be the one the run was trained on (model type, blocks, width).
+
+    Raises:
+        UserError: anything wrong with the run folder, named by file and field.
+    """
+    probe, _ = load_run(run_dir, trust_remote_code)
     return probe

@@ -43,25 +43,30 @@ _NESTED_FIELDS: dict[str, Registry[Any]] = {"token_pooler": POOLERS}
 class TrainSpec(BaseModel):
     """How training runs: batches, epochs, precision, loss, stopping."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    epochs: int = Field(default=10, ge=1, description="Maximum number of epochs.")
+    epochs: int = Field(default=10, ge=1, le=1_000_000, description="Maximum number of epochs.")
     batch_size: int = Field(
         default=8,
         ge=1,
+        le=1_000_000,
         description="Examples per micro-step on one device. The effective batch, batch_size x "
         "grad_accum, is what every optimiser step averages over, whatever the process count.",
     )
     grad_accum: int = Field(
         default=4,
         ge=1,
+        le=1_000_000,
         description="Micro-steps per optimiser step in a single process; with N processes it is "
         "divided by N (or the per-device batch is, when it cannot be), keeping the effective batch.",
     )
-    eval_batch_size: int = Field(default=64, ge=1, description="Examples per batch in evaluation.")
+    eval_batch_size: int = Field(
+        default=64, ge=1, le=1_000_000, description="Examples per batch in evaluation."
+    )
     eval_max_tokens: int | None = Field(
         default=4096,
         ge=1,
+        le=1 << 40,
         description="Evaluation and caching batches hold at most this many padded tokens (fewer "
         "rows when rows are long), which bounds peak memory; null: eval_batch_size rows always.",
     )
@@ -70,21 +75,30 @@ class TrainSpec(BaseModel):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         default="auto", description="auto: bf16 autocast on CUDA devices with bf16 support, fp32 elsewhere."
     )
-    patience: int = Field(default=5, ge=1, description="Epochs without val improvement before stopping.")
+    patience: int = Field(
+        default=5, ge=1, le=1_000_000, description="Epochs without val improvement before stopping."
+    )
     monitor: Literal["auroc", "accuracy", "f1", "auprc", "loss"] = Field(
         default="auroc", description="Validation metric that decides the best epoch (loss: lower is better)."
     )
-    seed: int = Field(default=0, description="Seeds weights of the head, data order and dropout.")
+    seed: int = Field(
+        default=0,
+        ge=0,
+        le=2**32 - 1,
+        description="Seeds weights of the head, data order and dropout (0 .. 2^32-1).",
+    )
     cpu: bool = Field(default=False, description="Train on the CPU even when a GPU is present.")
     bucket_batches: int = Field(
         default=50,
         ge=1,
+        le=1_000_000,
         description="Length bucketing: shuffled rows are cut into buckets of this many batches, "
         "each sorted by length before batching, so a batch pads little; 1: plain random batches.",
     )
     checkpoint_every_steps: int | None = Field(
         default=50,
         ge=1,
+        le=1 << 40,
         description="Write a training-state checkpoint every this many optimiser steps (and after "
         "every epoch), so a stopped run continues with --resume; null: after epochs only.",
     )
@@ -97,7 +111,7 @@ class TrainSpec(BaseModel):
 class ThresholdSpec(BaseModel):
     """How the decision threshold is chosen on the validation split."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     target_fpr: float | None = Field(
         default=None,
@@ -115,7 +129,7 @@ class ProbeConfig(BaseModel):
     every registered kind; this class is the static type those models derive from.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     pooler: SerializeAsAny[PoolerSpec] = Field(default_factory=MaskedMeanSpec)
     head: SerializeAsAny[HeadSpec] = Field(default_factory=LinearHeadSpec)
@@ -180,45 +194,149 @@ def json_schema() -> dict[str, Any]:
 
 
 # -- loading and dumping -----------------------------------------------------------------------
+MAX_CONFIG_BYTES = 1 << 20
+"""A config file (or mapping dumped as JSON) larger than this is refused before it is parsed."""
+MAX_ASSIGNMENT_CHARS = 1 << 16
+"""One ``--set`` assignment longer than this is refused before it is parsed."""
+
+
+MAX_CONFIG_NODES = 100_000
+"""A config whose YAML expands (aliases included) to more values than this is refused."""
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader, refusing a key written twice in one mapping (PyYAML keeps the last one);
+    keys brought in by a ``<<`` merge may still be overridden, as YAML means them to be."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == _MERGE_TAG:
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.setdefault(key, line)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if first is not line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (first on line {first})", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_expansion(node: yaml.Node, source: str) -> None:
+    """Refuse a document whose aliases expand it past `MAX_CONFIG_NODES` values (a few lines of
+    nested aliases can stand for billions of them)."""
+    count, stack = 0, [node]
+    while stack:
+        current = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_NODES:
+            raise ConfigError(
+                f"{source}: expands to more than {MAX_CONFIG_NODES:,} values (nested aliases?); "
+                "a config is never this large"
+            )
+        if isinstance(current, yaml.MappingNode):
+            for key, value in current.value:
+                stack += (key, value)
+        elif isinstance(current, yaml.SequenceNode):
+            stack += current.value
+
+
+def _unique_pairs(where: str) -> Any:
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in found:
+                raise ConfigError(f"{where}: key {key!r} appears twice in one object")
+            found[key] = value
+        return found
+
+    return hook
+
+
 def _parse_text(text: str, source: str, *, is_json: bool) -> tuple[Any, yaml.Node | None]:
-    """Parse JSON (json module) or YAML (safe loader); return the data and, where YAML can
-    read the text, its node tree for line numbers."""
+    """Parse JSON (json module) or YAML (safe loader) once, refusing duplicate keys; return the
+    data and, for YAML, its node tree (line numbers for errors; JSON composes one on demand)."""
     if is_json:
         try:
-            data = json.loads(text)
+            return json.loads(text, object_pairs_hook=_unique_pairs(source)), None
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{source}:{exc.lineno}: not valid JSON: {exc.msg}") from None
-    else:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"{source}:{mark.line + 1}" if mark is not None else source
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise ConfigError(f"{where}: not valid YAML: {problem}") from None
-    try:  # JSON is (nearly always) YAML too: its node tree gives line numbers for errors
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        node = None
+        except (ValueError, RecursionError) as exc:  # an integer past the digit limit, deep nesting
+            raise ConfigError(f"{source}: not valid JSON: {_first_line(exc)}") from None
+    loader = _UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            _check_expansion(node, source)
+        data = None if node is None else loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(f"{source}: not valid YAML: {_first_line(exc)}") from None
+    finally:
+        loader.dispose()
     return data, node
 
 
+def _first_line(exc: BaseException) -> str:
+    """What went wrong while parsing, in the user's terms."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    text = str(exc).strip()
+    if "integer string conversion" in text:
+        return "an integer of more than 4300 digits"
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _compose_json(text: str) -> yaml.Node | None:
+    """The YAML node tree of JSON text, for the line numbers of validation errors."""
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader)
+    except (yaml.YAMLError, ValueError, RecursionError):
+        return None
+
+
 def read_config_file(path: str | Path) -> tuple[dict[str, Any], yaml.Node | None]:
-    """Read a ``.json``, ``.yaml`` or ``.yml`` config file (safe loader only)."""
+    """Read a ``.json``, ``.yaml`` or ``.yml`` config file (safe loader only, at most
+    `MAX_CONFIG_BYTES`, no key twice in one mapping)."""
     path = Path(path)
     if path.suffix.lower() not in {".json", ".yaml", ".yml"}:
         raise ConfigError(f"{path}: config files must end in .json, .yaml or .yml")
     try:
-        text = path.read_text(encoding="utf-8")
+        if path.is_dir():
+            raise ConfigError(f"{path}: is a folder; give a config file")
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
-    data, node = _parse_text(text, str(path), is_json=path.suffix.lower() == ".json")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB; a config describes one run and is "
+            "never this large"
+        )
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte offset {exc.start})") from None
+    is_json = path.suffix.lower() == ".json"
+    data, node = _parse_text(text, str(path), is_json=is_json)
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}:1: a config must be a mapping, got {type(data).__name__}")
+    if is_json:
+        node = _compose_json(text)
     return data, node
 
 
@@ -272,14 +390,21 @@ def apply_overrides(data: Mapping[str, Any], assignments: Sequence[str]) -> dict
     model = config_model()
     result: dict[str, Any] = copy.deepcopy(dict(data))
     for assignment in assignments:
+        if len(assignment) > MAX_ASSIGNMENT_CHARS:
+            raise ConfigError(
+                f"--set {assignment[:40]!r}...: {len(assignment)} characters; one assignment holds at "
+                f"most {MAX_ASSIGNMENT_CHARS} (put large settings in a --config file)"
+            )
         key, sep, raw = assignment.partition("=")
         path = key.strip().split(".")
         if not sep or not all(path):
             raise ConfigError(f"--set {assignment!r}: expected a.b=value")
         try:
-            value: Any = json.loads(raw)
+            value: Any = json.loads(raw, object_pairs_hook=_unique_pairs(f"--set {key}"))
         except json.JSONDecodeError:
             value = raw
+        except (ValueError, RecursionError) as exc:  # an integer past the digit limit, deep nesting
+            raise ConfigError(f"--set {key}: {_first_line(exc)}") from None
         parent: dict[str, Any] = result
         for depth, part in enumerate(path[:-1]):
             allowed = _fields_at(model, path[:depth], result)
@@ -340,9 +465,15 @@ def compose_config(
         name = preset or "safety8k"
         label = f"preset {name}"
         base = validate(PRESETS.get(name).config, label=label)
+    for option, value, what in (
+        ("--model", model, "a Hugging Face model id or a local folder"),
+        ("--data", data, "a data file or a folder of train/val/test files"),
+    ):
+        if value is not None and not value.strip():
+            raise ConfigError(f"{option}: empty; name {what}")
     extra = [
-        *([f"model.name={json.dumps(model)}"] if model else []),
-        *([f"data.path={json.dumps(data)}"] if data else []),
+        *([f"model.name={json.dumps(model)}"] if model is not None else []),
+        *([f"data.path={json.dumps(data)}"] if data is not None else []),
     ]
     merged = apply_overrides(base.model_dump(mode="json"), [*extra, *assignments])
     return validate(merged, label=f"{label} with --set" if assignments else label)

@@ -29,26 +29,40 @@ import os
 import random
 import re
 import stat
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from probekit.errors import UserError, did_you_mean
+from probekit.spec import PathText
 
 __all__ = [
+    "DEFAULT_MAX_TEXT_CHARS",
     "FORMAT_SUFFIXES",
     "DataError",
     "DataReport",
     "DataSpec",
     "Dataset",
     "Split",
+    "TextTypeError",
+    "TextValueError",
+    "check_data_file",
+    "check_text",
+    "check_texts",
+    "field_text",
+    "is_invisible",
     "load_data",
     "read_records",
+    "read_text_lines",
+    "stored_data_spec",
+    "stream_text_lines",
+    "text_problem",
 ]
 
 FORMAT_SUFFIXES: dict[str, str] = {
@@ -65,9 +79,119 @@ _BOM = b"\xef\xbb\xbf"
 _CSV_INT = re.compile(r"[+-]?[0-9]+")
 _SHOWN = 12  # at most this many names in a listing
 
+DEFAULT_MAX_TEXT_CHARS = 1_000_000
+"""The default of `DataSpec.max_text_chars`: the most characters one text may hold."""
+_LINE_SLACK = 64 * 1024  # bytes a JSON Lines record may hold beyond 4 bytes per text character
+_CSV_FIELD_LIMIT = 131072  # the csv module's default bound on one field, in characters
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")  # universal newlines, as text mode reads them
+
 
 class DataError(UserError):
     """A data file or data setting probekit cannot use; one line naming file:line (or row) and field."""
+
+
+class TextValueError(DataError, ValueError):
+    """A text given to predict is empty, only invisible characters, or not valid Unicode."""
+
+
+class TextTypeError(DataError, TypeError):
+    """Something other than a string was given where predict expects a text."""
+
+
+# -- texts ---------------------------------------------------------------------------------------
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp", "Co", "Cn", "Cs"})
+"""Controls, format characters (zero-width, bidi, BOM), spaces and separators, private use,
+unassigned and surrogate code points."""
+_INVISIBLE_MORE = frozenset(
+    chr(code)
+    for code in (
+        *(0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x180B, 0x180C, 0x180D, 0x180F, 0x2800, 0x3164, 0xFFA0),
+        *range(0xFE00, 0xFE10),  # variation selectors
+        *range(0xE0100, 0xE01F0),  # variation selectors supplement
+    )
+)
+"""Default-ignorable (or blank) code points of other categories: grapheme joiner, Hangul fillers,
+Khmer inherent vowels, Mongolian variation selectors, braille blank, variation selectors."""
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SHOWN_CHARS = 5
+
+
+def is_invisible(char: str) -> bool:
+    """True for a character that shows nothing: whitespace, a control or format character
+    (zero-width space, BOM, bidi marks), a private-use, unassigned or surrogate code point."""
+    return char in _INVISIBLE_MORE or unicodedata.category(char) in _INVISIBLE_CATEGORIES
+
+
+def text_problem(text: str, max_chars: int | None = None) -> str | None:
+    """Why ``text`` cannot be classified, or ``None``: more than ``max_chars`` characters, empty
+    or only whitespace, only invisible characters (`is_invisible`; naming them), or a lone
+    surrogate (not valid Unicode). The same check serves data rows, ``predict --input`` and
+    `Probe.predict`; a text holding invisible characters among visible ones is fine."""
+    if max_chars is not None and len(text) > max_chars:
+        return (
+            f"holds {len(text)} characters; data.max_text_chars is {max_chars}; "
+            "shorten the text or raise data.max_text_chars"
+        )
+    if not text or text.isspace():
+        return f"is empty (got {_short(text)})"
+    if all(is_invisible(char) for char in text):  # stops at the first visible character
+        return f"has only invisible characters ({_code_points(text)})"
+    lone = _SURROGATE.search(text)
+    if lone is not None:
+        return (
+            f"holds a lone surrogate U+{ord(lone.group()):04X} at character {lone.start() + 1}, "
+            "which is not valid Unicode"
+        )
+    return None
+
+
+def _code_points(text: str) -> str:
+    distinct = list(dict.fromkeys(text))
+    shown = []
+    for char in distinct[:_SHOWN_CHARS]:
+        name = unicodedata.name(char, "")
+        shown.append(f"U+{ord(char):04X}" + (f" {name}" if name else ""))
+    more = f", ... ({len(distinct)} distinct)" if len(distinct) > _SHOWN_CHARS else ""
+    return ", ".join(shown) + more
+
+
+def check_text(text: str, place: str, max_chars: int | None = None, field: str | None = None) -> str:
+    """Return ``text`` if `text_problem` finds nothing, else raise `TextValueError` naming ``place``
+    (``file:line``, ``texts[3]``, ``text argument 2 of 3``) and ``field`` when there is one."""
+    problem = text_problem(text, max_chars)
+    if problem is None:
+        return text
+    raise TextValueError(f"{place}: " + (f"field {field!r} " if field is not None else "") + problem)
+
+
+def check_texts(texts: object, max_chars: int | None = None) -> tuple[list[str], bool]:
+    """The texts given to `Probe.predict` as a list, and whether a single string was given.
+
+    Raises:
+        TextTypeError: bytes, something that is not a string or an iterable, or a non-string item
+            (``texts[3]: expected a string, got int 123``).
+        TextValueError: an empty or invisible-only text, or one that `text_problem` refuses.
+    """
+    if isinstance(texts, str):
+        return [check_text(texts, "text", max_chars)], True
+    if isinstance(texts, (bytes, bytearray, memoryview)):
+        raise TextTypeError(
+            f"texts: expected a string or a sequence of strings, got {type(texts).__name__}; "
+            "decode it first, e.g. data.decode('utf-8')"
+        )
+    try:
+        items = list(texts)  # type: ignore[call-overload]
+    except TypeError:
+        raise TextTypeError(
+            f"texts: expected a string or a sequence of strings, got {type(texts).__name__} {_short(texts)}"
+        ) from None
+    for index, item in enumerate(items):
+        if not isinstance(item, str):
+            raise TextTypeError(
+                f"texts[{index}]: expected a string, got {type(item).__name__} {_short(item)}"
+            )
+        check_text(item, f"texts[{index}]", max_chars)
+    return items, False
 
 
 # -- the spec ------------------------------------------------------------------------------------
@@ -79,20 +203,23 @@ class DataSpec(BaseModel):
     neither for probekit's shipped demo dataset (split like one file).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    path: str | None = Field(
+    path: PathText | None = Field(
         default=None,
-        min_length=1,
         description="A data file (split into train/val/test) or a folder holding train/val/test "
         "files; unset (with no train/val/test) for probekit's demo dataset.",
     )
-    train: str | None = Field(default=None, min_length=1, description="Training file (with `val`).")
-    val: str | None = Field(default=None, min_length=1, description="Validation file (with `train`).")
-    test: str | None = Field(default=None, min_length=1, description="Optional test file.")
-    text_field: str = Field(default="text", min_length=1, description="Field (column) holding the text.")
-    label_field: str = Field(default="label", min_length=1, description="Field (column) holding the label.")
-    label_map: dict[str, int] | None = Field(
+    train: PathText | None = Field(default=None, description="Training file (with `val`).")
+    val: PathText | None = Field(default=None, description="Validation file (with `train`).")
+    test: PathText | None = Field(default=None, description="Optional test file.")
+    text_field: str = Field(
+        default="text", min_length=1, max_length=1000, description="Field (column) holding the text."
+    )
+    label_field: str = Field(
+        default="label", min_length=1, max_length=1000, description="Field (column) holding the label."
+    )
+    label_map: dict[Annotated[str, Field(max_length=1000)], int] | None = Field(
         default=None,
         description="Label name -> class index (0..K-1, no gaps, one name per class). "
         "Required when labels are strings.",
@@ -103,11 +230,21 @@ class DataSpec(BaseModel):
     test_fraction: float = Field(
         default=0.1, ge=0.0, lt=1.0, description="Share of each class put in test when splitting one file."
     )
-    split_seed: int = Field(default=0, description="Seed of the stratified split of one file.")
+    split_seed: int = Field(
+        default=0, ge=0, le=2**32 - 1, description="Seed of the stratified split of one file (0 .. 2^32-1)."
+    )
     format: Literal["auto", "jsonl", "csv", "parquet"] = Field(
         default="auto",
         description="File format; `auto` goes by suffix "
         "(.jsonl/.ndjson/.json as JSON Lines, .csv, .parquet).",
+    )
+    max_text_chars: int = Field(
+        default=DEFAULT_MAX_TEXT_CHARS,
+        ge=1,
+        le=2**31 - 1,
+        description="The most characters one text may hold; a longer text is refused with its place "
+        "(a JSON Lines line may hold at most 4 bytes per character plus 64 KiB). Also bounds the texts "
+        "`probekit predict` reads for a run trained with it.",
     )
 
     @field_validator("label_map")
@@ -123,10 +260,16 @@ class DataSpec(BaseModel):
         if indices[0] < 0:
             bad = next(name for name, index in value.items() if index < 0)
             raise ValueError(f"label {bad!r} maps to {value[bad]}; class indices start at 0")
-        if indices != list(range(len(indices))):
-            missing = sorted(set(range(indices[-1] + 1)) - set(indices))
+        gap = _first_gap(indices)
+        if gap is not None:
+            above = indices[gap]
+            name = next(name for name, index in value.items() if index == above)
+            shown = _join(indices[:_SHOWN]) + (
+                f", ... ({len(indices)} in all)" if len(indices) > _SHOWN else ""
+            )
             raise ValueError(
-                f"class indices must run 0..K-1 without gaps; got {_join(indices)} (missing {_join(missing)})"
+                f"class indices must run 0..K-1 without gaps; got {shown} (missing {gap}; "
+                f"label {name!r} maps to {above})"
             )
         if len(indices) < 2:
             raise ValueError(f"label_map has a single class ({indices[0]}); a classifier needs at least two")
@@ -237,13 +380,20 @@ class Dataset:
 
 
 # -- reading files -------------------------------------------------------------------------------
-def read_records(path: Path, fmt: str = "auto") -> list[tuple[int, dict[str, Any]]]:
+def read_records(
+    path: Path, fmt: str = "auto", *, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS
+) -> list[tuple[int, dict[str, Any]]]:
     """Read every record of a JSONL, CSV or parquet file.
 
     Args:
         path: the file.
         fmt: ``"jsonl"``, ``"csv"``, ``"parquet"``, or ``"auto"`` to go by the suffix
             (see `FORMAT_SUFFIXES`).
+        max_text_chars: bounds one record: a JSON Lines line may hold at most
+            ``4 * max_text_chars`` bytes plus 64 KiB (checked before it is parsed; ``\\uXXXX``
+            escapes take 6 bytes a character, so a text near the bound written with them may need
+            a higher setting), a CSV field at most ``max(max_text_chars, 131072)`` characters. The
+            texts themselves are checked against it by `load_data`.
 
     Returns:
         ``(number, record)`` pairs in file order: the 1-based line for JSONL and CSV (the line a
@@ -252,16 +402,18 @@ def read_records(path: Path, fmt: str = "auto") -> list[tuple[int, dict[str, Any
         cells) are skipped.
 
     Raises:
-        DataError: a missing or unreadable file, an unknown format, bad UTF-8 (with its byte
-            offset), a line that is not a JSON object, malformed CSV, an empty file, a file with
-            no records, or parquet without pyarrow installed.
+        DataError: a missing or unreadable file, a folder, an unknown format, bad UTF-8 (with its
+            byte offset), a line that is not a JSON object or repeats a key, a record past the size
+            bound, malformed CSV, repeated column names, an empty file, a file with no records, or
+            parquet without pyarrow installed.
     """
     path = Path(path)
+    check_data_file(path)  # a missing file or a folder is named as such, whatever its suffix
     fmt = _resolve_format(path, fmt)
     if fmt == "jsonl":
-        return _read_jsonl(path)
+        return _read_jsonl(path, max_text_chars)
     if fmt == "csv":
-        return _read_csv(path)
+        return _read_csv(path, max_text_chars)
     return _read_parquet(path)
 
 
@@ -280,7 +432,8 @@ def _resolve_format(path: Path, fmt: str) -> str:
     return found
 
 
-def _check_file(path: Path) -> None:
+def check_data_file(path: Path) -> None:
+    """Refuse a path that does not exist, is a folder, or is not a regular file (or a pipe)."""
     try:
         info = path.stat()
     except (FileNotFoundError, NotADirectoryError):
@@ -288,13 +441,16 @@ def _check_file(path: Path) -> None:
     except OSError as exc:
         raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if stat.S_ISDIR(info.st_mode):
-        raise DataError(f"{path}: is a directory; expected a data file")
+        raise DataError(
+            f"{path}: is a folder; give one data file (a folder holding train.*, val.* and test.* files "
+            "is for train --data)"
+        )
     if not stat.S_ISREG(info.st_mode) and not stat.S_ISFIFO(info.st_mode):
         raise DataError(f"{path}: not a regular file")
 
 
 def _read_bytes(path: Path) -> bytes:
-    _check_file(path)
+    check_data_file(path)
     try:
         return path.read_bytes()
     except OSError as exc:
@@ -330,15 +486,43 @@ def _json_type(value: Any) -> str:
     return type(value).__name__
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+class _RepeatedKeyError(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` of `json.loads`: an object (at any depth) may not repeat a key."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _RepeatedKeyError(key)
+        out[key] = value
+    return out
+
+
+def _line_limit(max_text_chars: int) -> int:
+    """The most bytes one JSON Lines line may hold: 4 per text character (UTF-8) plus 64 KiB."""
+    return 4 * max_text_chars + _LINE_SLACK
+
+
+def _read_jsonl(path: Path, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS) -> list[tuple[int, dict[str, Any]]]:
     data = _read_bytes(path)
     _reject_utf16(path, data)
+    limit = _line_limit(max_text_chars)
     start = len(_BOM) if data.startswith(_BOM) else 0
     records: list[tuple[int, dict[str, Any]]] = []
     for line, chunk in enumerate(data[start:].split(b"\n"), 1):
         offset = start
         start += len(chunk) + 1
         raw = chunk[:-1] if chunk.endswith(b"\r") else chunk
+        if len(raw) > limit:  # before decoding or parsing it
+            raise DataError(
+                f"{path}:{line}: line holds {len(raw)} bytes; a record may hold at most {limit} "
+                f"(4 bytes per character of data.max_text_chars={max_text_chars}, plus 64 KiB); "
+                "shorten the text or raise data.max_text_chars"
+            )
         if not raw.strip():
             continue
         try:
@@ -346,7 +530,9 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
         except UnicodeDecodeError as exc:
             raise _utf8_error(path, data, line, offset, exc) from None
         try:
-            value = json.loads(text)
+            value = json.loads(text, object_pairs_hook=_unique_keys)
+        except _RepeatedKeyError as exc:
+            raise DataError(f"{path}:{line}: key {exc.key!r} appears twice in this record") from None
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{line}: not valid JSON: {exc.msg} (column {exc.colno})") from None
         except (ValueError, RecursionError) as exc:  # e.g. integers past the digit limit
@@ -360,7 +546,16 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     return records
 
 
-def _read_csv(path: Path) -> list[tuple[int, dict[str, Any]]]:
+def _read_csv(path: Path, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS) -> list[tuple[int, dict[str, Any]]]:
+    limit = max(max_text_chars, _CSV_FIELD_LIMIT)
+    previous = csv.field_size_limit(limit)  # process-wide: put back when done
+    try:
+        return _parse_csv(path, limit, max_text_chars)
+    finally:
+        csv.field_size_limit(previous)
+
+
+def _parse_csv(path: Path, limit: int, max_text_chars: int) -> list[tuple[int, dict[str, Any]]]:
     data = _read_bytes(path)
     _reject_utf16(path, data)
     start = len(_BOM) if data.startswith(_BOM) else 0
@@ -382,6 +577,11 @@ def _read_csv(path: Path) -> list[tuple[int, dict[str, Any]]]:
         except StopIteration:
             break
         except csv.Error as exc:
+            if "field larger than field limit" in str(exc):
+                raise DataError(
+                    f"{path}:{line}: a field holds more than {limit} characters; "
+                    f"data.max_text_chars is {max_text_chars}; shorten the text or raise data.max_text_chars"
+                ) from None
             raise DataError(f"{path}:{line}: not valid CSV: {exc}") from None
         if not any(cell.strip() for cell in row):
             continue
@@ -405,7 +605,7 @@ def _read_csv(path: Path) -> list[tuple[int, dict[str, Any]]]:
 
 
 def _read_parquet(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    _check_file(path)
+    check_data_file(path)
     try:
         pa = importlib.import_module("pyarrow")
         pq = importlib.import_module("pyarrow.parquet")
@@ -417,13 +617,91 @@ def _read_parquet(path: Path) -> list[tuple[int, dict[str, Any]]]:
         raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
     with handle:
         try:
-            rows = pq.read_table(handle).to_pylist()
+            names = [str(name) for name in pq.read_schema(handle).names]
+            repeated = [name for name, count in Counter(names).items() if count > 1]
+            if not repeated:
+                handle.seek(0)
+                rows = pq.read_table(handle).to_pylist()
         except (pa.ArrowException, ValueError, OSError, TypeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DataError(f"{path}: not a readable parquet file: {first}") from None
+    if repeated:  # parquet allows them; a record (a dict) could keep only one
+        raise DataError(f"{path}: column {repeated[0]!r} appears more than once (columns: {_names(names)})")
     if not rows:
         raise DataError(f"{path}: no rows")
     return [(number, dict(row)) for number, row in enumerate(rows, 1)]
+
+
+# -- plain text: one text per line ---------------------------------------------------------------
+def read_text_lines(path: Path, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS) -> list[str]:
+    """The texts of a plain text file, one per line (lines end with ``\\n``, ``\\r\\n`` or ``\\r``);
+    blank lines are skipped.
+
+    Raises:
+        DataError: a missing file, a folder, bad UTF-8, or a line that `text_problem` refuses
+            (only invisible characters, more than ``max_text_chars``), named ``file:line``.
+    """
+    path = Path(path)
+    data = _read_bytes(path)
+    _reject_utf16(path, data)
+    start = len(_BOM) if data.startswith(_BOM) else 0
+    try:
+        text = data[start:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, start + exc.start) + 1
+        raise _utf8_error(path, data, line, start, exc) from None
+    texts: list[str] = []
+    for number, raw in enumerate(_LINE_BREAK.split(text), 1):
+        kept = _line_text(raw, f"{path}:{number}", max_text_chars)
+        if kept is not None:
+            texts.append(kept)
+    return texts
+
+
+def stream_text_lines(
+    stream: IO[str], name: str = "<stdin>", max_text_chars: int = DEFAULT_MAX_TEXT_CHARS
+) -> list[str]:
+    """The texts of a text stream (standard input), one per line, read a bounded line at a time:
+    a line longer than ``max_text_chars`` is refused before the rest of it is read. Blank lines
+    are skipped; errors name ``<stdin>:line``."""
+    texts: list[str] = []
+    limit = max_text_chars + 2  # room for the line end
+    number = 0
+    while True:
+        try:
+            line = stream.readline(limit)
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{name}: not valid UTF-8 after line {number}: {exc.reason}") from None
+        if not line:
+            return texts
+        number += 1
+        if len(line) >= limit and not line.endswith("\n"):
+            raise DataError(
+                f"{name}:{number}: line holds more than {max_text_chars} characters; data.max_text_chars "
+                f"is {max_text_chars}; shorten the text or raise data.max_text_chars"
+            )
+        kept = _line_text(line, f"{name}:{number}", max_text_chars)
+        if kept is not None:
+            texts.append(kept)
+
+
+def _line_text(line: str, place: str, max_chars: int) -> str | None:
+    """A line without its line end, checked; ``None`` for a blank line (skipped)."""
+    line = line.rstrip("\r\n")
+    if not line.strip():
+        return None
+    return check_text(line, place, max_chars)
+
+
+def stored_data_spec(data: Any, label: str = "the run's config") -> DataSpec:
+    """The `DataSpec` of a run's stored config (its ``data`` section; defaults where absent)."""
+    try:
+        return DataSpec.model_validate(data if data is not None else {})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        place = ".".join(str(part) for part in first["loc"])
+        where = f"data.{place}" if place else "data"
+        raise DataError(f"{label}: {where}: {first['msg']}") from None
 
 
 # -- records -> texts and labels -----------------------------------------------------------------
@@ -443,8 +721,9 @@ class _Source:
 
 
 def _read_source(path: Path, spec: DataSpec) -> _Source:
+    check_data_file(path)
     fmt = _resolve_format(path, spec.format)
-    records = read_records(path, fmt)
+    records = read_records(path, fmt, max_text_chars=spec.max_text_chars)
     source = _Source(path, fmt, [], [], [])
     text_field, label_field = spec.text_field, spec.label_field
     for number, record in records:
@@ -458,21 +737,25 @@ def _read_source(path: Path, spec: DataSpec) -> _Source:
                     + (f"; {hint}" if hint else "")
                     + f"; set data.{setting} to the field that holds the {setting.split('_')[0]}"
                 )
-        text = record[text_field]
-        if text is None:
-            raise DataError(f"{where}: field {text_field!r} is null; every record needs a text")
-        if not isinstance(text, str):
-            raise DataError(
-                f"{where}: field {text_field!r} must be a string, got {_json_type(text)} {_short(text)}"
-            )
-        if not text.strip():
-            raise DataError(f"{where}: field {text_field!r} is empty (got {text!r})")
+        text = field_text(record[text_field], where, text_field, spec.max_text_chars)
         label = record[label_field]
         if fmt == "csv":
             label = _csv_label(label, spec.label_map)
         source.texts.append(text)
         source.labels.append(label)
     return source
+
+
+def field_text(value: Any, where: str, field: str, max_chars: int | None = None) -> str:
+    """The text a record's ``field`` holds, checked: not null, a string, and passing `text_problem`;
+    else a `DataError` naming ``where`` (``file:line`` or ``file: row N``) and the field."""
+    if value is None:
+        raise TextTypeError(f"{where}: field {field!r} is null; every record needs a text")
+    if not isinstance(value, str):
+        raise TextTypeError(
+            f"{where}: field {field!r} must be a string, got {_json_type(value)} {_short(value)}"
+        )
+    return check_text(value, where, max_chars, field)
 
 
 def _csv_label(cell: Any, label_map: dict[str, int] | None) -> Any:
@@ -583,10 +866,9 @@ def _resolve_labels(sources: Sequence[_Source], spec: DataSpec) -> tuple[list[li
                         f"0..{num_classes - 1} (data.label_map has {num_classes} classes)"
                     )
         return kinds, dict(label_map)
-    seen = {value for values in kinds for value in values}
-    missing = sorted(set(range(max(seen) + 1)) - seen)
-    if missing:
-        gap = missing[0]
+    seen = sorted({value for values in kinds for value in values})  # K distinct, bounded by the rows
+    gap = _first_gap(seen)
+    if gap is not None:
         where, value = next(
             (source.where(index), value)
             for source, values in zip(sources, kinds, strict=True)
@@ -597,7 +879,7 @@ def _resolve_labels(sources: Sequence[_Source], spec: DataSpec) -> tuple[list[li
             f"{where}: field {field!r}: label {value} but no row has label {gap}; class indices must run "
             "0..K-1 without gaps (or pass data.label_map)"
         )
-    return kinds, {str(value): value for value in range(max(seen) + 1)}
+    return kinds, {str(value): value for value in seen}  # seen is 0..K-1 here
 
 
 # -- splitting -----------------------------------------------------------------------------------
@@ -814,6 +1096,22 @@ def _dataset(splits: dict[str, Split], label_map: dict[str, int]) -> Dataset:
 
 
 # -- small helpers -------------------------------------------------------------------------------
+def _first_gap(indices: Sequence[int]) -> int | None:
+    """The smallest index missing from ``indices`` (sorted, distinct, non-negative) below its
+    largest, or ``None`` when they run 0..K-1. Never allocates by the values' size: with K
+    indices, the largest is K-1 exactly when there is no gap."""
+    if not indices or indices[-1] == len(indices) - 1:
+        return None
+    low, high = 0, len(indices) - 1  # indices[i] == i holds up to some point, then never again
+    while low < high:
+        middle = (low + high) // 2
+        if indices[middle] == middle:
+            low = middle + 1
+        else:
+            high = middle
+    return low
+
+
 def _fold(text: str) -> str:
     """The text compared for duplicates: stripped, case folded, whitespace runs as one space."""
     return " ".join(text.casefold().split())

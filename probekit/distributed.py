@@ -46,7 +46,7 @@ class DistributedSpec(BaseModel):
     """How several processes share the work (ignored in a single process). Each process takes its
     share of every batch; the strategy says how the model itself is shared."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     strategy: Literal["ddp", "fsdp"] = Field(
         default="ddp",
@@ -58,6 +58,7 @@ class DistributedSpec(BaseModel):
     timeout_s: int = Field(
         default=600,
         ge=10,
+        le=7 * 24 * 3600,
         description="A collective that waits longer than this for another process fails the run "
         "(a killed or stuck process ends the job with an error instead of a hang).",
     )

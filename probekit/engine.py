@@ -11,16 +11,17 @@ best weights, the decision threshold, and the run folder.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
+from probekit import jsonio
 from probekit.batching import (
     BucketBatchSampler,
     LengthSortedBatchSampler,
@@ -70,6 +72,12 @@ from probekit.hub import LoadedBackbone, load_backbone
 from probekit.metrics import choose_threshold, compute_metrics
 from probekit.optim import ParamGroup, build_optimizer, param_groups
 from probekit.probe import Probe
+from probekit.rundir import (
+    RunFolder,
+    check_out,
+    default_run_dir,
+    explain_failure,
+)
 from probekit.state import (
     STATE_DIR,
     Saved,
@@ -129,15 +137,12 @@ class Encoded:
 
 
 def encode(tokenizer: Any, split: Split, max_length: int) -> Encoded:
-    """Tokenise a split once; rows longer than ``max_length`` are truncated and counted."""
-    texts = list(split.texts)
-    full = tokenizer(texts, truncation=False, verbose=False)["input_ids"] if texts else []
-    long_rows = [i for i, ids in enumerate(full) if len(ids) > max_length]
-    if long_rows:
-        cut = tokenizer([texts[i] for i in long_rows], truncation=True, max_length=max_length)["input_ids"]
-        for i, ids in zip(long_rows, cut, strict=True):
-            full[i] = ids
-    return Encoded([list(ids) for ids in full], list(split.labels), len(long_rows))
+    """Tokenise a split once; rows longer than ``max_length`` are truncated and counted. A long
+    text is tokenised through a prefix (`probekit.tokens.encode_texts`), never whole."""
+    from probekit.tokens import encode_texts
+
+    ids, truncated = encode_texts(tokenizer, split.texts, max_length)
+    return Encoded(ids, list(split.labels), sum(truncated))
 
 
 class Collator:
@@ -253,6 +258,9 @@ class Prepared:
     """Per split, the rows each process ran through the frozen blocks for the cache (by rank)."""
     sharded_parameters: list[int] = field(default_factory=list)
     """Under fsdp: the parameters each process holds, by rank (filled in by training)."""
+    data_fingerprint: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per split, its row count and a sha256 of its texts and labels (`fingerprint`); a resumed
+    run must train on the same data."""
 
     def data_origin(self) -> str:
         """Where the rows came from, naming the shipped demo dataset when it is used."""
@@ -325,7 +333,7 @@ class Prepared:
 def absolute_paths(config: ProbeConfig) -> ProbeConfig:
     """The config with local model and data paths made absolute, so the saved spec re-runs anywhere."""
     model = Path(config.model.name).expanduser()
-    if model.is_dir() and not model.is_absolute():
+    if model.is_dir() and not Path(config.model.name).is_absolute():  # relative, or ~/...
         config = config.model_copy(
             update={"model": config.model.model_copy(update={"name": str(model.resolve())})}
         )
@@ -398,7 +406,47 @@ def prepare(config: ProbeConfig, *, device: torch.device | None = None, num_proc
         cache_plan=cache_plan,
         cache_reason=cache_reason,
         padding=(padding[0], padding[1]),
+        data_fingerprint=fingerprint(dataset),
     )
+
+
+def fingerprint(dataset: Dataset) -> dict[str, dict[str, Any]]:
+    """Per split: rows, and a sha256 of the texts and class indices in order."""
+    found: dict[str, dict[str, Any]] = {}
+    for split in dataset.splits():
+        digest = hashlib.sha256()
+        for text, label in zip(split.texts, split.labels, strict=True):
+            digest.update(json.dumps([text, label]).encode("utf-8"))
+            digest.update(b"\n")
+        found[split.name] = {"rows": len(split), "sha256": digest.hexdigest()}
+    return found
+
+
+def check_same_data(state: Mapping[str, Any], prepared: Prepared, log: Log) -> None:
+    """Refuse to resume on data other than the stopped run's (a changed file, a changed split)."""
+    before = state.get("data")
+    now = prepared.data_fingerprint
+    if not isinstance(before, dict):
+        log(
+            "warning: this checkpoint has no data fingerprint (written by an earlier probekit); "
+            "the data could not be checked against the stopped run's"
+        )
+        return
+    changes = []
+    for name in sorted(set(before) | set(now), key=("train", "val", "test").index):
+        old, new = before.get(name), now.get(name)
+        if old == new:
+            continue
+        if old is None or new is None or old.get("rows") != new["rows"]:
+            rows = [f"{side['rows']} rows" if side else "no split" for side in (old, new)]
+            changes.append(f"{name}: {rows[0]} -> {rows[1]}")
+        else:
+            changes.append(f"{name}: the same {new['rows']} rows, other texts or labels")
+    if changes:
+        raise UserError(
+            "--resume: the data differs from the stopped run's (" + "; ".join(changes) + "); a run cannot "
+            "continue on other data: restore the data, or start a new run"
+        )
 
 
 def hold_frozen_in(probe: Probe, precision: str) -> None:
@@ -554,65 +602,6 @@ def improves(metric: str, value: float, best: float | None) -> bool:
     return value < best if metric == "loss" else value > best
 
 
-# -- the run folder ----------------------------------------------------------------------------
-RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-"""A run name is one folder name: it cannot climb out of ``runs/`` or name a hidden folder."""
-
-
-def check_run_name(name: str) -> str:
-    """``name`` if it is a safe run name, else a `UserError` saying why."""
-    if RUN_NAME.fullmatch(name) is None or ".." in name:
-        raise UserError(
-            f"run name {name!r}: a run name is one folder name of letters, digits, '.', '_' and '-' "
-            "(starting with a letter or digit, no '..'); use --out to write elsewhere"
-        )
-    return name
-
-
-def safe_run_name(text: str) -> str:
-    """A run name derived from ``text`` (a preset or config file name): unsafe characters become
-    ``-``; ``run`` when nothing is left."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", text).replace("..", "-").lstrip("._-")[:100]
-    return cleaned or "run"
-
-
-def default_run_dir(name: str) -> Path:
-    return Path("runs") / f"{check_run_name(name)}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
-def check_run_dir(out: Path, overwrite: bool) -> None:
-    """Refuse a non-empty ``out`` unless ``overwrite`` (read only: every process may ask)."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UserError(
-            f"{out}: the output folder exists and is not empty; pass --overwrite or another --out"
-        )
-
-
-def claim_run_dir(out: Path, overwrite: bool) -> Path:
-    """Check ``out`` may be written; return the temporary folder the run writes into first."""
-    check_run_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir()
-    return partial
-
-
-def publish_run_dir(partial: Path, out: Path) -> None:
-    """Move the finished run into place; an old folder (with --overwrite) goes only afterwards."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    partial.rename(out)
-    if old is not None:
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-
-
 # -- training ----------------------------------------------------------------------------------
 def train(
     config: ProbeConfig,
@@ -624,6 +613,7 @@ def train(
     name: str = "run",
     resume: bool = False,
     allow_spec_change: bool = False,
+    protect: Mapping[str, str | Path] | None = None,
 ) -> RunResult:
     """Train the probe ``config`` describes and write its run folder; return the results.
 
@@ -640,12 +630,22 @@ def train(
         resume: continue the unfinished run of ``out`` from its newest intact training-state
             checkpoint; the result is bit-identical to a run that was never stopped (on CPU).
         allow_spec_change: with ``resume``, accept a config that differs from the stopped run's.
+        protect: more paths ``out`` must not be, hold or lie inside (by description), besides the
+            data, model and cache folders of ``config``; the CLI passes its ``--config`` file.
+
+    Raises:
+        UserError: bad input, or an ``out`` that could destroy the user's files or is being
+            written by another process (`probekit.rundir.check_out`, `probekit.rundir.RunLock`).
     """
     from accelerate.utils import set_seed  # type: ignore[import-untyped]
 
     started = time.perf_counter()
     spec = config.train
+    if resume and out is None:
+        raise UserError("--resume needs --out: the run folder whose unfinished run to continue")
     out_dir = Path(out) if out is not None else default_run_dir(name)
+    inputs = input_paths(config, protect)
+    check_cache_dir(config)
     probe_device = torch.device("cuda" if torch.cuda.is_available() and not spec.cpu else "cpu")
     precision = resolve_precision(spec.precision, probe_device)
     _forget_other_precision(precision)
@@ -656,39 +656,84 @@ def train(
         progress = False
     show = sys.stderr.isatty() if progress is None else progress
     set_seed(spec.seed)
-    saved: Saved | None = None
-    if resume:
-        if out is None:
-            raise UserError("--resume needs --out: the run folder whose unfinished run to continue")
-        partial, saved = find_resumable(out_dir, log)
-        check_same_spec(saved.state["config"], absolute_paths(config), allow_spec_change)
-    elif group.is_main:
-        # Claim the folder first: a refusal should not wait for the model to load.
-        partial = claim_run_dir(out_dir, overwrite)
+    # The main process checks and locks the folder first: a refusal should not wait for the model.
+    folder: RunFolder | None = None
+    if group.is_main:
+        folder = RunFolder.open(out_dir, overwrite=overwrite, inputs=inputs, log=log, resume=resume)
     else:
-        check_run_dir(out_dir, overwrite)
-        partial = out_dir  # never written: only the main process writes
+        check_out(out_dir, overwrite=overwrite, inputs=inputs, resume=resume)
     try:
-        prepared = prepare(config, device=accelerator.device, num_processes=group.size)
-        for line in prepared.describe():
-            log(line)
-        result = _fit(prepared, accelerator, group, partial, out_dir, log, show, started, saved)
-        group.barrier()
-        if group.is_main:
-            shutil.rmtree(partial / STATE_DIR, ignore_errors=True)  # finished: nothing to resume
-            publish_run_dir(partial, out_dir)
-    except BaseException as exc:
-        if group.is_main:
-            if has_checkpoint(partial):
-                log(f"the unfinished run and its checkpoints are kept in {partial} (continue with --resume)")
-            else:
-                shutil.rmtree(partial, ignore_errors=True)
-        if group.active and is_peer_failure(exc):
-            raise peer_lost(exc, f"training (process {group.rank} of {group.size})") from exc
-        raise
+        saved: Saved | None = None
+        if resume:
+            partial, saved = find_resumable(out_dir, log)
+            check_same_spec(saved.state["config"], absolute_paths(config), allow_spec_change)
+            if folder is not None:
+                folder.partial = partial
+        elif folder is not None:
+            partial = folder.create()
+        else:
+            partial = out_dir  # never written: only the main process writes
+        try:
+            prepared = prepare(config, device=accelerator.device, num_processes=group.size)
+            if saved is not None:
+                check_same_data(saved.state, prepared, log)
+            for line in prepared.describe():
+                log(line)
+            result = _fit(prepared, accelerator, group, partial, out_dir, log, show, started, saved)
+            group.barrier()
+            if folder is not None:
+                shutil.rmtree(partial / STATE_DIR, ignore_errors=True)  # finished: nothing to resume
+                folder.publish()
+        except BaseException as exc:
+            if folder is not None:
+                folder.abandon(log, keep=has_checkpoint(partial))
+            if group.active and is_peer_failure(exc):
+                raise peer_lost(exc, f"training (process {group.rank} of {group.size})") from exc
+            error = explain_failure(exc, folder.partial if folder is not None else None)
+            if error is exc:
+                raise
+            raise error from exc
+    finally:
+        if folder is not None:
+            folder.release()
     for line in result.summary():
         log(line)
     return result
+
+
+def input_paths(config: ProbeConfig, extra: Mapping[str, str | Path] | None = None) -> dict[str, Path]:
+    """What a run reads from the file system, by description: no ``--out`` may be, hold or lie
+    inside any of them (`probekit.rundir.check_out`)."""
+    found: dict[str, Path] = {}
+    for key in ("path", "train", "val", "test"):
+        value = getattr(config.data, key)
+        if isinstance(value, str):
+            path = Path(value).expanduser()
+            found[f"data {'folder' if path.is_dir() else 'file'} (data.{key})"] = path
+    model = Path(config.model.name).expanduser()
+    if model.is_dir():
+        found["model folder (model.name)"] = model
+    if config.train.cache.dir is not None:
+        found["activation cache folder (train.cache.dir)"] = Path(config.train.cache.dir).expanduser()
+    for description, given in (extra or {}).items():
+        found[description] = Path(given).expanduser()
+    return found
+
+
+def check_cache_dir(config: ProbeConfig) -> None:
+    """``train.cache.dir`` must be a folder probekit can write (or one it can create)."""
+    value = config.train.cache.dir
+    if value is None or not config.train.cache.enabled:
+        return
+    path = Path(value).expanduser()
+    existing = path
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == path else f"cannot be created: {existing} is a file"
+        raise UserError(f"train.cache.dir: {value}: {what}; give a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"train.cache.dir: {value}: {existing} is not writable")
 
 
 def _silent(_line: str) -> None:
@@ -698,16 +743,24 @@ def _silent(_line: str) -> None:
 def find_resumable(out_dir: Path, log: Log) -> tuple[Path, Saved]:
     """The unfinished run folder of ``out_dir`` and its newest intact checkpoint."""
     candidates = sorted(
-        (p for p in out_dir.parent.glob(f".{out_dir.name}.partial-*") if p.is_dir() and has_checkpoint(p)),
+        (
+            p
+            for p in out_dir.parent.glob(f".{out_dir.name}.partial-*")
+            if p.is_dir() and not p.is_symlink() and has_checkpoint(p)
+        ),
         key=lambda p: p.stat().st_mtime,
         reverse=True,
     )
+    problems: list[str] = []
     for folder in candidates:
-        saved = load_latest(folder, lambda message: log(f"warning: {message}"))
+        saved = load_latest(folder, lambda message: log(f"warning: {message}"), problems)
         if saved is not None:
             return folder, saved
     if candidates:
-        raise UserError(f"{out_dir}: every checkpoint of the unfinished run is damaged; nothing to resume")
+        raise UserError(
+            f"{out_dir}: every checkpoint of the unfinished run is damaged ({'; '.join(problems[:2])}); "
+            "nothing to resume"
+        )
     finished = out_dir / "checkpoint"
     detail = (
         "it is a finished run"
@@ -727,7 +780,13 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def check_same_spec(saved: dict[str, Any], config: ProbeConfig, allow: bool) -> None:
-    """Refuse to resume with a config that differs from the stopped run's, naming every change."""
+    """Refuse to resume with a config that differs from the stopped run's, naming every change.
+    The saved config is read through today's schema first, so a field added since (with its
+    default) is not a change."""
+    from probekit.config import validate
+
+    with contextlib.suppress(UserError):  # else compared as written: every difference is named
+        saved = validate(saved, label="the stopped run's config").model_dump(mode="json")
     before, after = _flatten(saved), _flatten(config.model_dump(mode="json"))
     changes = [
         f"{key}: {json.dumps(before.get(key, '<unset>'))} -> {json.dumps(after.get(key, '<unset>'))}"
@@ -987,7 +1046,7 @@ def _train_loop(
         if "bestval.probs" in resume.tensors:
             best_val = (resume.tensors["bestval.probs"].numpy(), resume.tensors["bestval.labels"].numpy())
         if group.is_main:
-            metrics_file.write_text("".join(json.dumps(row) + "\n" for row in history), encoding="utf-8")
+            metrics_file.write_text("".join(jsonio.dumps(row) + "\n" for row in history), encoding="utf-8")
         log(
             f"resumed from checkpoint {resume.path.name}: epoch {start_epoch}, "
             f"{skip} optimiser steps into it, step {step}"
@@ -1014,6 +1073,7 @@ def _train_loop(
             tensors.update({(f"rank{rank}." if rank else "") + k: v for k, v in rng_tensors.items()})
         state = {
             "config": config.model_dump(mode="json"),
+            "data": prepared.data_fingerprint,
             "processes": group.size,
             "per_device_batch": prepared.per_device_batch,
             "epoch": epoch + 1 if epoch_done else epoch,
@@ -1139,7 +1199,7 @@ def _train_loop(
             history.append(row)
             if group.is_main:
                 with metrics_file.open("a", encoding="utf-8") as handle:
-                    handle.write(json.dumps(row) + "\n")
+                    handle.write(jsonio.dumps(row) + "\n")
             log(
                 f"epoch {epoch}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
                 f"val loss {val_loss:.4f} acc {val['accuracy']:.4f} auroc {val['auroc']:.4f}"
@@ -1193,6 +1253,11 @@ def restore_training(
 ) -> dict[str, Any]:
     """Load a training-state checkpoint's weights, optimizer, scheduler and grad scaler; return
     its state."""
+    from probekit.state import check_fits
+
+    problem = check_fits(saved, trainable_parameters(model), optimizer)
+    if problem is not None:
+        raise UserError(f"{saved.path}: this checkpoint does not fit the run's probe: {problem}")
     restore(model, {k.removeprefix("param."): v for k, v in saved.tensors.items() if k.startswith("param.")})
     load_optimizer_state(optimizer, saved.tensors, saved.state["optimizer"])
     load_scheduler_state(scheduler, optimizer, saved.state["scheduler"])
@@ -1355,7 +1420,7 @@ def _write_outputs(
         "plan": prepared.describe(),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    (folder / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n", encoding="utf-8")
+    (folder / "report.json").write_text(jsonio.dumps(report, indent=2) + "\n", encoding="utf-8")
     (folder / "summary.txt").write_text("\n".join(result.summary()[1:]) + "\n", encoding="utf-8")
     labels, probs = scores.get("test", scores["val"])
     names = tuple(str(n) for n in label_names(prepared.dataset.label_map))

@@ -73,6 +73,12 @@ class TerminatedError(ProbekitError):
     exit_code = EXIT_TERMINATED
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived outside the training loop. Like ``KeyboardInterrupt`` it is not an
+    ``Exception``, so library code that catches ``Exception`` (model loading, for one) cannot
+    swallow it or report it as its own error; the CLI turns it into exit code 143."""
+
+
 class InterruptedRunError(ProbekitError):
     """SIGINT (Ctrl-C) during training: stopped after the current step and a checkpoint (exit code 130)."""
 
@@ -96,5 +102,7 @@ class BackboneError(UserError):
 
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:
     """Return ``"did you mean 'x'?"`` for the closest candidate, or ``""`` when none is close."""
+    if not isinstance(word, str):
+        return ""
     matches = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
     return f"did you mean {matches[0]!r}?" if matches else ""

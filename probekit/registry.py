@@ -125,6 +125,8 @@ class Registry(Generic[T]):
             PluginUnavailableError: the kind's plugin failed to load or conflicts with another.
             UnknownKindError: no such kind (with a did-you-mean suggestion).
         """
+        if not isinstance(kind, str):
+            raise UnknownKindError(self.family, repr(kind), self._state.entries)
         try:
             return self._state.entries[kind]
         except KeyError:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 if TYPE_CHECKING:
     from torch import nn
@@ -36,10 +36,29 @@ class BuildContext:
     model_type: str = "unknown"
 
 
-class Spec(BaseModel):
-    """A component description: frozen, strict, and serialisable."""
+def _path_text(value: str) -> str:
+    if "\0" in value:
+        raise ValueError("a path cannot hold a NUL character")
+    if not value.strip():
+        raise ValueError("an empty path; name a file or folder")
+    return value
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+PathText = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_path_text)]
+"""A file or folder name in a spec: not empty or blank, no NUL, at most 4096 characters."""
+
+MAX_LAYER_INDEX = 10_000
+"""Hidden-state indices and block counts are bounded by this in specs (a backbone's own depth is
+checked when it is built); no spec value reaches torch unbounded."""
+MAX_WIDTH = 1 << 16
+"""The widest layer a head may ask for, and the most classes."""
+
+
+class Spec(BaseModel):
+    """A component description: frozen, strict, and serialisable. Floats must be finite
+    (``allow_inf_nan=False``), in every spec, plugins' included."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     kind: str
 
@@ -105,7 +124,12 @@ class PoolerSpec(Spec):
 class TokenPoolerSpec(PoolerSpec):
     """A pooler over the tokens of a single layer (default: the last hidden state)."""
 
-    layer: int = Field(default=-1, description="Hidden-state index read (0 = embeddings, -1 = last).")
+    layer: int = Field(
+        default=-1,
+        ge=-MAX_LAYER_INDEX,
+        le=MAX_LAYER_INDEX,
+        description="Hidden-state index read (0 = embeddings, -1 = last).",
+    )
 
     def layer_indices(self) -> tuple[int, ...]:
         return (self.layer,)
@@ -114,7 +138,7 @@ class TokenPoolerSpec(PoolerSpec):
 class HeadSpec(Spec):
     """A classification head: pooled features of width ``in_dim`` -> ``num_classes`` logits."""
 
-    num_classes: int = Field(default=2, ge=2, description="Number of output classes.")
+    num_classes: int = Field(default=2, ge=2, le=MAX_WIDTH, description="Number of output classes.")
 
     def build(self, ctx: BuildContext, in_dim: int) -> nn.Module:
         """Return the head module for pooled features of width ``in_dim``."""
@@ -136,9 +160,9 @@ class SchedulerSpec(Spec):
     fraction of all steps, or epochs.
     """
 
-    warmup_steps: int | None = Field(default=None, ge=0)
+    warmup_steps: int | None = Field(default=None, ge=0, le=10**12)
     warmup_fraction: float | None = Field(default=None, ge=0.0, le=1.0)
-    warmup_epochs: float | None = Field(default=None, ge=0.0)
+    warmup_epochs: float | None = Field(default=None, ge=0.0, le=10**6)
 
     @model_validator(mode="after")
     def _one_warmup_unit(self) -> SchedulerSpec:

@@ -29,9 +29,7 @@ candidate (``combine_at: pooled`` for a combination, which is what the sweep mea
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -46,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from probekit import jsonio
 from probekit.backbone import resolve_layers
 from probekit.cache import is_static
 from probekit.config import ProbeConfig, dump_config, load_config
@@ -56,13 +55,11 @@ from probekit.engine import (
     Log,
     absolute_paths,
     choose_val_threshold,
-    claim_run_dir,
-    default_run_dir,
     eval_loader,
     improves,
+    input_paths,
     prepare,
     progress_bar,
-    publish_run_dir,
     threshold_rule_id,
 )
 from probekit.errors import UserError
@@ -73,6 +70,7 @@ from probekit.poolers.base import Pooler
 from probekit.poolers.multilayer import Combine, MultiLayerPooler, MultiLayerSpec
 from probekit.probe import Probe
 from probekit.registry import POOLERS
+from probekit.rundir import RunFolder, default_run_dir, explain_failure
 from probekit.spec import BuildContext, PoolerSpec, TokenPoolerSpec
 
 SWEEP_FILES = ("sweep.json", "sweep.md", "layers.png", "best.yaml")
@@ -474,6 +472,7 @@ def sweep(
     log: Log = print,
     progress: bool | None = None,
     name: str = "sweep",
+    protect: Mapping[str, str | Path] | None = None,
 ) -> SweepResult:
     """Probe every requested hidden state of the config's backbone; write the sweep's run folder.
 
@@ -490,6 +489,7 @@ def sweep(
         log: where progress lines go.
         progress: show progress bars; default: when stderr is a terminal.
         name: prefix of the default run folder name.
+        protect: more paths ``out`` must not be, hold or lie inside, as in `probekit.engine.train`.
 
     Raises:
         UserError: a pooler with parameters or one that is not single-layer or ``multilayer``, a
@@ -502,13 +502,19 @@ def sweep(
     _check_fixed(token_pooler, BuildContext(hidden_size=8, num_layers=1), early=True)
     show = sys.stderr.isatty() if progress is None else progress
     out_dir = Path(out) if out is not None else default_run_dir(name)
-    partial = claim_run_dir(out_dir, overwrite)
+    folder = RunFolder.open(out_dir, overwrite=overwrite, inputs=input_paths(config, protect), log=log)
     try:
+        partial = folder.create()
         result = _sweep(config, token_pooler, combine, layers, combos, partial, log, show)
-        publish_run_dir(partial, out_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+        folder.publish()
+    except BaseException as exc:
+        folder.abandon(log, keep=False)
+        error = explain_failure(exc, None)
+        if error is exc:
+            raise
+        raise error from exc
+    finally:
+        folder.release()
     result.run_dir = out_dir
     result.seconds = time.perf_counter() - started
     for line in result.summary():
@@ -664,7 +670,7 @@ def _write_outputs(
         "seconds": {"features": result.feature_seconds, "probes": result.probe_seconds},
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    (folder / "sweep.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (folder / "sweep.json").write_text(jsonio.dumps(report, indent=2) + "\n", encoding="utf-8")
     (folder / "sweep.md").write_text("\n".join(result.table()) + "\n", encoding="utf-8")
     singles = [c for c in result.candidates if c.combine is None]
     combos = [(c.name, c.metrics["val"]) for c in result.candidates if c.combine is not None]

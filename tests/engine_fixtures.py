@@ -128,7 +128,16 @@ def save_tiny_bert(
         attention_probs_dropout_prob=dropout,
     )
     torch.manual_seed(seed)
+    weights = tf.BertModel(config).state_dict()
+    # 512 positions, as BERT's (the default model.max_length, 256, fits), with the first 64 and
+    # every other weight as drawn above: texts of up to 64 tokens read exactly as before.
+    key = "embeddings.position_embeddings.weight"
+    extra = torch.randn(512 - 64, TINY["hidden"], generator=torch.Generator().manual_seed(seed)) * 0.02
+    weights[key] = torch.cat([weights[key], extra])
+    config.max_position_embeddings = 512
     model = tf.BertModel(config)
+    model.load_state_dict({k: v for k, v in weights.items() if k != "embeddings.position_ids"}, strict=False)
+    assert torch.equal(model.state_dict()[key], weights[key])
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -259,10 +268,13 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def leftovers(parent: Path) -> list[Path]:
-    """Hidden ``.NAME.partial-PID`` / ``.NAME.old-PID`` folders a run left next to its output folder."""
-    return [
-        p for p in parent.iterdir() if p.name.startswith(".") and (".partial-" in p.name or ".old-" in p.name)
-    ]
+    """Hidden ``.NAME.partial-PID`` / ``.NAME.old-PID`` folders and ``.NAME.lock`` files a run left
+    next to its output folder."""
+    return sorted(
+        p
+        for p in parent.iterdir()
+        if p.name.startswith(".") and (".partial-" in p.name or ".old-" in p.name or p.name.endswith(".lock"))
+    )
 
 
 def names(folder: Path) -> list[str]:

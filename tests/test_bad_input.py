@@ -107,6 +107,85 @@ CASES: dict[str, Case] = {
     "model path is a file": Case(
         {"weights.pt": b"not a model"}, ("--model", "{tmp}/weights.pt"), ("model.name", "not a model folder")
     ),
+    # -- issue #13: values that reached torch, transformers or the OS unchecked ----------------------
+    "seed outside 0..2^32-1": Case({}, ("--set", "train.seed=4294967296"), ("train.seed", "4294967295")),
+    "betas outside [0, 1)": Case({}, ("--set", "optimizer.betas=[1.0, 0.999]"), ("optimizer.betas[0]",)),
+    "an infinite eps": Case({}, ("--set", "optimizer.eps=Infinity"), ("optimizer.eps", "finite")),
+    "a timeout past a week": Case(
+        {}, ("--set", "train.distributed.timeout_s=100000000000000000000"), ("train.distributed.timeout_s",)
+    ),
+    "max_length beyond the position embeddings": Case(
+        {}, ("--set", "model.max_length=513"), ("model.max_length: 513", "position embeddings for 512")
+    ),
+    "a cache dir that is a file": Case(
+        {"cache": b"x"}, ("--set", "train.cache.dir={tmp}/cache"), ("train.cache.dir", "is a file")
+    ),
+    "a revision that climbs out": Case({}, ("--set", "model.revision=main/../../x"), ("model.revision",)),
+    "a NUL in a path": Case({}, ("--set", 'data.path="a\\u0000b"'), ("data.path", "NUL")),
+    "an integer of 5000 digits in --set": Case(
+        {}, ("--set", "train.epochs=" + "1" * 5000), ("--set train.epochs", "more than 4300 digits")
+    ),
+    "an integer of 5000 digits in a config": Case(
+        {"c.yaml": b"train:\n  epochs: " + b"1" * 5000 + b"\n"},
+        ("--config", "{tmp}/c.yaml"),
+        ("c.yaml", "more than 4300 digits"),
+    ),
+    "a key twice in a YAML config": Case(
+        {"c.yaml": b"train:\n  epochs: 1\n  epochs: 2\n"},
+        ("--config", "{tmp}/c.yaml"),
+        ("c.yaml:3", "key 'epochs' appears twice"),
+    ),
+    "a key twice in a JSON config": Case(
+        {"c.json": b'{"train": {"epochs": 1, "epochs": 2}}'},
+        ("--config", "{tmp}/c.json"),
+        ("c.json", "key 'epochs' appears twice"),
+    ),
+    "a config of more than 1 MiB": Case(
+        {"c.yaml": b"# padding\n" * 120_000}, ("--config", "{tmp}/c.yaml"), ("c.yaml", "larger than 1024 KiB")
+    ),
+    "aliases that expand a small config": Case(
+        {
+            "c.yaml": b"a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
+            + b"".join(
+                f"{n}: &{n} [{', '.join(['*' + p] * 10)}]\n".encode()
+                for p, n in zip("abcdefg", "bcdefgh", strict=True)
+            )
+        },
+        ("--config", "{tmp}/c.yaml"),
+        ("c.yaml", "expands to more than"),
+    ),
+    "a --set value of 100 KB": Case({}, ("--set", "model.name=" + "x" * 100_000), ("--set", "characters")),
+    "an empty --data": Case({}, ("--data", ""), ("--data", "empty")),
+    "an empty --model": Case({}, ("--model", ""), ("--model", "empty")),
+    "a missing data path without a suffix": Case(
+        {}, ("--data", "{tmp}/nowhere"), ("nowhere", "no such file")
+    ),
+    "a label of 10^12": data_case(
+        GOOD.encode() + b'{"text": "zz", "label": 1000000000000}\n',
+        GOOD.encode(),
+        "train.jsonl:5",
+        "1000000000000",
+    ),
+    "a label_map index of 10^12": Case(
+        {}, ("--set", 'data.label_map={"0": 0, "1": 1000000000000}'), ("data.label_map",)
+    ),
+    "a key twice in a JSON Lines record": data_case(
+        GOOD.encode() + b'{"text": "a", "text": "b", "label": 0}\n', GOOD.encode(), "train.jsonl:5", "twice"
+    ),
+    "a text of only invisible characters": data_case(
+        GOOD.encode() + '{"text": "\u200b\ufeff\u2060\u202e", "label": 0}\n'.encode(),
+        GOOD.encode(),
+        "train.jsonl:5",
+        "invisible",
+    ),
+    "a text longer than data.max_text_chars": Case(
+        {
+            "data/train.jsonl": GOOD.encode() + b'{"text": "' + b"word " * 400 + b'", "label": 0}\n',
+            "data/val.jsonl": GOOD.encode(),
+        },
+        ("--data", "{tmp}/data", "--set", "data.max_text_chars=1000"),
+        ("train.jsonl:5", "max_text_chars"),
+    ),
     # -- security --------------------------------------------------------------------------------
     "model that needs remote code": Case(
         {
@@ -271,7 +350,7 @@ def test_a_run_name_names_the_folder_under_runs(
 
 @given(st.text(max_size=150))
 def test_names_derived_from_presets_and_config_files_are_always_safe(text: str) -> None:
-    from probekit.engine import check_run_name, safe_run_name
+    from probekit.rundir import check_run_name, safe_run_name
 
     name = safe_run_name(text)
     assert check_run_name(name) == name

@@ -715,3 +715,13 @@ def test_set_same_kind_keeps_the_block_and_nested_kinds_can_follow() -> None:
     assert config.pooler.combine == "mean"  # unchanged fields of an unchanged kind survive
     replaced = probekit.apply_overrides(base, ["pooler.kind=max"])
     assert replaced["pooler"] == {"kind": "max"}  # a new kind starts from its own defaults
+
+
+@pytest.mark.parametrize("kind", [5, None, ["masked_mean"], {"a": 1}, True])
+def test_a_kind_that_is_not_a_string_is_a_config_error(kind: Any) -> None:
+    """Found by tests/test_fuzz.py: a non-string kind inside multilayer's token_pooler reached
+    did-you-mean (TypeError), and an unhashable one the registry lookup."""
+    with pytest.raises(ConfigError, match=r"pooler\.token_pooler"):
+        load_config({"pooler": {"kind": "multilayer", "token_pooler": {"kind": kind}}})
+    with pytest.raises(ConfigError, match="head"):
+        load_config({"head": {"kind": kind}})

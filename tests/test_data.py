@@ -12,7 +12,7 @@ import types
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from hypothesis import given
@@ -557,7 +557,8 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
     folder = tmp_path / "train.jsonl.d"
     folder.mkdir()
     assert error(DataSpec(train=str(folder), val=str(val), format="jsonl")) == (
-        f"{folder}: is a directory; expected a data file"
+        f"{folder}: is a folder; give one data file (a folder holding train.*, val.* and test.* files "
+        "is for train --data)"
     )
     assert error(DataSpec(path=str(missing / "x.jsonl"))) == f"{missing / 'x.jsonl'}: no such file"
 
@@ -703,3 +704,254 @@ def test_shipped_demo_dataset_loads() -> None:
     assert data.label_map == {"0": 0, "1": 1}
     assert data.test is not None
     assert all(isinstance(split, Split) for split in data.splits())
+
+
+# -- issue #13: bounded labels, repeated keys, invisible texts, record size, missing paths -----------
+HUGE = 1_000_000_000_000
+
+
+def test_a_huge_label_is_a_gap_and_nothing_is_allocated_by_its_value(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [*rows(3, 3), {"text": "z", "label": HUGE}])
+    assert error(DataSpec(path=str(path))) == (
+        f"{path}:7: field 'label': label {HUGE} but no row has label 2; class indices must run 0..K-1 "
+        "without gaps (or pass data.label_map)"
+    )
+    path = write_jsonl(tmp_path / "two.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": HUGE}])
+    assert error(DataSpec(path=str(path))).startswith(
+        f"{path}:2: field 'label': label {HUGE} but no row has label 1"
+    )
+    # through a label map: outside its classes
+    path = write_jsonl(tmp_path / "m.jsonl", [*rows(3, 3), {"text": "z", "label": HUGE}])
+    assert error(DataSpec(path=str(path), label_map={"a": 0, "b": 1})) == (
+        f"{path}:7: field 'label': label {HUGE} is outside 0..1 (data.label_map has 2 classes)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("label_map", "needle"),
+    [
+        ({"a": 0, "b": HUGE}, f"missing 1; label 'b' maps to {HUGE}"),
+        ({"a": 0, "b": 1, "c": HUGE}, f"missing 2; label 'c' maps to {HUGE}"),
+        ({"a": HUGE, "b": 0, "c": 2}, "missing 1; label 'c' maps to 2"),
+        ({"a": 0, "b": 2**62, "c": 2**63}, f"missing 1; label 'b' maps to {2**62}"),
+    ],
+)
+def test_a_huge_index_in_label_map_is_a_gap(label_map: dict[str, int], needle: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        DataSpec(label_map=label_map)
+    assert "without gaps" in str(info.value)
+    assert needle in str(info.value)
+
+
+def test_many_labels_in_a_gapped_label_map_are_capped() -> None:
+    label_map = {f"l{i}": i for i in range(40)} | {"far": HUGE}
+    with pytest.raises(ValidationError) as info:
+        DataSpec(label_map=label_map)
+    assert "... (41 in all) (missing 40; label 'far' maps to" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ('{"text": "a", "label": 0, "text": "b"}', "text"),
+        ('{"text": "a", "label": 0, "label": 1}', "label"),
+        ('{"text": "a", "label": 0, "meta": {"id": 1, "id": 2}}', "id"),
+        ('{"text": "a", "label": 0, "meta": [{"k": 1, "k": 1}]}', "k"),
+    ],
+)
+def test_jsonl_repeated_key_is_refused(tmp_path: Path, line: str, key: str) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "ok", "label": 1}\n' + line + "\n", encoding="utf-8")
+    assert error(DataSpec(path=str(path))) == f"{path}:2: key {key!r} appears twice in this record"
+    with pytest.raises(DataError, match="appears twice"):
+        read_records(path)
+
+
+def test_parquet_repeated_column_is_refused(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "d.parquet"
+    table = pa.Table.from_arrays(
+        [pa.array(["a", "b"]), pa.array([0, 1]), pa.array(["c", "d"])], names=["text", "label", "text"]
+    )
+    pq.write_table(table, path)
+    assert error(DataSpec(path=str(path))) == (
+        f"{path}: column 'text' appears more than once (columns: 'text', 'label', 'text')"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("\u200b", "U+200B ZERO WIDTH SPACE"),
+        ("\ufeff", "U+FEFF ZERO WIDTH NO-BREAK SPACE"),
+        ("\u2060\u2060", "U+2060 WORD JOINER"),
+        ("\u202e", "U+202E RIGHT-TO-LEFT OVERRIDE"),
+        ("\x00", "U+0000"),
+        ("\u200b \x00", "U+200B ZERO WIDTH SPACE, U+0020 SPACE, U+0000"),
+        ("\u3164\u115f", "U+3164 HANGUL FILLER"),
+        ("\ue000", "U+E000"),  # private use
+        ("\U000e0041", "U+E0041 TAG LATIN CAPITAL LETTER A"),
+        ("\u2800", "U+2800 BRAILLE PATTERN BLANK"),
+        ("\ufe0f\u034f", "U+FE0F VARIATION SELECTOR-16, U+034F COMBINING GRAPHEME JOINER"),
+    ],
+)
+def test_texts_of_only_invisible_characters_are_refused_like_empty_ones(
+    tmp_path: Path, text: str, named: str
+) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": 0}, {"text": text, "label": 1}])
+    message = error(DataSpec(path=str(path)))
+    assert message.startswith(f"{path}:2: field 'text' has only invisible characters ({named}")
+
+
+def test_invisible_characters_among_visible_ones_are_kept(tmp_path: Path) -> None:
+    texts = ["zero\u200bwidth", "\ufeffbom first", "a\x00b", "rtl \u202eevil", "\u3000wide space", "x"]
+    records = [{"text": text, "label": i % 2} for i, text in enumerate(texts)]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    data = load_data(DataSpec(path=str(path), val_fraction=0.3, test_fraction=0.0))
+    assert sorted(text for split in data.splits() for text in split.texts) == sorted(texts)
+
+
+def test_the_invisible_listing_is_capped() -> None:
+    from probekit.data import text_problem
+
+    text = " ".join(chr(code) for code in (*range(0x200B, 0x2010), *range(0x2060, 0x2065))) * 1000
+    problem = text_problem(text)
+    assert problem is not None
+    assert problem.startswith("has only invisible characters (U+200B ZERO WIDTH SPACE, U+0020 SPACE, ")
+    assert problem.endswith(", ... (11 distinct))")
+    assert len(problem) < 200
+
+
+def test_a_lone_surrogate_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a", "label": 0}\n{"text": "ab\\udc80c", "label": 1}\n', encoding="utf-8")
+    assert error(DataSpec(path=str(path))) == (
+        f"{path}:2: field 'text' holds a lone surrogate U+DC80 at character 3, which is not valid Unicode"
+    )
+
+
+def test_max_text_chars_field() -> None:
+    assert DataSpec().max_text_chars == 1_000_000
+    assert DataSpec.model_fields["max_text_chars"].description
+    for bad in (0, -1, 2**31):
+        with pytest.raises(ValidationError, match="max_text_chars"):
+            DataSpec(max_text_chars=bad)
+    assert DataSpec(max_text_chars=2**31 - 1).max_text_chars == 2**31 - 1
+
+
+def test_a_text_longer_than_max_text_chars_is_refused_in_every_format(tmp_path: Path) -> None:
+    records = [*rows(3, 3), {"text": "x" * 41, "label": 1}]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    assert error(DataSpec(path=str(path), max_text_chars=40)) == (
+        f"{path}:7: field 'text' holds 41 characters; data.max_text_chars is 40; "
+        "shorten the text or raise data.max_text_chars"
+    )
+    assert load_data(DataSpec(path=str(path), max_text_chars=41)).num_classes == 2
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_text(
+        "text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in records), encoding="utf-8"
+    )
+    assert error(DataSpec(path=str(csv_path), max_text_chars=40)).startswith(
+        f"{csv_path}:8: field 'text' holds 41 characters; data.max_text_chars is 40"
+    )
+    parquet = write_parquet(tmp_path / "d.parquet", records)
+    assert error(DataSpec(path=str(parquet), max_text_chars=40)).startswith(
+        f"{parquet}: row 7: field 'text' holds 41 characters"
+    )
+
+
+def test_a_jsonl_line_past_the_bound_is_refused_before_it_is_parsed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import probekit.data
+
+    limit = 4 * 10 + 64 * 1024
+    path = tmp_path / "d.jsonl"
+    big = json.dumps({"text": "y" * limit, "label": 1})
+    path.write_text('{"text": "a", "label": 0}\n' + big + "\n", encoding="utf-8")
+    parsed: list[int] = []
+    real = json.loads
+
+    def spy(text: str, **kwargs: Any) -> Any:
+        parsed.append(len(text))
+        return real(text, **kwargs)
+
+    monkeypatch.setattr(probekit.data.json, "loads", spy)
+    assert error(DataSpec(path=str(path), max_text_chars=10)) == (
+        f"{path}:2: line holds {len(big)} bytes; a record may hold at most {limit} (4 bytes per character "
+        "of data.max_text_chars=10, plus 64 KiB); shorten the text or raise data.max_text_chars"
+    )
+    assert max(parsed) < 100  # the first line only
+
+
+def test_csv_fields_up_to_max_text_chars_are_read_and_the_csv_limit_is_put_back(tmp_path: Path) -> None:
+    import csv
+
+    before = csv.field_size_limit()
+    long_text = "w " * 100_000  # 200,000 characters: past the csv module's default limit
+    path = tmp_path / "d.csv"
+    path.write_text(f"text,label\n{long_text},0\nshort,1\nb,0\nc,1\n", encoding="utf-8")
+    records = read_records(path, max_text_chars=300_000)
+    assert records[0][1]["text"] == long_text
+    assert csv.field_size_limit() == before
+    message = error(DataSpec(path=str(path), max_text_chars=150_000))
+    assert message.startswith(f"{path}:2: a field holds more than 150000 characters; data.max_text_chars is")
+    assert csv.field_size_limit() == before
+
+
+def test_missing_paths_and_folders_are_named_before_the_suffix(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    assert error(DataSpec(path=str(missing))) == f"{missing}: no such file"
+    val = write_jsonl(tmp_path / "v.jsonl", rows(1, 1))
+    assert error(DataSpec(train=str(missing), val=str(val))) == f"{missing}: no such file"
+    folder = tmp_path / "splits"
+    folder.mkdir()
+    message = error(DataSpec(train=str(folder), val=str(val)))
+    assert message.startswith(f"{folder}: is a folder; give one data file")
+    assert "train --data" in message
+    with pytest.raises(DataError, match="no such file"):
+        read_records(missing)
+    with pytest.raises(DataError, match="is a folder"):
+        read_records(folder)
+
+
+def test_read_split_names_missing_files_and_folders(tmp_path: Path) -> None:
+    from probekit.data import read_split
+
+    spec = DataSpec()
+    with pytest.raises(DataError, match=r"nowhere: no such file$"):
+        read_split(tmp_path / "nowhere", spec, {"0": 0, "1": 1})
+    with pytest.raises(DataError, match="is a folder; give one data file"):
+        read_split(tmp_path, spec, {"0": 0, "1": 1})
+
+
+def test_text_lines_skip_blank_lines_and_refuse_invisible_ones(tmp_path: Path) -> None:
+    import io
+
+    from probekit.data import read_text_lines, stream_text_lines
+
+    path = tmp_path / "t.txt"
+    path.write_bytes(b"\xef\xbb\xbfone\r\n\n   \r\ntwo \xe2\x80\xa8 still two\rthree\n")
+    assert read_text_lines(path) == ["one", "two \u2028 still two", "three"]
+    path.write_text("one\n\n\u200b\u200b\n", encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{path}:3: has only invisible characters \(U\+200B"):
+        read_text_lines(path)
+    path.write_text("one\n" + "z" * 11 + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{path}:2: holds 11 characters; data.max_text_chars is 10"):
+        read_text_lines(path, max_text_chars=10)
+    assert stream_text_lines(io.StringIO("a\n\n \t\nb\r\n")) == ["a", "b"]
+    with pytest.raises(DataError, match=r"^<stdin>:3: has only invisible characters \(U\+FEFF"):
+        stream_text_lines(io.StringIO("a\n\n\ufeff\n"))
+
+    class Stream(io.StringIO):
+        asked: ClassVar[list[int]] = []
+
+        def readline(self, size: int | None = -1, /) -> str:
+            self.asked.append(-1 if size is None else size)
+            return super().readline(size)
+
+    stream = Stream("ok\n" + "q" * 1000 + "\n")
+    with pytest.raises(DataError, match=r"^<stdin>:2: line holds more than 10 characters"):
+        stream_text_lines(stream, max_text_chars=10)
+    assert max(stream.asked) == 12  # never the whole line

@@ -28,7 +28,7 @@ import probekit.engine as engine
 import probekit.plots
 from probekit import Probe, load_config
 from probekit.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from probekit.checkpoint import trainable_state
+from probekit.checkpoint import trainable_state, write_meta
 from probekit.config import ProbeConfig, compose_config
 from probekit.data import DataError
 from probekit.engine import (
@@ -570,7 +570,7 @@ def test_a_checkpoint_with_a_0_dim_scalar_mix_scale_still_loads(
     save_file(state, str(folder / "probe.safetensors"), metadata={"format": CHECKPOINT_FORMAT})
     meta = json.loads((folder / "probe.json").read_text())
     meta["weights"]["sha256"] = hashlib.sha256((folder / "probe.safetensors").read_bytes()).hexdigest()
-    (folder / "probe.json").write_text(json.dumps(meta))
+    write_meta(folder, meta)  # format version 2: the checksums cover the edited weights.sha256 too
     assert Probe.from_pretrained(tmp_path / "run").predict_proba(texts) == expected
 
 
@@ -586,9 +586,10 @@ def test_a_failed_run_leaves_no_folder_behind(
     existing: bool,
 ) -> None:
     out = tmp_path / "runs" / "run"
-    if existing:
+    if existing:  # an earlier run (--overwrite replaces nothing else)
         out.mkdir(parents=True)
         (out / "old.txt").write_text("the previous run")
+        (out / "report.json").write_text("{}")
 
     def boom(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("boom")
@@ -610,7 +611,7 @@ def test_a_failed_run_leaves_no_folder_behind(
     visible = [n for n in names(out.parent) if not n.startswith(".")]
     assert visible == (["run"] if existing else [])
     if existing:
-        assert names(out) == ["old.txt"]
+        assert names(out) == ["old.txt", "report.json"]
     # The unfinished run stays hidden, kept only for its checkpoints (nothing learned is lost);
     # --resume finishes it.
     (partial,) = leftovers(out.parent)
@@ -636,25 +637,40 @@ def test_a_non_empty_out_is_refused_before_training(
         run(config, out)
     assert names(out) == ["mine.txt"]
     (tmp_path / "file").write_text("x")
-    with pytest.raises(UserError, match="not empty"):
+    with pytest.raises(UserError, match="exists and is a file"):
         run(config, tmp_path / "file")
     assert names(tmp_path) == ["file", "run"]
 
 
-@pytest.mark.parametrize("existing", ["folder", "file"])
-def test_overwrite_replaces_what_was_there_and_leaves_nothing_behind(
-    bert_dir: Path, toy_data: ToyData, tmp_path: Path, no_plots: list[Any], existing: str
+def test_overwrite_replaces_an_earlier_run_and_leaves_nothing_behind(
+    bert_dir: Path, toy_data: ToyData, tmp_path: Path, no_plots: list[Any]
 ) -> None:
+    out = tmp_path / "run"
+    config = make_config(bert_dir, toy_data, "train.epochs=1", test=False)
+    run(config, out)
+    (out / "notes.txt").write_text("the previous run")
+    run(config, out, overwrite=True)
+    assert (out / "report.json").is_file() and (out / "checkpoint" / "probe.safetensors").is_file()
+    assert not (out / "notes.txt").exists()
+    assert names(tmp_path) == ["run"], "the replaced folder was left behind as .run.old-PID"
+
+
+@pytest.mark.parametrize("existing", ["folder", "file"])
+def test_overwrite_never_replaces_what_probekit_did_not_write(
+    bert_dir: Path, toy_data: ToyData, tmp_path: Path, existing: str
+) -> None:
+    """``--overwrite`` replaced any folder (or file) there: a typo in --out could delete a user's
+    documents. It replaces an earlier probekit run folder only."""
     out = tmp_path / "run"
     if existing == "folder":
         out.mkdir()
-        (out / "old.txt").write_text("the previous run")
+        (out / "old.txt").write_text("mine")
     else:
         out.write_text("not a run folder")
-    run(make_config(bert_dir, toy_data, "train.epochs=1", test=False), out, overwrite=True)
-    assert (out / "report.json").is_file() and (out / "checkpoint" / "probe.safetensors").is_file()
-    assert not (out / "old.txt").exists()
-    assert names(tmp_path) == ["run"], "the replaced folder or file was left behind as .run.old-PID"
+    with pytest.raises(UserError, match="--out"):
+        run(make_config(bert_dir, toy_data, "train.epochs=1", test=False), out, overwrite=True)
+    assert (out / "old.txt").read_text() == "mine" if existing == "folder" else out.read_text()
+    assert names(tmp_path) == ["run"]
 
 
 def test_a_non_finite_loss_stops_the_run_with_exit_code_3(

@@ -188,7 +188,7 @@ def test_a_crash_while_writing_a_checkpoint_loses_nothing(
 ) -> None:
     """The 5th checkpoint write dies at a point of the write; resuming uses the 4th."""
     writes = [0]
-    real_save, real_fsync, real_rmtree = state.save_file, state._fsync, state.shutil.rmtree
+    real_save, real_fsync, real_rmtree = state.save_tensors, state._fsync, state.shutil.rmtree
 
     def nth() -> bool:
         return writes[0] == 5
@@ -212,7 +212,7 @@ def test_a_crash_while_writing_a_checkpoint_loses_nothing(
             raise Killed
         real_rmtree(path, *args, **kwargs)
 
-    monkeypatch.setattr(state, "save_file", save_file)
+    monkeypatch.setattr(state, "save_tensors", save_file)
     monkeypatch.setattr(state, "_fsync", fsync)
     monkeypatch.setattr(state.shutil, "rmtree", rmtree)
     config = config_for(bert_dir, toy_data)
@@ -311,7 +311,8 @@ def test_a_real_process_stopped_by_a_signal_resumes_bit_identical(
     assert process.returncode == expected, err[-2000:]
     if how != "SIGKILL":
         assert f"stopped by {how} after step" in err and "Traceback" not in err
-    assert not out.exists() and len(leftovers(out.parent)) == 1
+    # A killed process leaves its lock file too: the next run takes it over (the kernel freed it).
+    assert not out.exists() and len(leftovers(out.parent)) == (2 if how == "SIGKILL" else 1)
 
     resumed = subprocess.run(
         cli(*_train_args(bert_dir, toy_data, out, epochs), "--resume", str(out)),
@@ -322,6 +323,8 @@ def test_a_real_process_stopped_by_a_signal_resumes_bit_identical(
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from checkpoint step-" in resumed.stderr
+    assert ("which is no longer running; taken" in resumed.stderr) == (how == "SIGKILL")
+    assert leftovers(out.parent) == []
     assert_identical(out, reference)
 
 

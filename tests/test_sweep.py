@@ -259,7 +259,7 @@ def test_a_layer_out_of_range_is_one_line_and_leaves_nothing(
     assert_one_line_error(
         code, stdout, err, "--layers: layer 9 does not exist", "0 = embeddings .. 4 = last block"
     )
-    assert not out.exists() and not leftovers(out.parent)
+    assert not out.parent.exists(), "the parent folder the sweep created is removed again"
 
 
 def test_a_malformed_layer_list_is_refused_before_loading(
@@ -296,11 +296,16 @@ def test_a_non_empty_out_needs_overwrite(
     code, stdout, err = run_cli(capsys, *sweep_args(bert_dir, toy_data, "--out", out))
     assert_one_line_error(code, stdout, err, f"{out}: the output folder exists and is not empty")
     assert names(out) == ["keep.txt"] and not leftovers(tmp_path)
-    code, _, err = run_cli(
-        capsys, *sweep_args(bert_dir, toy_data, "--out", out, "--overwrite", "--no-combos", "--layers", "4")
-    )
-    assert code == 0, err
-    assert names(out) == sorted(SWEEP_FILES) and not leftovers(tmp_path)
+    once = ("--no-combos", "--layers", "4")
+    # --overwrite replaces an earlier sweep (or run) only, never a folder of other files.
+    code, stdout, err = run_cli(capsys, *sweep_args(bert_dir, toy_data, "--out", out, "--overwrite", *once))
+    assert_one_line_error(code, stdout, err, "--overwrite replaces only an earlier probekit run")
+    assert names(out) == ["keep.txt"]
+    sweep = tmp_path / "sweep"
+    for _ in range(2):
+        code, _, err = run_cli(capsys, *sweep_args(bert_dir, toy_data, "--out", sweep, "--overwrite", *once))
+        assert code == 0, err
+    assert names(sweep) == sorted(SWEEP_FILES) and not leftovers(tmp_path)
 
 
 class _LearnedPool(Pooler):

@@ -13,7 +13,7 @@ from probekit.backbone import locate
 from probekit.errors import BackboneError
 from probekit.freezers.plan import FreezePlan
 from probekit.registry import FREEZERS
-from probekit.spec import FreezerSpec
+from probekit.spec import MAX_LAYER_INDEX, FreezerSpec
 
 
 @FREEZERS.register
@@ -24,7 +24,9 @@ class BottomFreezeSpec(FreezerSpec):
     """
 
     kind: Literal["bottom"] = "bottom"
-    count: int | None = Field(default=None, ge=0, description="Number of lowest blocks to freeze.")
+    count: int | None = Field(
+        default=None, ge=0, le=MAX_LAYER_INDEX, description="Number of lowest blocks to freeze."
+    )
     fraction: float | None = Field(default=None, ge=0.0, le=1.0, description="Share of blocks to freeze.")
     freeze_embeddings: bool = True
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from torch import nn
@@ -20,7 +20,9 @@ class RegexFreezeSpec(FreezerSpec):
     """Freeze parameters matched (``re.search``) by any pattern; every pattern must match one."""
 
     kind: Literal["regex"] = "regex"
-    patterns: tuple[str, ...] = Field(min_length=1, description="Regular expressions on parameter names.")
+    patterns: tuple[Annotated[str, Field(max_length=1000)], ...] = Field(
+        min_length=1, max_length=1000, description="Regular expressions on parameter names."
+    )
 
     @field_validator("patterns")
     @classmethod

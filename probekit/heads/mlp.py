@@ -6,13 +6,13 @@ Dropout(0.2) -> Linear(128, 2), ``d`` read from the backbone through the pooler.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, PositiveInt
 from torch import nn
 
 from probekit.registry import HEADS
-from probekit.spec import BuildContext, HeadSpec
+from probekit.spec import MAX_WIDTH, BuildContext, HeadSpec
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "gelu": nn.GELU,
@@ -27,7 +27,9 @@ class MLPHeadSpec(HeadSpec):
     """A small MLP head; an empty ``hidden_sizes`` makes it ``[norm] -> Linear``."""
 
     kind: Literal["mlp"] = "mlp"
-    hidden_sizes: tuple[PositiveInt, ...] = Field(default=(128,), description="Width of each hidden layer.")
+    hidden_sizes: tuple[Annotated[PositiveInt, Field(le=MAX_WIDTH)], ...] = Field(
+        default=(128,), max_length=64, description="Width of each hidden layer."
+    )
     norm: Literal["layernorm", "none"] = "layernorm"
     activation: Literal["gelu", "relu", "silu", "tanh"] = "gelu"
     dropout: float = Field(default=0.2, ge=0.0, lt=1.0)

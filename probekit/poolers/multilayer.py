@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from einops import rearrange
@@ -22,7 +22,7 @@ from probekit.errors import ProbekitError
 from probekit.poolers.base import Pooler, as_bool_mask
 from probekit.poolers.masked_mean import MaskedMeanSpec
 from probekit.registry import POOLERS
-from probekit.spec import BuildContext, PoolerSpec, TokenPoolerSpec
+from probekit.spec import MAX_LAYER_INDEX, BuildContext, PoolerSpec, TokenPoolerSpec
 
 Combine = Literal["mean", "concat", "scalar_mix"]
 
@@ -76,9 +76,10 @@ class MultiLayerSpec(PoolerSpec):
     """Pool several layers (default: the last three) and combine them."""
 
     kind: Literal["multilayer"] = "multilayer"
-    layers: tuple[int, ...] = Field(
+    layers: tuple[Annotated[int, Field(ge=-MAX_LAYER_INDEX, le=MAX_LAYER_INDEX)], ...] = Field(
         default=(-3, -2, -1),
         min_length=1,
+        max_length=MAX_LAYER_INDEX,
         description="Hidden-state indices to read (0 = embeddings, -1 = last).",
     )
     combine: Combine = "mean"
@@ -105,6 +106,10 @@ class MultiLayerSpec(PoolerSpec):
         if not isinstance(value, dict):
             return value
         kind = value.get("kind", "masked_mean")
+        if not isinstance(kind, str):
+            raise PydanticCustomError(
+                "kind_type", "kind must be a string naming a pooler, got {kind}", {"kind": repr(kind)}
+            )
         try:
             spec_cls = POOLERS.get(kind)
         except ProbekitError as exc:
