@@ -235,8 +235,9 @@ def write_meta(folder: Path, meta: Mapping[str, Any]) -> Path:
     return path
 
 
-def expected_label_names(label_map: Mapping[str, int]) -> list[Any]:
-    """Label values by class index, as training stores them: ints, booleans or strings."""
+def label_names(label_map: Mapping[str, int]) -> list[Any]:
+    """Label values as the data gave them, by class index: ints, booleans or strings (what
+    training stores in ``label_names`` and ``predict`` writes)."""
     names = [name for name, _ in sorted(label_map.items(), key=lambda kv: kv[1])]
     if all(n.lstrip("-").isdigit() for n in names):
         return [int(n) for n in names]
@@ -298,7 +299,7 @@ def _check_fields(meta: ProbeMeta, raw: dict[str, Any], where: Path) -> None:
     names = meta.label_names
     if len(names) < 2:
         raise UserError(f"{where}: label_names: a probe needs at least two label names, got {len(names)}")
-    expected = expected_label_names(meta.label_map)
+    expected = label_names(meta.label_map)
     if names != expected or [type(n) for n in names] != [type(n) for n in expected]:
         raise UserError(
             f"{where}: label_names: {shown(names)} do not match label_map (expected {shown(expected)})"
@@ -552,11 +553,6 @@ def _load_backbone(spec: ModelSpec, where: Path) -> Any:
                 "--trust-remote-code (trust_remote_code=True) only if you trust that code"
             ) from None
         raise UserError(f"{where}: config.{printable(str(exc))}") from None
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError, ImportError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(
-            f"{where}: config.model.name: cannot load {shown(name)}: {printable(first)}"
-        ) from None
 
 
 def load_run(run_dir: str | Path, trust_remote_code: bool = False) -> tuple[Any, RunMeta]:

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, create_model
 
+from probekit import jsonio
 from probekit.cache import CacheSpec
 from probekit.data import DataSpec
 from probekit.distributed import DistributedSpec
@@ -247,24 +248,12 @@ def _check_expansion(node: yaml.Node, source: str) -> None:
             stack += current.value
 
 
-def _unique_pairs(where: str) -> Any:
-    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        found: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in found:
-                raise ConfigError(f"{where}: key {key!r} appears twice in one object")
-            found[key] = value
-        return found
-
-    return hook
-
-
 def _parse_text(text: str, source: str, *, is_json: bool) -> tuple[Any, yaml.Node | None]:
     """Parse JSON (json module) or YAML (safe loader) once, refusing duplicate keys; return the
     data and, for YAML, its node tree (line numbers for errors; JSON composes one on demand)."""
     if is_json:
         try:
-            return json.loads(text, object_pairs_hook=_unique_pairs(source)), None
+            return json.loads(text, object_pairs_hook=jsonio.unique_keys), None
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{source}:{exc.lineno}: not valid JSON: {exc.msg}") from None
         except (ValueError, RecursionError) as exc:  # an integer past the digit limit, deep nesting
@@ -400,7 +389,7 @@ def apply_overrides(data: Mapping[str, Any], assignments: Sequence[str]) -> dict
         if not sep or not all(path):
             raise ConfigError(f"--set {assignment!r}: expected a.b=value")
         try:
-            value: Any = json.loads(raw, object_pairs_hook=_unique_pairs(f"--set {key}"))
+            value: Any = json.loads(raw, object_pairs_hook=jsonio.unique_keys)
         except json.JSONDecodeError:
             value = raw
         except (ValueError, RecursionError) as exc:  # an integer past the digit limit, deep nesting

@@ -39,6 +39,7 @@ from typing import IO, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from probekit import jsonio
 from probekit.errors import UserError, did_you_mean
 from probekit.spec import PathText
 
@@ -486,22 +487,6 @@ def _json_type(value: Any) -> str:
     return type(value).__name__
 
 
-class _RepeatedKeyError(Exception):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """``object_pairs_hook`` of `json.loads`: an object (at any depth) may not repeat a key."""
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _RepeatedKeyError(key)
-        out[key] = value
-    return out
-
-
 def _line_limit(max_text_chars: int) -> int:
     """The most bytes one JSON Lines line may hold: 4 per text character (UTF-8) plus 64 KiB."""
     return 4 * max_text_chars + _LINE_SLACK
@@ -530,8 +515,8 @@ def _read_jsonl(path: Path, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS) -> lis
         except UnicodeDecodeError as exc:
             raise _utf8_error(path, data, line, offset, exc) from None
         try:
-            value = json.loads(text, object_pairs_hook=_unique_keys)
-        except _RepeatedKeyError as exc:
+            value = json.loads(text, object_pairs_hook=jsonio.unique_keys)
+        except jsonio.RepeatedKeyError as exc:
             raise DataError(f"{path}:{line}: key {exc.key!r} appears twice in this record") from None
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{line}: not valid JSON: {exc.msg} (column {exc.colno})") from None
@@ -555,15 +540,20 @@ def _read_csv(path: Path, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS) -> list[
         csv.field_size_limit(previous)
 
 
-def _parse_csv(path: Path, limit: int, max_text_chars: int) -> list[tuple[int, dict[str, Any]]]:
+def _read_utf8(path: Path) -> str:
+    """The file's text: UTF-8, an optional byte-order mark dropped; bad bytes named by line and offset."""
     data = _read_bytes(path)
     _reject_utf16(path, data)
     start = len(_BOM) if data.startswith(_BOM) else 0
     try:
-        text = data[start:].decode("utf-8")
+        return data[start:].decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, start + exc.start) + 1
         raise _utf8_error(path, data, line, start, exc) from None
+
+
+def _parse_csv(path: Path, limit: int, max_text_chars: int) -> list[tuple[int, dict[str, Any]]]:
+    text = _read_utf8(path)
     if not text.strip():
         raise DataError(f"{path}: empty file")
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
@@ -642,14 +632,7 @@ def read_text_lines(path: Path, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS) ->
             (only invisible characters, more than ``max_text_chars``), named ``file:line``.
     """
     path = Path(path)
-    data = _read_bytes(path)
-    _reject_utf16(path, data)
-    start = len(_BOM) if data.startswith(_BOM) else 0
-    try:
-        text = data[start:].decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, start + exc.start) + 1
-        raise _utf8_error(path, data, line, start, exc) from None
+    text = _read_utf8(path)
     texts: list[str] = []
     for number, raw in enumerate(_LINE_BREAK.split(text), 1):
         kept = _line_text(raw, f"{path}:{number}", max_text_chars)

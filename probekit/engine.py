@@ -50,7 +50,7 @@ from probekit.cache import (
     plan_cache,
     storage_dtype,
 )
-from probekit.checkpoint import save_checkpoint, trainable_parameters, trainable_state
+from probekit.checkpoint import label_names, save_checkpoint, trainable_parameters, trainable_state
 from probekit.config import ProbeConfig, dump_config
 from probekit.data import Dataset, Split, load_data
 from probekit.distributed import (
@@ -476,16 +476,6 @@ def choose_val_threshold(config: ProbeConfig, labels: np.ndarray, probs: np.ndar
     """The decision threshold the config's rule picks on val scores (`threshold_rule`)."""
     fpr = config.threshold.target_fpr
     return choose_threshold(labels, probs, rule="max_f1" if fpr is None else "target_fpr", target_fpr=fpr)
-
-
-def label_names(label_map: dict[str, int]) -> list[Any]:
-    """Label values as the data gave them, by class index: ints, booleans or strings."""
-    names = [name for name, _ in sorted(label_map.items(), key=lambda kv: kv[1])]
-    if all(n.lstrip("-").isdigit() for n in names):
-        return [int(n) for n in names]
-    if set(names) == {"false", "true"}:
-        return [n == "true" for n in names]
-    return names
 
 
 # -- results -----------------------------------------------------------------------------------

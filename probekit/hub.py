@@ -106,8 +106,11 @@ def load_backbone(spec: ModelSpec) -> LoadedBackbone:
         # float32 master weights whatever dtype the checkpoint was saved in: mixed precision is
         # autocast on top (train.precision), never bf16 parameters by accident.
         model = AutoModel.from_pretrained(location, dtype=torch.float32, **kwargs)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:  # only transformers' loading runs here
+        # A broken model folder or hub entry (a config.json with values of the wrong type,
+        # missing weights) fails in many ways inside transformers and huggingface_hub, each with
+        # its own exception class: all of them are bad input, told in one line.
+        first = " ".join(str(exc).split())[:300] or type(exc).__name__
         if "trust_remote_code" in str(exc):
             raise UserError(
                 f"model.name: {spec.name} needs its own code to run; set model.trust_remote_code=true "

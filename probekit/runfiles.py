@@ -30,6 +30,8 @@ from typing import Annotated, Any
 import torch
 from pydantic import AfterValidator, AllowInfNan, Field, Strict, StringConstraints, ValidationError
 
+from probekit import jsonio
+
 MAX_SHOWN = 80
 """Characters of an untrusted value shown in a message (its ``repr``), at most."""
 MAX_PATH_SHOWN = 300
@@ -142,15 +144,6 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"the key {shown(key)} appears twice in one object")
-        out[key] = value
-    return out
-
-
 def read_json(path: Path, *, limit: int, allow_nan: bool = True) -> Any:
     """Parse the JSON file ``path`` (at most ``limit`` bytes, no duplicate keys; ``NaN`` and
     ``Infinity`` only when ``allow_nan``).
@@ -164,8 +157,10 @@ def read_json(path: Path, *, limit: int, allow_nan: bool = True) -> Any:
             raise ValueError(f"{size} bytes, more than the {limit} a file of this kind may have")
         text = path.read_bytes().decode("utf-8")
         if allow_nan:
-            return json.loads(text, object_pairs_hook=_unique_keys)
-        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
+            return json.loads(text, object_pairs_hook=jsonio.unique_keys)
+        return json.loads(text, object_pairs_hook=jsonio.unique_keys, parse_constant=_reject_constant)
+    except jsonio.RepeatedKeyError as exc:
+        raise ValueError(f"the key {shown(exc.key)} appears twice in one object") from None
     except UnicodeDecodeError as exc:
         raise ValueError(f"not UTF-8 text (byte {exc.start})") from None
     except json.JSONDecodeError as exc:
@@ -292,8 +287,6 @@ def save_json_inside(root: Path, folder: str, name: str, value: Any, what: str) 
     """Write ``value`` as valid JSON (non-finite floats as ``null``: `probekit.jsonio`) to
     ``root/folder/name`` (see `write_inside`); return its path, or None after one warning
     (logger ``probekit``) saying why it could not be written there."""
-    from probekit import jsonio
-
     text = jsonio.dumps(value, indent=2) + "\n"
     try:
         return write_inside(root, folder, name, text.encode("utf-8"))

@@ -120,6 +120,11 @@ CASES: dict[str, Case] = {
     "a cache dir that is a file": Case(
         {"cache": b"x"}, ("--set", "train.cache.dir={tmp}/cache"), ("train.cache.dir", "is a file")
     ),
+    "a model folder whose config.json has a value of the wrong type": Case(
+        {"m/config.json": b'{"model_type": "bert", "hidden_size": "wide", "num_attention_heads": 2}'},
+        ("--model", "{tmp}/m"),
+        ("model.name", "cannot load", "hidden_size"),
+    ),
     "a revision that climbs out": Case({}, ("--set", "model.revision=main/../../x"), ("model.revision",)),
     "a NUL in a path": Case({}, ("--set", 'data.path="a\\u0000b"'), ("data.path", "NUL")),
     "an integer of 5000 digits in --set": Case(

@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 import probekit
 
 from .engine_fixtures import bert_dir, leftovers, no_plots, run_cli, toy_data, write_toy_data
-from .test_run_trust import trained
+from .test_run_trust import edit_json, trained
 
 __all__ = ["bert_dir", "no_plots", "toy_data", "trained"]
 
@@ -309,28 +309,6 @@ def edit_file(path: Path, how: str, outside: Path) -> None:
         path.write_bytes(bytes(range(256)) * 4)
     elif how == "empty":
         path.write_bytes(b"")
-
-
-def edit_json(data: Any, draw: st.DrawFn) -> Any:
-    """1-3 drawn edits of a JSON document: a key removed, or a value replaced by a value of any
-    type, a number out of range, or a path that climbs out."""
-    from .test_run_trust import EDITS, _paths
-
-    paths = list(_paths(data))
-    for _ in range(draw(st.integers(1, 3))):
-        path = draw(st.sampled_from(paths))
-        how, value = draw(EDITS)
-        parent: Any = data
-        try:
-            for key in path[:-1]:
-                parent = parent[key]
-            if how == "delete" and isinstance(parent, dict):
-                del parent[path[-1]]
-            else:
-                parent[path[-1]] = value
-        except (KeyError, IndexError, TypeError):
-            continue  # an earlier edit removed or replaced the path
-    return data
 
 
 @FUZZ

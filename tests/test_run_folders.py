@@ -359,6 +359,21 @@ def test_ctrl_c_before_training_says_so_and_leaves_nothing(
     assert names(tmp_path) == ["work"]
 
 
+def signal_at_batch(monkeypatch: pytest.MonkeyPatch, n: int, *signals: signal.Signals) -> None:
+    """Send ``signals`` to this process as the engine prepares its ``n``-th batch (1-based)."""
+    real, calls = engine.probe_inputs, [0]
+
+    def send(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == n:
+            for signum in signals:
+                os.kill(os.getpid(), signum)
+            time.sleep(0.2)  # let the handlers run here
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "probe_inputs", send)
+
+
 def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(
     inputs: tuple[Path, Path],
     tmp_path: Path,
@@ -366,17 +381,7 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     data, model = inputs
-    real, calls = engine.probe_inputs, [0]
-
-    def twice(*args: Any, **kwargs: Any) -> Any:
-        calls[0] += 1
-        if calls[0] == 5:
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.5)  # the second SIGINT stops the run here
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "probe_inputs", twice)
+    signal_at_batch(monkeypatch, 5, signal.SIGINT, signal.SIGINT)  # the second one stops the run
     extra = ("--set=train.checkpoint_every_steps=1", "--set=train.grad_accum=1")
     code, stdout, err = run_cli(capsys, *train_args(model, data, "--out", tmp_path / "run", *extra))
     assert code == 130 and "Traceback" not in stdout + err, err
@@ -419,17 +424,9 @@ def test_resume_on_changed_data_is_refused(
 ) -> None:
     data, model = inputs
     out = tmp_path / "run"
-    real, calls = engine.probe_inputs, [0]
-
-    def stop(*args: Any, **kwargs: Any) -> Any:
-        calls[0] += 1
-        if calls[0] == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(*args, **kwargs)
-
     extra = ("--set=train.checkpoint_every_steps=1", "--set=train.grad_accum=1", "--set=train.epochs=2")
     with monkeypatch.context() as patch:
-        patch.setattr(engine, "probe_inputs", stop)
+        signal_at_batch(patch, 3, signal.SIGTERM)
         code, _, err = run_cli(capsys, *train_args(model, data, "--out", out, *extra))
     assert code == 143, err
     rows = (data / "train.jsonl").read_text().splitlines(keepends=True)

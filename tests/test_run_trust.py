@@ -940,28 +940,34 @@ PATH_STRINGS = st.sampled_from(
 EDITS = st.tuples(st.sampled_from(["delete", "replace"]), st.one_of(JSON_VALUES, OUT_OF_RANGE, PATH_STRINGS))
 
 
+def edit_json(document: Any, draw: Callable[..., Any]) -> Any:
+    """1-3 drawn `EDITS` of a JSON document, in place: a key removed, or a value replaced by a
+    value of any type, a number out of range or a path that climbs out. Returns it."""
+    paths = list(_paths(document))
+    for _ in range(draw(st.integers(1, 3), label="edits")):
+        path = draw(st.sampled_from(paths), label="path")
+        how, value = draw(EDITS, label="edit")
+        parent: Any = document
+        try:
+            for key in path[:-1]:
+                parent = parent[key]
+            if how == "delete" and isinstance(parent, dict):
+                del parent[path[-1]]
+            else:
+                parent[path[-1]] = value
+        except (KeyError, IndexError, TypeError):
+            continue  # an earlier edit removed or replaced the path
+    return document
+
+
 @settings(max_examples=30, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
 @given(data=st.data())
 def test_any_edit_of_probe_json_exits_0_or_2_and_writes_nothing(
     data: st.DataObject, trained: SimpleNamespace, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    paths = list(_paths(meta_of(trained.run)))
     with tempfile.TemporaryDirectory() as folder:
         run = copy_run(trained, Path(folder))
-        meta = meta_of(run)
-        for _ in range(data.draw(st.integers(1, 3), label="edits")):
-            path = data.draw(st.sampled_from(paths), label="path")
-            how, value = data.draw(EDITS, label="edit")
-            parent: Any = meta
-            try:
-                for key in path[:-1]:
-                    parent = parent[key]
-                if how == "delete" and isinstance(parent, dict):
-                    del parent[path[-1]]
-                else:
-                    parent[path[-1]] = value
-            except (KeyError, IndexError, TypeError):
-                continue  # an earlier edit removed or replaced the path
+        meta = edit_json(meta_of(run), data.draw)
         resealed = data.draw(st.booleans(), label="resealed")
         write_json(run / "checkpoint" / META, sealed(meta) if resealed else meta)
         before = snapshot(run)
