@@ -124,7 +124,7 @@ def run_training(
     data: Path, model: str | None, out: Path, name: str, assignments: list[str]
 ) -> dict[str, Any]:
     """``probekit train`` on the safety8k preset with ``assignments``; metrics from its run folder."""
-    from probekit.engine import train
+    from probekit.training import train
 
     run = out / "runs" / name
     result = train(base_config(data, model, *assignments), out=run, overwrite=True, log=log, progress=False)

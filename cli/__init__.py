@@ -243,9 +243,9 @@ def train_command(
     trust_remote_code: TrustOption = False,
 ) -> None:
     """Train a probe: the preset or config, with --model/--data/--set applied on top."""
-    from probekit.engine import prepare, train
     from probekit.errors import UserError
     from probekit.rundir import check_run_name, safe_run_name
+    from probekit.training import prepare, train
 
     out, resume = _path(out_text, "--out"), _path(resume_text, "--resume")
     config = _path(config_text, "--config")
@@ -470,7 +470,7 @@ def _launched_processes() -> int:
 
 def _terminate(signum: int, frame: Any) -> None:
     """SIGTERM outside the training loop: unwind like Ctrl-C, past any ``except Exception`` of the
-    libraries at work (the engine removes an unfinished run folder without checkpoints; inside the
+    libraries at work (training removes an unfinished run folder without checkpoints; inside the
     loop its own handler stops after a checkpoint)."""
     from probekit.errors import Terminated
 

@@ -21,7 +21,7 @@ from probekit._startup import guard_start_up
 
 guard_start_up()  # only in the `probekit` command's own process, before the slow imports below
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -37,7 +37,6 @@ from probekit.config import (
     load_config,
     preset,
 )
-from probekit.engine import RunResult, train
 from probekit.probe import Probe
 from probekit.registry import (
     FREEZERS,
@@ -51,6 +50,9 @@ from probekit.registry import (
     isolated_registries,
 )
 from probekit.spec import BuildContext
+
+if TYPE_CHECKING:
+    from probekit.training import RunResult, train
 
 __all__ = [
     "FREEZERS",
@@ -93,3 +95,16 @@ def build(config: ProbeConfig | dict[str, Any], backbone: nn.Module) -> Probe:
 def components() -> dict[str, list[Entry[Any]]]:
     """Every registered kind per family (``poolers``, ``heads``, ...), with where it came from."""
     return {family: registry.entries() for family, registry in REGISTRIES.items()}
+
+
+_LAZY = {"train": "probekit.training", "RunResult": "probekit.training"}
+"""Names served on first use: importing probekit does not import the training package (nor
+Accelerate, scikit-learn or matplotlib)."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'probekit' has no attribute {name!r}")

@@ -1,4 +1,6 @@
-"""Batch orders: length-bucketed shuffling for training, longest-first for inference.
+"""Batches: their order (length-bucketed shuffling for training, longest-first for inference),
+the tokenised rows of a split (`Encoded`), the typed `Batch` a `Collator` builds from row
+indices, and the loaders of inference.
 
 Dynamic padding pads each batch to its own longest row, so the padding a batch wastes depends on
 how different its rows' lengths are. `BucketBatchSampler` shuffles the data, cuts it into buckets
@@ -10,10 +12,20 @@ model all short texts first and all long ones last).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils.data import Sampler
+from torch import Tensor
+from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Dataset as TorchDataset
+
+if TYPE_CHECKING:
+    from probekit.cache import CachePlan, SplitCache
+    from probekit.data import Split
+    from probekit.distributed import Group
 
 
 class BucketBatchSampler(Sampler[list[int]]):
@@ -121,3 +133,151 @@ def length_share(lengths: Sequence[int], rank: int, processes: int) -> list[int]
     robin, so every process gets about as many rows and tokens, and together they hold each row
     exactly once."""
     return sorted(range(len(lengths)), key=lambda i: -lengths[i])[rank::processes]
+
+
+# -- tokenised rows and typed batches ----------------------------------------------------------
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of one split (unpadded) with labels; ``truncated`` rows exceeded max_length."""
+
+    ids: list[list[int]]
+    labels: list[int]
+    truncated: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.ids]
+
+
+def encode(tokenizer: Any, split: Split, max_length: int) -> Encoded:
+    """Tokenise a split once; rows longer than ``max_length`` are truncated and counted. A long
+    text is tokenised through a prefix (`probekit.tokens.encode_texts`), never whole."""
+    from probekit.tokens import encode_texts
+
+    ids, truncated = encode_texts(tokenizer, split.texts, max_length)
+    return Encoded(ids, list(split.labels), sum(truncated))
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Padded rows of a split: token ids and mask, labels, each row's index in the split, and
+    what the activation cache holds for them (per-token ``cached`` hidden states stacked as
+    ``(batch, tokens, layers, hidden)``, or pooled ``features``). A ``filler`` batch runs only to
+    keep sharded processes in step (FSDP) and is not counted."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+    index: Tensor
+    cached: Tensor | None = None
+    features: Tensor | None = None
+    filler: bool = False
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    def to(self, device: torch.device) -> Batch:
+        """The batch on ``device`` (the row index stays where it is)."""
+        return replace(
+            self,
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            labels=self.labels.to(device),
+            cached=None if self.cached is None else self.cached.to(device),
+            features=None if self.features is None else self.features.to(device),
+        )
+
+    def inputs(self, plan: CachePlan | None) -> dict[str, Any]:
+        """The probe's keyword arguments for this batch: token ids, and the cached activations."""
+        found: dict[str, Any] = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if self.features is not None:
+            found["features"] = self.features
+        elif self.cached is not None and plan is not None:
+            found["cached"] = {layer: self.cached[:, :, j] for j, layer in enumerate(plan.layers)}
+        return found
+
+
+class Collator:
+    """Dynamic padding: each batch is padded to its own longest row (on ``padding_side``), with the
+    split cache's values for its rows when there is one."""
+
+    def __init__(
+        self, encoded: Encoded, pad_id: int, padding_side: str = "right", cache: SplitCache | None = None
+    ) -> None:
+        self.encoded = encoded
+        self.pad_id = pad_id
+        self.left = padding_side == "left"
+        self.cache = cache
+
+    def __call__(self, indices: Sequence[int]) -> Batch:
+        from probekit.tokens import pad_rows
+
+        rows = [self.encoded.ids[i] for i in indices]
+        ids, mask = pad_rows(rows, self.pad_id, left=self.left)
+        labels = torch.tensor([self.encoded.labels[i] for i in indices], dtype=torch.long)
+        index = torch.tensor(list(indices), dtype=torch.long)
+        if self.cache is None:
+            return Batch(ids, mask, labels, index)
+        values = self.cache.batch(indices, ids.shape[1], self.left)
+        if self.cache.plan.mode == "pooled":
+            return Batch(ids, mask, labels, index, features=values)
+        return Batch(ids, mask, labels, index, cached=values)
+
+
+class _Indices(TorchDataset[int]):
+    """Row indices 0..n-1: the collator looks the rows up."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+def inference_loader(
+    encoded: Encoded,
+    pad_id: int,
+    batch_size: int,
+    *,
+    padding_side: str = "right",
+    cache: SplitCache | None = None,
+    max_tokens: int | None = None,
+    group: Group | None = None,
+) -> DataLoader[Any]:
+    """Inference batches sorted by length, longest first (least padding), of at most
+    ``batch_size`` rows and ``max_tokens`` padded tokens; with several processes, this process's
+    share of them (every row is in exactly one process's share)."""
+    rows = length_share(encoded.lengths, group.rank, group.size) if group is not None else None
+    batches = list(LengthSortedBatchSampler(encoded.lengths, batch_size, max_tokens, rows))
+    return DataLoader(
+        _Indices(len(encoded)),
+        batch_sampler=batches,
+        collate_fn=Collator(encoded, pad_id, padding_side, cache),
+    )
+
+
+def with_fillers(loader: DataLoader[Any], group: Group) -> Iterator[Batch]:
+    """``loader``'s batches, then throw-away one-row batches (``filler``) until this process has
+    run as many as the process with the most: under FSDP every forward pass all-gathers."""
+    total = group.forward_counts(len(loader))
+    yield from loader
+    for _ in range(total - len(loader)):
+        yield replace(loader.collate_fn([0]), filler=True)
+
+
+def progress_bar(
+    iterable: Iterable[Any], enabled: bool, desc: str, total: int | None = None
+) -> Iterator[Any]:
+    """``iterable``, with a progress bar on stderr when ``enabled``."""
+    if not enabled:
+        yield from iterable
+        return
+    from tqdm.auto import tqdm  # type: ignore[import-untyped]
+
+    yield from tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, file=sys.stderr)

@@ -4,4 +4,5 @@ import probekit.freezers
 import probekit.heads
 import probekit.poolers
 import probekit.presets
-import probekit.schedulers  # noqa: F401
+import probekit.schedulers
+import probekit.tasks  # noqa: F401

@@ -44,7 +44,6 @@ import importlib.metadata
 import json
 import logging
 import platform
-import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +53,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from probekit._version import __version__
-from probekit.errors import ConfigError, PluginError, UserError
+from probekit.errors import ConfigError, UserError
+from probekit.provenance import components, require_plugins
 from probekit.rundir import save_tensors
 from probekit.runfiles import (
     Label,
@@ -68,10 +68,8 @@ from probekit.runfiles import (
     first_error,
     inside,
     is_bare_name,
-    is_distribution_name,
     is_hub_id,
     is_revision,
-    load_safetensors,
     printable,
     read_json,
     shown,
@@ -131,31 +129,6 @@ def versions() -> dict[str, str]:
             found[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             continue
-    return found
-
-
-def components(config: dict[str, Any]) -> list[dict[str, Any]]:
-    """Where each component kind of a config comes from (built-in, or which plugin distribution)."""
-    from probekit.config import FAMILY_FIELDS
-
-    found = []
-    blocks = [(field, config.get(field, {})) for field in FAMILY_FIELDS]
-    token = config.get("pooler", {}).get("token_pooler")
-    if isinstance(token, dict):
-        blocks.append(("pooler", token))
-    for field, block in blocks:
-        registry = FAMILY_FIELDS[field]
-        kind = block.get("kind")
-        if isinstance(kind, str) and kind in registry:
-            entry = registry.entry(kind)
-            found.append(
-                {
-                    "family": registry.family,
-                    "kind": kind,
-                    "source": entry.source,
-                    "distribution": entry.distribution,
-                }
-            )
     return found
 
 
@@ -421,7 +394,7 @@ def read_run(run_dir: str | Path) -> RunMeta:
         raise UserError(f"{path}: {first_error(exc)}") from None
     _check_fields(meta, raw, path)
     discover()
-    _require_plugins(meta, path)
+    require_plugins(meta, path)
     config = _validate_config(meta.config, path)
     _check_model(config.model, path)
     return RunMeta(path, folder, raw, meta, config)
@@ -432,44 +405,6 @@ def read_meta(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     its content."""
     run = read_run(run_dir)
     return run.folder, run.raw
-
-
-def _require_plugins(meta: ProbeMeta, where: Path) -> None:
-    """Refuse, naming the package to install, a run whose plugin kinds are not available here.
-    The names come from the run folder: a distribution name is shown in an install command only
-    when it is a valid one (PEP 508), shell-quoted; anything else is shown with ``repr``."""
-    from probekit.registry import REGISTRIES
-
-    by_family = {registry.family: registry for registry in REGISTRIES.values()}
-    for component in meta.components:
-        dist, kind = component.distribution, component.kind
-        registry = by_family.get(component.family)
-        if dist is None or registry is None or kind in registry:
-            continue
-        if not is_distribution_name(dist):
-            raise PluginError(
-                f"{where}: components: this run uses the {registry.family} kind {shown(kind)} from a "
-                f"package it names with an invalid distribution name, {shown(dist)}; no such package "
-                "can be installed"
-            )
-        raise PluginError(
-            f"{where}: this run uses the {registry.family} kind {shown(kind)} from the package {dist}, "
-            + _why_missing(registry.unavailable().get(kind), dist, kind)
-        )
-
-
-def _why_missing(reason: str | None, dist: str, kind: str) -> str:
-    """Why a recorded plugin kind is not registered: failed, switched off, or not installed."""
-    from probekit.registry import ENV_BLOCK, ENV_DISABLE_AUTOLOAD, last_report
-
-    if reason:
-        return f"which failed to load: {printable(reason)}"
-    report = last_report()
-    if report is not None and report.disabled:
-        return f"but plugin autoload is disabled by {ENV_DISABLE_AUTOLOAD}; unset it to load {dist}"
-    if report is not None and any(f":{kind} (" in b or f"({dist} " in b for b in report.blocked):
-        return f"which is installed but blocked by {ENV_BLOCK}"
-    return f"which is not installed: pip install {shlex.quote(dist)}"
 
 
 def save_checkpoint(
@@ -503,131 +438,3 @@ def save_checkpoint(
         "versions": versions(),
     }
     return write_meta(folder, meta)
-
-
-# -- loading a run ---------------------------------------------------------------------------------
-def _check_weights(run: RunMeta) -> tuple[Path, dict[str, torch.Tensor]]:
-    """The weights file of a run, confined to its folder, checked against its checksum, read with
-    its header checked, holding as many finite floating-point tensors as ``probe.json`` says."""
-    meta, where = run.meta, run.path
-    weights = run.folder / meta.weights.file
-    try:
-        present = weights.is_file()
-    except OSError:
-        present = False
-    if not present:
-        raise UserError(f"{weights}: missing checkpoint weights")
-    if not inside(weights, run.folder):
-        raise UserError(f"{weights}: leads out of the run folder ({escape_note(weights)}); refused")
-    expected = meta.checksums.weights if meta.checksums is not None else meta.weights.sha256
-    if sha256_file(weights) != expected:
-        raise UserError(f"{weights}: checksum does not match {META}; the file is damaged or was replaced")
-    try:
-        state = load_safetensors(weights)
-    except ValueError as exc:
-        raise UserError(f"{weights}: {exc}") from None
-    if len(state) != meta.weights.tensors:
-        raise UserError(
-            f"{where}: weights.tensors: says {meta.weights.tensors}, but {weights.name} holds "
-            f"{len(state)} tensors"
-        )
-    for name, tensor in state.items():
-        if not tensor.is_floating_point():
-            raise UserError(f"{weights}: {shown(name)} has dtype {tensor.dtype}; weights are floating point")
-        if not bool(torch.isfinite(tensor).all()):
-            raise UserError(f"{weights}: {shown(name)} holds non-finite values (nan or inf)")
-    return weights, state
-
-
-def _load_backbone(spec: ModelSpec, where: Path) -> Any:
-    """`probekit.hub.load_backbone`, its errors naming ``probe.json``."""
-    from probekit.hub import load_backbone
-
-    name = spec.name
-    try:
-        return load_backbone(spec)
-    except UserError as exc:
-        if "needs its own code" in str(exc):
-            raise UserError(
-                f"{where}: config.model.name: {shown(name)} needs its own code to run; pass "
-                "--trust-remote-code (trust_remote_code=True) only if you trust that code"
-            ) from None
-        raise UserError(f"{where}: config.{printable(str(exc))}") from None
-
-
-def load_run(run_dir: str | Path, trust_remote_code: bool = False) -> tuple[Any, RunMeta]:
-    """Rebuild the probe of a run (see `load_probe`); return it and its validated ``probe.json``."""
-    from probekit.backbone import base_model, locate
-    from probekit.probe import Probe
-
-    run = read_run(run_dir)
-    where, meta, config = run.path, run.meta, run.config
-    if config.model.trust_remote_code and not trust_remote_code:
-        raise UserError(
-            f"{where}: config.model.trust_remote_code: this run asks to run the model's own code, and "
-            "a run folder cannot allow that; pass --trust-remote-code (trust_remote_code=True) only "
-            f"if you trust {shown(config.model.name)}"
-        )
-    if meta.format_version == 1:
-        log.warning(
-            "%s: its config is not covered by a checksum (only the weights are), because it was "
-            "written by an earlier probekit (format_version 1)",
-            where,
-        )
-    weights, state = _check_weights(run)
-    spec = config.model.model_copy(update={"trust_remote_code": trust_remote_code})
-    loaded = _load_backbone(spec, where)
-    layout = locate(base_model(loaded.model))
-    for field in ("model_type", "num_blocks", "hidden_size"):
-        said, found = getattr(meta.backbone, field), getattr(layout, field)
-        if said != found:
-            raise UserError(
-                f"{where}: backbone.{field}: the run was trained on a backbone with {field} {shown(said)}, "
-                f"but {shown(config.model.name)} has {shown(found)}; it is not the run's backbone"
-            )
-    try:
-        probe = Probe.from_config(config, loaded.model)
-    except UserError as exc:
-        raise UserError(f"{where}: config: {printable(str(exc))}") from None
-    except (RuntimeError, MemoryError, OverflowError, ValueError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{where}: config: cannot build the probe it describes: {printable(first)}") from None
-    wanted = trainable_parameters(probe)
-    if set(state) != set(wanted):
-        missing, extra = sorted(set(wanted) - set(state)), sorted(set(state) - set(wanted))
-        raise UserError(
-            f"{weights}: tensors do not match the probe (missing {shown(missing[:3])}, "
-            f"unexpected {shown(extra[:3])})"
-        )
-    with torch.no_grad():
-        params = dict(probe.named_parameters())
-        for name, tensor in state.items():
-            # A one-element tensor may differ in shape only: scalar_mix's scale was 0-dim in
-            # earlier checkpoints and is (1,) now.
-            single = tensor.numel() == params[name].numel() == 1
-            if params[name].shape != tensor.shape and not single:
-                raise UserError(
-                    f"{weights}: {name} has shape {tuple(tensor.shape)}, expected {tuple(params[name].shape)}"
-                )
-            params[name].copy_(tensor.reshape(params[name].shape))
-    probe.tokenizer = loaded.tokenizer
-    probe.max_length = config.model.max_length
-    probe.threshold = float(meta.threshold)
-    probe.label_names = list(meta.label_names)
-    probe.eval()
-    return probe, run
-
-
-def load_probe(run_dir: str | Path, trust_remote_code: bool = False) -> Any:
-    """Rebuild the probe of a run: base model from its reference, trained weights from safetensors.
-
-    The run folder is untrusted (see the module docstring): ``probe.json`` is validated whole;
-    a run that asks for the model's own code is refused unless ``trust_remote_code`` is given
-    here (the run folder's own ``model.trust_remote_code`` never allows it); the backbone loaded
-    must be the one the run was trained on (model type, blocks, width).
-
-    Raises:
-        UserError: anything wrong with the run folder, named by file and field.
-    """
-    probe, _ = load_run(run_dir, trust_remote_code)
-    return probe

@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, create_model
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SerializeAsAny,
+    Tag,
+    ValidationError,
+    create_model,
+)
 
 from probekit import jsonio
 from probekit.cache import CacheSpec
@@ -26,11 +35,14 @@ from probekit.heads.linear import LinearHeadSpec
 from probekit.hub import ModelSpec
 from probekit.optim import OptimizerSpec
 from probekit.poolers.masked_mean import MaskedMeanSpec
-from probekit.registry import FREEZERS, HEADS, POOLERS, PRESETS, SCHEDULERS, Registry, last_report
+from probekit.registry import FREEZERS, HEADS, POOLERS, PRESETS, SCHEDULERS, TASKS, Registry, last_report
 from probekit.schedulers.cosine import CosineSpec
-from probekit.spec import FreezerSpec, HeadSpec, PoolerSpec, SchedulerSpec, TokenPoolerSpec
+from probekit.spec import FreezerSpec, HeadSpec, PoolerSpec, SchedulerSpec, TaskSpec, TokenPoolerSpec
+from probekit.tasks.base import Task
+from probekit.tasks.binary import BinaryTaskSpec
 
 FAMILY_FIELDS: dict[str, Registry[Any]] = {
+    "task": TASKS,
     "pooler": POOLERS,
     "head": HEADS,
     "freezer": FREEZERS,
@@ -122,6 +134,23 @@ class ThresholdSpec(BaseModel):
         "with val FPR <= it.",
     )
 
+    def choose(self, labels: Any, scores: Any) -> float:
+        """The threshold this rule picks on validation labels and positive-class scores."""
+        from probekit.metrics import choose_threshold
+
+        fpr = self.target_fpr
+        return choose_threshold(
+            labels, scores, rule="max_f1" if fpr is None else "target_fpr", target_fpr=fpr
+        )
+
+    def describe(self) -> str:
+        """The rule in words."""
+        return "max val F1" if self.target_fpr is None else f"lowest with val FPR <= {self.target_fpr}"
+
+    def rule_id(self) -> str:
+        """The rule as reports record it: ``max_f1`` or ``target_fpr=<budget>``."""
+        return "max_f1" if self.target_fpr is None else f"target_fpr={self.target_fpr}"
+
 
 class ProbeConfig(BaseModel):
     """Everything needed to build and train a probe on a backbone.
@@ -132,6 +161,7 @@ class ProbeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
+    task: SerializeAsAny[TaskSpec] = Field(default_factory=BinaryTaskSpec)
     pooler: SerializeAsAny[PoolerSpec] = Field(default_factory=MaskedMeanSpec)
     head: SerializeAsAny[HeadSpec] = Field(default_factory=LinearHeadSpec)
     freezer: SerializeAsAny[FreezerSpec] = Field(default_factory=FreezeAllSpec)
@@ -147,10 +177,10 @@ _cache: tuple[tuple[int, ...], type[ProbeConfig]] | None = None
 
 
 def _union(registry: Registry[Any]) -> Any:
-    classes = tuple(entry.obj for entry in registry.entries())
-    if len(classes) == 1:
-        return classes[0]
-    return Annotated[Union[classes], Field(discriminator="kind")]  # noqa: UP007  (a runtime tuple)
+    """The registry's spec classes as a union tagged by ``kind`` (one class too: a family with a
+    single kind still refuses an unknown kind by name and shows a discriminator in the schema)."""
+    members = tuple(Annotated[entry.obj, Tag(entry.kind)] for entry in registry.entries())
+    return Annotated[Union[members], Discriminator("kind")]  # noqa: UP007  (a runtime tuple)
 
 
 def config_model() -> type[ProbeConfig]:
@@ -357,6 +387,11 @@ def validate(data: Mapping[str, Any], *, label: str = "config", node: yaml.Node 
         described = [_describe(error, model, data, label, node) for error in exc.errors()]
         ordered = sorted(dict.fromkeys(described), key=lambda item: item[0])
         raise ConfigError("\n".join(text for _, text in ordered)) from None
+
+
+def task_of(config: ProbeConfig) -> Task:
+    """The `probekit.tasks.Task` a config describes (its ``task`` with its ``threshold`` rule)."""
+    return config.task.build(config.threshold)
 
 
 def preset(name: str) -> ProbeConfig:

@@ -10,7 +10,7 @@ The same spec runs under ``torchrun`` or ``accelerate launch`` as in one process
   synchronisation never waits for a process that has nothing to send), and each micro-batch's
   loss is divided by the examples of its whole window: the optimiser sees the same mean as a
   single process would.
-- `Group` wraps the collectives the engine needs (flags agreed by every process, sums, gathered
+- `Group` wraps the collectives training needs (flags agreed by every process, sums, gathered
   objects, byte-exact merging of cache shards) and is a no-op in a single process.
 
 Two strategies share the model (``train.distributed.strategy``):

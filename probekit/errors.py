@@ -85,6 +85,12 @@ class InterruptedRunError(ProbekitError):
     exit_code = EXIT_INTERRUPTED
 
 
+class DivergedError(ProbekitError):
+    """The loss or gradients became non-finite: training stopped (exit code 3)."""
+
+    exit_code = EXIT_DIVERGED
+
+
 class PeerLostError(ProbekitError):
     """Another process of a multi-process run died or stopped answering (exit code 1): the job
     ends with this one line instead of hanging."""

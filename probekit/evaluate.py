@@ -9,7 +9,6 @@ import numpy as np
 
 from probekit.checkpoint import read_meta
 from probekit.data import FORMAT_SUFFIXES, DataError, read_records, read_split
-from probekit.metrics import compute_metrics
 
 
 def evaluate_file(
@@ -18,21 +17,27 @@ def evaluate_file(
     """Metrics of the run's probe on a labelled file, at the run's threshold.
 
     The file uses the run's text and label fields and label map. The run folder is untrusted
-    input and is validated whole (see `probekit.checkpoint.load_probe`; ``trust_remote_code``
+    input and is validated whole (see `probekit.pretrained.load_probe`; ``trust_remote_code``
     as there). The metrics are also written to ``RUN/eval/<file stem>.json``, as valid JSON (an
     undefined metric, ``nan`` here, is written ``null``). Returns the metrics and that path, or
     None when they could not be written there (a read-only run folder, an ``eval/`` that leads
     out of the run folder): one warning (logger ``probekit``) says why.
     """
-    from probekit.checkpoint import load_run, read_run
+    from probekit.checkpoint import read_run
+    from probekit.pretrained import load_run
+    from probekit.probe import Probe
     from probekit.runfiles import save_json_inside
+    from probekit.tasks.base import Scores
 
     described = read_run(run)
     path = Path(data)
     split = read_split(path, described.config.data, described.meta.label_map)
-    probe, _ = load_run(run, trust_remote_code)
-    probs = np.asarray(probe.predict_proba(split.texts), dtype=np.float64)
-    metrics: dict[str, Any] = compute_metrics(np.asarray(split.labels), probs, probe.threshold)
+    probe, _ = load_run(run, Probe, trust_remote_code)
+    scores = np.asarray(probe.predict_proba(split.texts), dtype=np.float64)
+    assert probe.task is not None
+    metrics: dict[str, Any] = probe.task.metrics(
+        Scores(np.asarray(split.labels), scores, 0.0), probe.threshold
+    )
     metrics["data"] = str(path)
     return metrics, save_json_inside(Path(run), "eval", f"{path.stem}.json", metrics, "metrics")
 

@@ -26,6 +26,7 @@ from probekit.spec import BuildContext, FreezerSpec, HeadSpec, PoolerSpec
 
 if TYPE_CHECKING:
     from probekit.config import ProbeConfig
+    from probekit.tasks.base import Task
 
 
 class Probe(nn.Module):
@@ -42,6 +43,11 @@ class Probe(nn.Module):
         pooler: the pooler spec (which layers, how to pool).
         head: the head spec.
         freezer: the freezing policy; ``None`` leaves every backbone parameter trainable.
+        tokenizer: the backbone's tokenizer (``predict`` needs it; see `attach`).
+        max_length: tokens kept per text by ``predict``.
+        label_names: the label of each class by index, as ``predict`` writes them.
+        threshold: the decision threshold of ``predict``.
+        task: the `probekit.tasks.Task` (binary with the default threshold rule when None).
     """
 
     def __init__(
@@ -50,6 +56,12 @@ class Probe(nn.Module):
         pooler: PoolerSpec,
         head: HeadSpec,
         freezer: FreezerSpec | None = None,
+        *,
+        tokenizer: Any = None,
+        max_length: int = 512,
+        label_names: Sequence[Any] = (),
+        threshold: float = 0.5,
+        task: Task | None = None,
     ) -> None:
         super().__init__()
         self.backbone = base_model(backbone)
@@ -83,16 +95,54 @@ class Probe(nn.Module):
         )
         self._pooler_checked = False
         self._arity: int | None = None
-        # Set when loaded from a run folder (or by the trainer): what predict() needs.
         self.tokenizer: Any = None
         self.max_length = 512
         self.threshold = 0.5
         self.label_names: list[Any] = []
+        self.task: Task | None = None
+        self.attach(
+            tokenizer=tokenizer,
+            max_length=max_length,
+            label_names=label_names,
+            threshold=threshold,
+            task=task,
+        )
 
     @classmethod
-    def from_config(cls, config: ProbeConfig, backbone: nn.Module) -> Probe:
-        """Build the probe a config describes on ``backbone``, with its freezing plan applied."""
-        return cls(backbone, config.pooler, config.head, config.freezer)
+    def from_config(cls, config: ProbeConfig, backbone: nn.Module, **attached: Any) -> Probe:
+        """Build the probe a config describes on ``backbone``, with its freezing plan applied and
+        its task (``config.task`` with ``config.threshold``'s rule); ``attached``: what `attach`
+        takes."""
+        from probekit.config import task_of
+
+        attached.setdefault("max_length", config.model.max_length)
+        attached.setdefault("task", task_of(config))
+        return cls(backbone, config.pooler, config.head, config.freezer, **attached)
+
+    def attach(
+        self,
+        *,
+        tokenizer: Any = None,
+        max_length: int | None = None,
+        label_names: Sequence[Any] | None = None,
+        threshold: float | None = None,
+        task: Task | None = None,
+    ) -> Probe:
+        """Give the probe what ``predict`` needs, all at once or later (the one place these are
+        set): the tokenizer, ``max_length`` (tokens per text), the ``label_names`` of the classes
+        by index, the decision ``threshold`` and the `probekit.tasks.Task` (binary by default).
+        Arguments left None keep their value. Returns the probe."""
+        if tokenizer is not None:
+            self.tokenizer = tokenizer
+        if max_length is not None:
+            self.max_length = int(max_length)
+        if label_names is not None:
+            self.label_names = list(label_names)
+        if threshold is not None:
+            self.threshold = float(threshold)
+        if task is not None:
+            self.task = task
+        return self
 
     def _inputs(self, input_ids: Tensor, attention_mask: Tensor, extra: dict[str, Any]) -> dict[str, Any]:
         inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
@@ -284,10 +334,9 @@ class Probe(nn.Module):
         Raises:
             UserError: the run folder is missing, damaged, or not what it claims to be.
         """
-        from probekit.checkpoint import load_probe
+        from probekit.pretrained import load_probe
 
-        probe: Probe = load_probe(run_dir, trust_remote_code)
-        return probe
+        return load_probe(run_dir, cls, trust_remote_code)
 
     def _require_tokenizer(self) -> Any:
         if self.tokenizer is None:
@@ -304,14 +353,14 @@ class Probe(nn.Module):
         self, texts: Sequence[str], batch_size: int = 64, max_tokens: int | None = 4096
     ) -> list[float]: ...
 
-    @torch.inference_mode()
     def predict_proba(
         self, texts: str | Sequence[str], batch_size: int = 64, max_tokens: int | None = 4096
     ) -> float | list[float]:
-        """Probability of the positive class (index 1): one float for one string, a list for a
-        sequence of strings; in batches sorted by length of at most ``batch_size`` texts and
-        ``max_tokens`` padded tokens. Texts are truncated to ``max_length`` tokens (a long text is
-        tokenised through a prefix only, `probekit.tokens.encode_texts`).
+        """The task's score per text (a binary probe: the probability of the positive class, index
+        1): one float for one string, a list for a sequence of strings; in batches sorted by length
+        of at most ``batch_size`` texts and ``max_tokens`` padded tokens, through the one inference
+        path (`probekit.inference.predict`). Texts are truncated to ``max_length`` tokens (a long
+        text is tokenised through a prefix only, `probekit.tokens.encode_texts`).
 
         Raises:
             probekit.data.TextTypeError: (a `TypeError`) bytes, or an item that is not a string
@@ -319,31 +368,30 @@ class Probe(nn.Module):
             probekit.data.TextValueError: (a `ValueError`) an empty text, or one of only invisible
                 characters (``texts[1]: has only invisible characters (U+200B ZERO WIDTH SPACE)``).
         """
-        from probekit.batching import LengthSortedBatchSampler
+        from probekit.batching import Encoded, inference_loader
         from probekit.data import check_texts
-        from probekit.tokens import encode_texts, pad_rows
+        from probekit.inference import Runner, predict
+        from probekit.tokens import encode_texts
 
         tokenizer = self._require_tokenizer()
         items, single = check_texts(texts)
         if not items:
             return []
-        device = next(self.head.parameters()).device
-        encoded, _ = encode_texts(tokenizer, items, self.max_length)
-        batches = LengthSortedBatchSampler([len(ids) for ids in encoded], batch_size, max_tokens)
+        ids, _ = encode_texts(tokenizer, items, self.max_length)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        left = getattr(tokenizer, "padding_side", "right") == "left"
-        probs = [0.0] * len(items)
+        loader = inference_loader(
+            Encoded(ids, [0] * len(ids), 0),
+            int(pad_id),
+            batch_size,
+            padding_side=getattr(tokenizer, "padding_side", "right"),
+            max_tokens=max_tokens,
+        )
         was_training = self.training
-        self.eval()
         try:
-            for chunk in batches:
-                input_ids, mask = pad_rows([encoded[i] for i in chunk], int(pad_id), left)
-                logits = self(input_ids.to(device), mask.to(device))
-                positive = torch.softmax(logits.float(), dim=-1)[:, 1].tolist()
-                for i, p in zip(chunk, positive, strict=True):
-                    probs[i] = float(p)
+            scores = predict(self, loader, Runner(next(self.head.parameters()).device), self._task())
         finally:
             self.train(was_training)
+        probs = [float(p) for p in scores.scores]
         return probs[0] if single else probs
 
     @overload
@@ -365,12 +413,17 @@ class Probe(nn.Module):
 
         items, single = check_texts(texts)
         probs = self.predict_proba(items, batch_size, max_tokens)
-        names = self.label_names or [0, 1]
-        rows = [
-            {"text": t, "probability": p, "label": names[1] if p >= self.threshold else names[0]}
-            for t, p in zip(items, probs, strict=True)
-        ]
+        rows = self._task().predictions(items, probs, self.threshold, self.label_names)
         return rows[0] if single else rows
+
+    def _task(self) -> Task:
+        """The probe's task; a binary one with the default threshold rule when none was given."""
+        if self.task is None:
+            from probekit.config import ThresholdSpec
+            from probekit.tasks.binary import BinaryTask
+
+            self.task = BinaryTask(ThresholdSpec())
+        return self.task
 
 
 def _derives_positions(backbone: nn.Module) -> bool:

@@ -25,7 +25,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel
 
 from probekit.errors import DuplicateKindError, PluginUnavailableError, UnknownKindError
-from probekit.spec import FreezerSpec, HeadSpec, PoolerSpec, Preset, SchedulerSpec, spec_kind
+from probekit.spec import FreezerSpec, HeadSpec, PoolerSpec, Preset, SchedulerSpec, TaskSpec, spec_kind
 
 log = logging.getLogger("probekit")
 
@@ -198,6 +198,9 @@ FREEZERS: Registry[type[FreezerSpec]] = Registry(
 SCHEDULERS: Registry[type[SchedulerSpec]] = Registry(
     "scheduler", "probekit.schedulers", key=spec_kind, check=_spec_checker(SchedulerSpec)
 )
+TASKS: Registry[type[TaskSpec]] = Registry(
+    "task", "probekit.tasks", key=spec_kind, check=_spec_checker(TaskSpec)
+)
 PRESETS: Registry[Preset] = Registry(
     "preset", "probekit.presets", key=lambda p: p.kind, check=_preset_checker
 )
@@ -207,6 +210,7 @@ REGISTRIES: dict[str, Registry[Any]] = {
     "heads": HEADS,
     "freezers": FREEZERS,
     "schedulers": SCHEDULERS,
+    "tasks": TASKS,
     "presets": PRESETS,
 }
 
@@ -344,8 +348,8 @@ def isolated_registries() -> Iterator[dict[str, Registry[Any]]]:
     `discover` runs afresh inside the block.
     """
     global _report
-    import probekit.builtins  # noqa: F401  (built-ins are part of the copied state)
-
+    # The built-ins are registered already: importing any probekit module imports the package,
+    # which imports probekit.builtins first.
     saved = {name: reg._snapshot() for name, reg in REGISTRIES.items()}
     saved_report = _report
     _report = None

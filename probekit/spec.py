@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from probekit.freezers.plan import FreezePlan
     from probekit.poolers.base import Pooler
+    from probekit.tasks.base import Task
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,16 @@ class FreezerSpec(Spec):
 
     def resolve(self, backbone: nn.Module) -> FreezePlan:
         """Return the plan: frozen and trainable blocks and exact parameter names."""
+        raise NotImplementedError
+
+
+class TaskSpec(Spec):
+    """The kind of target a probe predicts (``task.kind``): it builds the `probekit.tasks.Task`
+    that owns the label encoding, the loss, the output activation, the metrics, the decision
+    rule, the plots and what ``predict`` returns."""
+
+    def build(self, threshold: Any) -> Task:
+        """Return the task; ``threshold`` is the config's `probekit.config.ThresholdSpec`."""
         raise NotImplementedError
 
 

@@ -16,7 +16,7 @@ A checkpoint folder is untrusted input like the rest of a run folder (see `probe
 folder (no symlink leads out, every listed name is a bare file name); the manifest,
 ``state.json`` (the `TrainState` schema: strict types, finite numbers, consistent counts) and
 the tensors (`check_state`: every tensor the state needs, of the right dtype and shape) are
-validated before anything reaches the engine. A checkpoint that fails any of it counts as
+validated before anything reaches training. A checkpoint that fails any of it counts as
 damaged, exactly like one that fails its checksum. The manifest's checksums detect damage, not a
 malicious author (who can recompute them): the schemas are what keep a hand-made state out.
 """
@@ -222,7 +222,7 @@ class DataPrint(_Open):
 
 
 class TrainState(_Open):
-    """The schema of ``state.json``, as `probekit.engine` writes it at each checkpoint."""
+    """The schema of ``state.json``, as `probekit.training.callbacks.StateCheckpoints` writes it."""
 
     format: Literal["probekit-train-state"]
     config: dict[str, Any]

@@ -1,12 +1,14 @@
 """Layer sweep: which hidden states of a backbone carry the signal, and the config that uses them.
 
-`sweep` loads the backbone and data a config names (with `probekit.engine.prepare`, as training
-does), runs the whole backbone frozen, in eval mode and without gradients, once over every split
+`sweep` loads the backbone and data a config names (with `probekit.training.prepare`, as
+training does), runs the whole backbone frozen, in eval mode and without gradients, once over every split
 (length-sorted batches, so padding is small), and pools every requested hidden state with the
 spec's token pooler into one float32 array per split, ``[rows, layers, width]``. It then trains
-the spec's head on each layer's features, and on a few combinations of layers, with the spec's
-optimiser, schedule, label smoothing, clipping, epochs, early stopping and seed. Those probes
-cost only the head: the sweep costs one pass of the backbone over the data plus small heads.
+the spec's head on each layer's features, and on a few combinations of layers, through the
+training loop itself (`probekit.training.loop.fit`: the spec's batches, accumulation, optimiser,
+schedule, label smoothing, clipping and seed, with the `EarlyStopping` and `BestWeights`
+callbacks, and the task's threshold rule). Those probes cost only the head: the sweep costs one
+pass of the backbone over the data plus small heads.
 
 The pooler must compute a fixed function (no parameters, no dropout) since it runs once, before
 any training: a single-layer pooler (``masked_mean``, ``cls``, ``last_token``, ``max``, or a
@@ -29,11 +31,10 @@ candidate (``combine_at: pooled`` for a combination, which is what the sweep mea
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import sys
 import time
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,30 +42,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from probekit import jsonio
 from probekit.backbone import resolve_layers
-from probekit.cache import is_static
+from probekit.batching import Encoded, inference_loader, progress_bar
+from probekit.cache import CachePlan, SplitCache, is_static
 from probekit.config import ProbeConfig, dump_config, load_config
 from probekit.distributed import launched_processes
-from probekit.engine import (
-    DivergedError,
-    Encoded,
-    Log,
-    absolute_paths,
-    choose_val_threshold,
-    eval_loader,
-    improves,
-    input_paths,
-    prepare,
-    progress_bar,
-    threshold_rule_id,
-)
 from probekit.errors import UserError
 from probekit.freezers.all import FreezeAllSpec
-from probekit.metrics import compute_metrics
+from probekit.inference import Runner, finish, forward, predict
 from probekit.optim import adamw, decay_groups
 from probekit.poolers.base import Pooler
 from probekit.poolers.multilayer import Combine, MultiLayerPooler, MultiLayerSpec
@@ -72,6 +60,12 @@ from probekit.probe import Probe
 from probekit.registry import POOLERS
 from probekit.rundir import RunFolder, default_run_dir, explain_failure
 from probekit.spec import BuildContext, PoolerSpec, TokenPoolerSpec
+from probekit.tasks.base import Scores, Task
+from probekit.training.callbacks import BestWeights, EarlyStopping, improves
+from probekit.training.context import Log, RunContext
+from probekit.training.loop import Parts, fit
+from probekit.training.plan import TrainPlan, absolute_paths, input_paths, prepare
+from probekit.training.state import TrainState
 
 SWEEP_FILES = ("sweep.json", "sweep.md", "layers.png", "best.yaml")
 """The files a sweep writes into its run folder."""
@@ -182,39 +176,37 @@ def pool_layers(
     probe: Probe,
     encoded: Encoded,
     layers: Sequence[int],
+    runner: Runner,
     *,
     pad_id: int,
     padding_side: str = "right",
     batch_size: int = 64,
     max_tokens: int | None = 4096,
-    precision: str = "no",
-    progress: bool = False,
     desc: str = "features",
 ) -> np.ndarray:
     """Pooled features of every hidden state ``layers`` for every row: ``[rows, layers, width]``
     float32, rows in the split's order.
 
-    The backbone runs once per batch (in eval mode, without gradients, under autocast when
-    ``precision`` is ``bf16`` or ``fp16``), up to the highest of ``layers``; each hidden state then
-    goes through the probe's own pooling path (cast to the head's dtype, ``probe.pooler``, its
-    output-shape check) as if it were the layer the probe reads, so layer ``i`` gets exactly what a
-    probe pooling layer ``i`` computes. Batches are sorted by length (`eval_loader`).
+    The backbone runs once per batch through the one inference path
+    (`probekit.inference.forward`: eval mode, no gradients, the run's autocast), up to the
+    highest of ``layers``; each hidden state then goes through the probe's own pooling path (cast
+    to the head's dtype, ``probe.pooler``, its output-shape check) as if it were the layer the
+    probe reads, so layer ``i`` gets exactly what a probe pooling layer ``i`` computes. Batches
+    are sorted by length (`probekit.batching.inference_loader`).
     """
-    device = next(probe.head.parameters()).device
     width = probe.pooler.output_dim(probe.layout.hidden_size)
     out = np.zeros((len(encoded), len(layers), width), dtype=np.float32)
     read = probe.layers[0]
-    loader = eval_loader(encoded, pad_id, batch_size, padding_side=padding_side, max_tokens=max_tokens)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    loader = inference_loader(encoded, pad_id, batch_size, padding_side=padding_side, max_tokens=max_tokens)
     probe.eval()
-    with torch.inference_mode(), autocast:
-        for batch in progress_bar(loader, progress, desc, total=len(loader)):
-            ids = batch["input_ids"].to(device)
-            mask = batch["attention_mask"].to(device)
-            hidden = probe.hidden_states(ids, mask, layers=layers)
-            pooled = torch.stack([probe.features(ids, mask, cached={read: h}) for h in hidden], dim=1)
-            out[batch["index"].numpy()] = pooled.float().cpu().numpy()
+    for batch in progress_bar(loader, runner.progress, desc, total=len(loader)):
+        hidden = forward(probe, batch, runner, output="hidden", layers=tuple(layers))
+        ids, mask = batch.input_ids.to(runner.device), batch.attention_mask.to(runner.device)
+        with torch.inference_mode(), runner.autocast():
+            pooled = torch.stack(
+                [probe.features(ids, mask, cached={read: hidden[:, :, j]}) for j in range(len(layers))], dim=1
+            )
+        out[batch.index.numpy()] = pooled.float().cpu().numpy()
     return out
 
 
@@ -239,7 +231,8 @@ class FeatureProbe(nn.Module):
         self.pooler = pooler
         self.head = head
 
-    def forward(self, features: Tensor) -> Tensor:
+    def forward(self, *_tokens: Any, features: Tensor, **_cached: Any) -> Tensor:
+        """Logits from pooled features ``(b, k, w)`` (the batch's token ids are not read)."""
         if self.pooler is None:
             pooled = features[:, 0]
         else:
@@ -287,100 +280,90 @@ class Candidate:
         }
 
 
-def _predict(
-    model: FeatureProbe, features: Tensor, labels: Tensor, batch_size: int
-) -> tuple[np.ndarray, float]:
-    """Positive-class probabilities and the mean (unsmoothed) loss, in eval mode."""
-    model.eval()
-    with torch.inference_mode():
-        logits = torch.cat([model(chunk) for chunk in torch.split(features, batch_size)]).float()
-        loss = float(F.cross_entropy(logits, labels))
-        return torch.softmax(logits, dim=-1)[:, 1].cpu().numpy(), loss
+@dataclass(frozen=True)
+class CandidatePlan:
+    """What the training loop reads for one candidate (`probekit.training.loop.FitPlan`): the
+    sweep's batch plan, with its features as a pooled activation cache."""
+
+    config: ProbeConfig
+    task: Task
+    encoded: dict[str, Encoded]
+    pad_id: int
+    per_device_batch: int
+    accumulation: int
+    steps_per_epoch: int
+    total_steps: int
+    cache_plan: CachePlan
+    data_fingerprint: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def fit_candidate(
     name: str,
     layers: tuple[int, ...],
-    splits: Mapping[str, tuple[Tensor, Tensor]],
-    config: ProbeConfig,
-    ctx: BuildContext,
+    features: Mapping[str, Tensor],
+    plan: TrainPlan,
+    ctx: RunContext,
     combine: Combine | None = None,
 ) -> Candidate:
     """Train the spec's head on cached features and evaluate it, as training would train it.
 
-    ``splits`` maps ``train``, ``val`` (and ``test``) to features ``(rows, k, w)`` of the ``k``
-    ``layers`` and labels, on the device to train on. The head is built through its spec with
-    the seed set (`FeatureProbe`); AdamW at the head's learning rate and weight decay (none on
-    biases and norms), the spec's schedule, batches of the effective batch size (``batch_size x
-    grad_accum``) in a seeded random order, label smoothing, gradient clipping; the val metric
-    ``train.monitor`` is evaluated after each epoch, training stops after ``train.patience`` epochs
-    without improvement, and the best epoch's weights are restored. The decision threshold is
-    chosen on val by the spec's rule (``threshold.target_fpr``), and metrics are computed there.
+    ``features`` maps ``train``, ``val`` (and ``test``) to features ``(rows, k, w)`` of the ``k``
+    ``layers``. The head is built through its spec with the seed set (`FeatureProbe`), with AdamW
+    at the head's learning rate and weight decay (none on biases and norms) and the spec's
+    schedule, and trained by the training loop itself (`probekit.training.loop.fit`) with
+    `EarlyStopping` and `BestWeights`; the decision threshold is chosen on val by the task's rule
+    and every split is evaluated there.
 
     Raises:
         DivergedError: a non-finite loss.
     """
-    spec = config.train
+    config, spec = plan.config, plan.config.train
     torch.manual_seed(spec.seed)
-    x, y = splits["train"]
-    width = x.shape[2]
+    width = features["train"].shape[2]
     pooler = None if combine is None else MultiLayerPooler(len(layers), combine, "pooled", _Pooled())
     in_dim = width if pooler is None else pooler.output_dim(width)
-    model = FeatureProbe(config.head.build(ctx, in_dim), pooler).to(x.device)
+    model = FeatureProbe(config.head.build(plan.probe.context, in_dim), pooler).to(ctx.device)
     optimizer = adamw(
         decay_groups(
             "head", config.optimizer.lr_head, model.named_parameters(), config.optimizer.weight_decay
         ),
         config.optimizer,
     )
-    batch = spec.batch_size * spec.grad_accum
-    per_epoch = math.ceil(len(y) / batch)
-    scheduler = config.scheduler.build(optimizer, per_epoch * spec.epochs, per_epoch)
-    order = torch.Generator().manual_seed(spec.seed)
-    val_x, val_y = splits["val"]
-    val_labels = val_y.cpu().numpy()
-    best: float | None = None
-    best_state = {k: v.clone() for k, v in model.state_dict().items()}
-    best_epoch = bad_epochs = epochs_run = 0
-    for epoch in range(1, spec.epochs + 1):
-        model.train()
-        for chunk in torch.split(torch.randperm(len(y), generator=order), batch):
-            rows = chunk.to(x.device)
-            loss = F.cross_entropy(model(x[rows]), y[rows], label_smoothing=spec.label_smoothing)
-            if not torch.isfinite(loss):
-                raise DivergedError(
-                    f"training diverged: non-finite loss of the probe on {name}, epoch {epoch}"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            if spec.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-        epochs_run = epoch
-        probs, val_loss = _predict(model, val_x, val_y, spec.eval_batch_size)
-        monitored = (
-            val_loss if spec.monitor == "loss" else compute_metrics(val_labels, probs, 0.5)[spec.monitor]
+    scheduler = config.scheduler.build(optimizer, plan.total_steps, plan.steps_per_epoch)
+    cache_plan = CachePlan("pooled", layers, 0)
+    caches = {split: SplitCache(cache_plan, x, [], "memory") for split, x in features.items()}
+    candidate = CandidatePlan(
+        config,
+        plan.task,
+        plan.encoded,
+        plan.pad_id,
+        plan.per_device_batch,
+        plan.accumulation,
+        plan.steps_per_epoch,
+        plan.total_steps,
+        cache_plan,
+    )
+    early, best = EarlyStopping(spec.monitor, spec.patience, spec.epochs), BestWeights(ctx.group)
+    done = fit(ctx, candidate, Parts(model, model, optimizer, scheduler, caches), TrainState(), [early, best])
+    runner = Runner(ctx.device, ctx.autocast)
+
+    def scored(split: str) -> Scores:
+        loader = inference_loader(
+            plan.encoded[split], plan.pad_id, spec.eval_batch_size, cache=caches[split], max_tokens=None
         )
-        if improves(spec.monitor, monitored, best):
-            best, best_epoch, bad_epochs = monitored, epoch, 0
-            best_state = {k: v.clone() for k, v in model.state_dict().items()}
-        else:
-            bad_epochs += 1
-        if bad_epochs >= spec.patience and epoch < spec.epochs:
-            break
-    model.load_state_dict(best_state)
-    scores = {
-        split: (labels.cpu().numpy(), *_predict(model, features, labels, spec.eval_batch_size))
-        for split, (features, labels) in splits.items()
-        if split != "train"
+        return predict(model, loader, runner, plan.task, cache_plan=cache_plan)
+
+    val = best.val if best.val is not None else scored("val")
+    others = {
+        split: (lambda split=split: scored(split)) for split in features if split not in ("train", "val")
     }
-    threshold = choose_val_threshold(config, scores["val"][0], scores["val"][1])
+    finished = finish(plan.task, val, others)
     metrics = {
-        split: {**compute_metrics(labels, probs, threshold), "loss": loss}
-        for split, (labels, probs, loss) in scores.items()
+        split: {**finished.metrics[split], "loss": scores.loss} for split, scores in finished.scores.items()
     }
-    return Candidate(name, layers, combine, metrics, threshold, best_epoch, epochs_run)
+    return Candidate(
+        name, layers, combine, metrics, finished.threshold, early.best_epoch, len(done.state.history)
+    )
 
 
 # -- results -----------------------------------------------------------------------------------
@@ -489,7 +472,7 @@ def sweep(
         log: where progress lines go.
         progress: show progress bars; default: when stderr is a terminal.
         name: prefix of the default run folder name.
-        protect: more paths ``out`` must not be, hold or lie inside, as in `probekit.engine.train`.
+        protect: more paths ``out`` must not be, hold or lie inside, as in `probekit.training.train`.
 
     Raises:
         UserError: a pooler with parameters or one that is not single-layer or ``multilayer``, a
@@ -500,12 +483,14 @@ def sweep(
         raise UserError("probekit sweep runs in one process; start it without torchrun or accelerate launch")
     token_pooler, combine = sweep_pooler(config.pooler)
     _check_fixed(token_pooler, BuildContext(hidden_size=8, num_layers=1), early=True)
-    show = sys.stderr.isatty() if progress is None else progress
     out_dir = Path(out) if out is not None else default_run_dir(name)
-    folder = RunFolder.open(out_dir, overwrite=overwrite, inputs=input_paths(config, protect), log=log)
+    folder = RunFolder.open(
+        out_dir, overwrite=overwrite, inputs=input_paths(config, dict(protect or {})), log=log
+    )
     try:
         partial = folder.create()
-        result = _sweep(config, token_pooler, combine, layers, combos, partial, log, show)
+        ctx = RunContext.start(config.train, log=log, progress=progress)
+        result = _sweep(config, token_pooler, combine, layers, combos, partial, ctx)
         folder.publish()
     except BaseException as exc:
         folder.abandon(log, keep=False)
@@ -529,12 +514,14 @@ def _sweep(
     layers: Sequence[int] | None,
     combos: bool,
     folder: Path,
-    log: Log,
-    show: bool,
+    ctx: RunContext,
 ) -> SweepResult:
+    log = ctx.log
     # The pass reads the backbone frozen, with the token pooler (its layer is set per hidden state).
     reader = token_pooler.model_copy(update={"layer": -1})
-    prepared = prepare(config.model_copy(update={"pooler": reader, "freezer": FreezeAllSpec()}))
+    prepared = prepare(
+        config.model_copy(update={"pooler": reader, "freezer": FreezeAllSpec()}), device=ctx.device
+    )
     probe, spec = prepared.probe, config.train
     _check_fixed(token_pooler, probe.context)
     num_blocks = probe.layout.num_blocks
@@ -552,10 +539,9 @@ def _sweep(
         f"{num_blocks} blocks, width {probe.layout.hidden_size}"
     )
     log(f"data: {prepared.data_origin()}; " + " / ".join(f"{k} {n}" for k, n in rows.items()) + " rows")
-    precision = "fp32" if prepared.precision == "no" else prepared.precision
     log(
         f"sweep: {token_pooler.kind} pooling of hidden states {list(chosen)} (0 = embeddings), "
-        f"backbone frozen, {precision} on {prepared.device}"
+        f"backbone frozen, {prepared.precision} on {prepared.device}"
     )
     log(
         f"probes: {config.head.kind} head on each layer"
@@ -565,18 +551,17 @@ def _sweep(
 
     begun = time.perf_counter()
     probe.to(prepared.device)
-    pad_id = int(prepared.backbone.tokenizer.pad_token_id)
+    runner = Runner(ctx.device, ctx.autocast, progress=ctx.progress)
     features = {
         split: pool_layers(
             probe,
             encoded,
             chosen,
-            pad_id=pad_id,
+            runner,
+            pad_id=prepared.pad_id,
             padding_side=config.model.padding_side,
             batch_size=spec.eval_batch_size,
             max_tokens=spec.eval_max_tokens,
-            precision=prepared.precision,
-            progress=show,
             desc=f"features {split}",
         )
         for split, encoded in prepared.encoded.items()
@@ -592,17 +577,15 @@ def _sweep(
     )
 
     begun = time.perf_counter()
-    tensors = {
-        split: (torch.from_numpy(features[split]), torch.from_numpy(labels[split])) for split in features
-    }
+    tensors = {split: torch.from_numpy(x) for split, x in features.items()}
+    # The candidates train on the spec's config (its head, optimiser, schedule...), quietly.
+    plan = dataclasses.replace(prepared, config=absolute_paths(config))
+    quiet = dataclasses.replace(ctx, log=lambda _line: None, progress=False)
 
     def run(label: str, members: tuple[int, ...], how: Combine | None) -> Candidate:
         positions = [chosen.index(layer) for layer in members]
-        splits = {
-            split: (_select(x, positions).to(prepared.device), y.to(prepared.device))
-            for split, (x, y) in tensors.items()
-        }
-        candidate = fit_candidate(label, members, splits, config, probe.context, how)
+        splits = {split: _select(x, positions) for split, x in tensors.items()}
+        candidate = fit_candidate(label, members, splits, plan, quiet, how)
         log(
             f"{candidate.name} [{candidate.members}]: val acc {candidate.value('accuracy'):.4f} "
             f"auroc {candidate.value('auroc'):.4f} auprc {candidate.value('auprc'):.4f} "
@@ -610,7 +593,9 @@ def _sweep(
         )
         return candidate
 
-    singles = [run(f"layer {layer}", (layer,), None) for layer in progress_bar(chosen, show, "probes")]
+    singles = [
+        run(f"layer {layer}", (layer,), None) for layer in progress_bar(chosen, ctx.progress, "probes")
+    ]
     lower = spec.monitor == "loss"
     combined = [
         run(label, members, combine)
@@ -637,7 +622,7 @@ def _sweep(
         feature_seconds=feature_seconds,
         probe_seconds=time.perf_counter() - begun,
     )
-    _write_outputs(result, absolute_paths(config), token_pooler, prepared.backbone.name, rows, folder)
+    _write_outputs(result, plan, token_pooler, rows, folder)
     return result
 
 
@@ -647,24 +632,19 @@ def _select(features: Tensor, positions: list[int]) -> Tensor:
 
 
 def _write_outputs(
-    result: SweepResult,
-    config: ProbeConfig,
-    token_pooler: TokenPoolerSpec,
-    model: str,
-    rows: dict[str, int],
-    folder: Path,
+    result: SweepResult, plan: TrainPlan, token_pooler: TokenPoolerSpec, rows: dict[str, int], folder: Path
 ) -> None:
     from probekit.plots import plot_layers
 
-    best = result.best
+    best, config = result.best, plan.config
     report = {
-        "model": model,
+        "model": plan.backbone.name,
         "rows": rows,
         "pooler": token_pooler.model_dump(mode="json"),
         "combine": result.combine,
         "layers": list(result.layers),
         "monitor": result.monitor,
-        "threshold_rule": threshold_rule_id(config),
+        "threshold_rule": plan.task.threshold_rule_id(),
         "candidates": [c.as_json() for c in result.candidates],
         "best": best.as_json(),
         "seconds": {"features": result.feature_seconds, "probes": result.probe_seconds},

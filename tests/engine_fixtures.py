@@ -22,7 +22,9 @@ from typing import Any
 
 import pytest
 
+from probekit.checkpoint import trainable_state
 from probekit.config import ProbeConfig, compose_config
+from probekit.training.callbacks import BestWeights, Callback
 
 NEUTRAL = (
     *("the", "cat", "sat", "on", "mat", "dog", "ran", "in", "park", "sun", "is", "warm", "we", "like"),
@@ -299,3 +301,40 @@ def wait_for_checkpoint(process: subprocess.Popen[str], parent: Path, at_least: 
         assert process.poll() is None, "the run ended before it could be stopped"
         time.sleep(0.05)
     raise AssertionError("no checkpoint appeared")
+
+
+# -- what a run did, through the hooks a user's callback has -------------------------------------
+class Recorder(Callback):
+    """A `probekit.training.Callback` that records what tests check about a run: the optimiser
+    (its group names, each group's learning rate as every step starts), each window's step and
+    loss, each epoch's validation scores and trainable weights (before the best ones come back),
+    and the validation scores the decision threshold is chosen on."""
+
+    def __init__(self) -> None:
+        self.plan: Any = None
+        self.optimizer: Any = None
+        self.group_names: list[str] = []
+        self.lrs: list[list[float]] = []
+        self.windows: list[tuple[int, float]] = []
+        self.val: list[Any] = []
+        self.weights: list[dict[str, Any]] = []
+        self.best_val: Any = None
+
+    def on_fit_start(self, fit: Any) -> None:
+        self.plan, self.optimizer = fit.plan, fit.optimizer
+        raw = getattr(fit.optimizer, "optimizer", fit.optimizer)  # inside Accelerate's wrapper
+        self.group_names = [g.get("name", "") for g in raw.param_groups]
+        raw.register_step_pre_hook(
+            lambda opt, args, kwargs: self.lrs.append([g["lr"] for g in opt.param_groups])
+        )
+
+    def on_window_end(self, fit: Any) -> None:
+        self.windows.append((fit.state.step, fit.window_loss))
+
+    def on_epoch_end(self, fit: Any) -> None:
+        self.val.append(fit.val)
+        self.weights.append(trainable_state(fit.probe))
+
+    def on_fit_end(self, fit: Any) -> None:
+        best = next(cb for cb in fit.callbacks if isinstance(cb, BestWeights))
+        self.best_val = best.val

@@ -10,12 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from probekit import engine
+import probekit.training
+import probekit.training.loop
 from probekit.cache import CachePlan, plan_cache
 from probekit.config import ProbeConfig
-from probekit.engine import RunResult, prepare, train
+from probekit.training import Callback, RunResult, prepare, train
 
 from .engine_fixtures import (
+    Recorder,
     ToyData,
     bert_dir,
     llama_dir,
@@ -29,28 +31,20 @@ from .engine_fixtures import (
 __all__ = ["bert_dir", "llama_dir", "no_plots", "toy_data"]
 
 
-def run(config: ProbeConfig, out: Path, lines: list[str] | None = None) -> RunResult:
+def run(
+    config: ProbeConfig, out: Path, lines: list[str] | None = None, callbacks: tuple[Callback, ...] = ()
+) -> RunResult:
     return train(
-        config, out=out, log=(lines.append if lines is not None else lambda _l: None), progress=False
+        config,
+        out=out,
+        log=(lines.append if lines is not None else lambda _l: None),
+        progress=False,
+        callbacks=callbacks,
     )
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "checkpoint" / "probe.safetensors")
-
-
-def val_probs(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """Every val evaluation's probabilities, in row order, as the engine computed them."""
-    seen: list[Any] = []
-    real = engine.predict_loader
-
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        out = real(*args, **kwargs)
-        seen.append(out[0])
-        return out
-
-    monkeypatch.setattr(engine, "predict_loader", spy)
-    return seen
 
 
 # Dropout is on in every trainable part (tiny BERT: 0.1), so equal results also mean the cached
@@ -82,11 +76,10 @@ def test_cached_and_uncached_training_agree(
     results: dict[bool, tuple[RunResult, dict[str, torch.Tensor], list[Any], list[str]]] = {}
     for cached in (True, False):
         config = make_config(folder, toy_data, *extra, f"train.cache.enabled={str(cached).lower()}")
-        probs = val_probs(monkeypatch)
+        recorder = Recorder()
         lines: list[str] = []
-        result = run(config, tmp_path / f"run-{cached}", lines)
-        results[cached] = (result, weights(result.run_dir), probs, lines)
-        monkeypatch.undo()
+        result = run(config, tmp_path / f"run-{cached}", lines, (recorder,))
+        results[cached] = (result, weights(result.run_dir), [v.scores for v in recorder.val], lines)
 
     config = make_config(folder, toy_data, *extra)
     plan, _ = plan_cache(prepare(config).probe)
@@ -127,7 +120,7 @@ def test_frozen_prefix_runs_once_not_every_epoch(
             bert_dir, toy_data, "train.epochs=3", f"train.cache.enabled={str(cached).lower()}"
         )
         rows = 0
-        real = engine.prepare
+        real = probekit.training.prepare
 
         def counting(*args: Any, real: Any = real, **kwargs: Any) -> Any:
             prepared = real(*args, **kwargs)
@@ -141,7 +134,7 @@ def test_frozen_prefix_runs_once_not_every_epoch(
             block.register_forward_pre_hook(hook, with_kwargs=True)
             return prepared
 
-        monkeypatch.setattr(engine, "prepare", counting)
+        monkeypatch.setattr(probekit.training, "prepare", counting)
         run(config, tmp_path / f"run-{cached}")
         monkeypatch.undo()
         counts[cached] = rows
@@ -290,17 +283,18 @@ def test_eval_batches_longest_first_and_results_in_row_order(
     from probekit.probe import Probe
 
     widths: list[int] = []
-    real = engine.eval_loader
+    real = probekit.training.loop.inference_loader
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         loader = real(*args, **kwargs)
         widths.extend(len(b) for b in loader.batch_sampler)  # type: ignore[arg-type]
         return loader
 
-    monkeypatch.setattr(engine, "eval_loader", spy)
-    probs = val_probs(monkeypatch)
+    monkeypatch.setattr(probekit.training.loop, "inference_loader", spy)
+    recorder = Recorder()
     config = make_config(bert_dir, toy_data, "train.eval_batch_size=5", "train.epochs=1")
-    result = run(config, tmp_path / "run")
+    result = run(config, tmp_path / "run", callbacks=(recorder,))
+    probs = [v.scores for v in recorder.val]
     probe = Probe.from_pretrained(result.run_dir)
     expected = probe.predict_proba(toy_data.texts("val"))
     torch.testing.assert_close(

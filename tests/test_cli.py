@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -16,10 +17,10 @@ from probekit.cli import main
 import probekit
 from probekit import REGISTRIES, load_config
 from probekit.poolers import MaskedMean
-from probekit.registry import BUILTIN
+from probekit.registry import BUILTIN, ENV_DISABLE_AUTOLOAD
 from probekit.spec import BuildContext, TokenPoolerSpec
 
-FAMILIES = ("poolers", "heads", "freezers", "schedulers", "presets")
+FAMILIES = ("poolers", "heads", "freezers", "schedulers", "tasks", "presets")
 VERSION_LINE = f"probekit {probekit.__version__}"
 
 
@@ -109,6 +110,7 @@ def test_components_list_shows_every_kind_with_its_source(capsys: pytest.Capture
     }
     builtin |= {("freezers", k) for k in ("all", "bottom", "none", "regex")}
     builtin |= {("schedulers", k) for k in ("constant", "cosine", "linear")}
+    builtin |= {("tasks", "binary")}
     for family, kind in builtin:
         assert listing[family][kind] == BUILTIN == "probekit (built-in)"
 
@@ -127,7 +129,17 @@ def test_components_list_json(capsys: pytest.CaptureFixture[str]) -> None:
             assert row["distribution"] == entry.distribution
     assert {row["kind"] for row in payload["families"]["poolers"]} >= {"masked_mean", "multilayer"}
     assert all(row["builtin"] for row in payload["families"]["presets"] if row["kind"] == "safety8k")
-    assert isinstance(payload["plugins_disabled"], bool)
+    disabled = os.environ.get(ENV_DISABLE_AUTOLOAD, "").strip().lower() in {"1", "true", "yes", "on"}
+    assert payload["plugins_disabled"] is disabled
+    env = {**os.environ, ENV_DISABLE_AUTOLOAD: "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "probekit", "components", "list", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0 and json.loads(done.stdout)["plugins_disabled"] is True, done.stderr
 
 
 class _ToyPoolSpec(TokenPoolerSpec):

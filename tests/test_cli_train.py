@@ -14,7 +14,7 @@ import pytest
 import yaml
 from probekit.cli import main
 
-import probekit.engine
+import probekit.training
 from probekit import Probe, load_config, preset
 from probekit.config import compose_config
 from tests import engine_fixtures
@@ -106,7 +106,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(
     def no_train(*args: object, **kwargs: object) -> None:
         raise AssertionError("--dry-run trained")
 
-    monkeypatch.setattr(probekit.engine, "train", no_train)
+    monkeypatch.setattr(probekit.training, "train", no_train)
     monkeypatch.chdir(tmp_path)
     before = names(toy_data.folder)
     code, out, err = run_cli(capsys, *train_args(bert_dir, toy_data, "--dry-run"))
@@ -317,7 +317,7 @@ def test_train_into_a_non_empty_out_exits_2_and_keeps_it(
     def no_fit(*args: object, **kwargs: object) -> None:
         raise AssertionError("training started")
 
-    monkeypatch.setattr(probekit.engine, "_fit", no_fit)
+    monkeypatch.setattr(probekit.training, "fit", no_fit)
     out_dir = tmp_path / "run"
     out_dir.mkdir()
     (out_dir / "mine.txt").write_text("keep me")

@@ -130,6 +130,7 @@ KIND_STRATEGIES: dict[tuple[str, str], Callable[[], st.SearchStrategy[dict[str, 
     ("scheduler", "constant"): lambda: scheduler_st("constant"),
     ("scheduler", "cosine"): lambda: scheduler_st("cosine"),
     ("scheduler", "linear"): lambda: scheduler_st("linear"),
+    ("task", "binary"): lambda: st.just({"kind": "binary"}),  # binary has no fields
 }
 
 optimizer_st = st.fixed_dictionaries(

@@ -25,8 +25,8 @@ from safetensors.torch import load_file
 from probekit.batching import length_share
 from probekit.config import compose_config
 from probekit.distributed import resolve_batch, shard_windows, steps_per_epoch
-from probekit.engine import train
 from probekit.errors import UserError
+from probekit.training import train
 
 from .engine_fixtures import (
     ToyData,

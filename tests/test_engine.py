@@ -1,4 +1,4 @@
-"""The training engine end to end on tiny offline backbones.
+"""The training package end to end on tiny offline backbones.
 
 What the safety8k recipe turns into (optimiser groups, step counts, the learning rate of every
 step), how micro-batch losses are normalised over each accumulation window, label smoothing,
@@ -15,7 +15,7 @@ import shutil
 from itertools import pairwise
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytest
@@ -24,28 +24,24 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import probekit
-import probekit.engine as engine
 import probekit.plots
 from probekit import Probe, load_config
+from probekit.batching import BucketBatchSampler, Collator, Encoded
 from probekit.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from probekit.checkpoint import trainable_state, write_meta
 from probekit.config import ProbeConfig, compose_config
 from probekit.data import DataError
-from probekit.engine import (
-    Collator,
-    DivergedError,
-    RunResult,
-    prepare,
-    resolve_precision,
-    train,
-)
-from probekit.errors import UserError
+from probekit.distributed import shard_windows
+from probekit.errors import DivergedError, UserError
 from probekit.evaluate import evaluate_file
 from probekit.metrics import compute_metrics
+from probekit.optim import build_optimizer
 from probekit.plots import REPORT_PLOTS
+from probekit.training import Callback, Precision, RunResult, prepare, train
 from tests import engine_fixtures
 from tests.engine_fixtures import (
     FAST,
+    Recorder,
     ToyData,
     leftovers,
     make_config,
@@ -99,20 +95,8 @@ REPORT_KEYS = {
 
 
 def run(config: ProbeConfig, out: Path, **kwargs: Any) -> RunResult:
+    """``train`` quietly, without progress bars."""
     return train(config, out=out, log=quiet, progress=False, **kwargs)
-
-
-def record_val_probs(monkeypatch: pytest.MonkeyPatch) -> dict[str, np.ndarray]:
-    """Capture the val probabilities (best epoch) the engine chooses its threshold on."""
-    seen: dict[str, np.ndarray] = {}
-    real = engine.choose_threshold
-
-    def choose(labels: Any, probs: Any, **kwargs: Any) -> float:
-        seen["probs"], seen["labels"] = np.array(probs), np.array(labels)
-        return real(labels, probs, **kwargs)
-
-    monkeypatch.setattr(engine, "choose_threshold", choose)
-    return seen
 
 
 # -- the recipe reaches the optimiser -----------------------------------------------------------
@@ -140,8 +124,8 @@ def test_safety8k_recipe_reaches_the_optimiser(bert_dir: Path, tmp_path: Path, n
     assert {n.removeprefix("backbone.") for n in body} == plan.trainable
     assert head and all(n.startswith(("pooler.", "head.")) for n in head)
 
-    # The torch optimiser the engine builds holds exactly these groups and every trainable tensor.
-    optimizer = engine.build_optimizer(prepared.probe, config.optimizer)
+    # The torch optimiser training builds holds exactly these groups and every trainable tensor.
+    optimizer = build_optimizer(prepared.probe, config.optimizer)
     got = sorted((g["name"], g["lr"], g["weight_decay"], len(g["params"])) for g in optimizer.param_groups)
     assert got == sorted((g.name, g.lr, g.weight_decay, len(g.params)) for g in prepared.groups)
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -152,31 +136,13 @@ def test_safety8k_recipe_reaches_the_optimiser(bert_dir: Path, tmp_path: Path, n
     assert prepared.steps_per_epoch == spe
     assert prepared.total_steps == 10 * spe
     assert prepared.warmup_steps == spe  # warmup_epochs = 1
-    assert prepared.precision == "no"
+    assert prepared.precision == Precision("fp32")
     text = "\n".join(prepared.describe())
     assert "= 32 effective" in text
     assert f"{spe} optimiser steps per epoch, up to {10 * spe} in 10 epochs; warmup {spe} steps" in text
 
 
 # -- learning rates over steps ------------------------------------------------------------------
-def record_lrs(monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], list[list[float]]]:
-    """Group names, and each group's learning rate as every optimiser step starts."""
-    names: list[str] = []
-    lrs: list[list[float]] = []
-    real = engine.build_optimizer
-
-    def build(probe: Any, spec: Any) -> torch.optim.Optimizer:
-        optimizer = real(probe, spec)
-        names.extend(g["name"] for g in optimizer.param_groups)
-        optimizer.register_step_pre_hook(
-            lambda opt, args, kwargs: lrs.append([g["lr"] for g in opt.param_groups])
-        )
-        return optimizer
-
-    monkeypatch.setattr(engine, "build_optimizer", build)
-    return names, lrs
-
-
 def _cosine(step: int) -> float:  # safety8k on 96 rows x 3 epochs: 3 steps an epoch, 9 in all
     return (step + 1) / 3 if step < 3 else 0.5 * (1 + math.cos(math.pi * (step - 2) / 6))
 
@@ -205,9 +171,10 @@ def test_learning_rate_of_every_step_follows_the_schedule(
     schedule: tuple[str, ...],
     expected: Any,
 ) -> None:
-    group_names, lrs = record_lrs(monkeypatch)
+    recorder = Recorder()
     config = make_config(bert_dir, toy_data, "train.epochs=3", *schedule)
-    run(config, tmp_path / "run")
+    run(config, tmp_path / "run", callbacks=[recorder])
+    group_names, lrs = recorder.group_names, recorder.lrs
 
     spe, total = 3, 9
     lam = config.scheduler.lr_lambda(total, spe)
@@ -250,38 +217,41 @@ def test_accumulated_gradient_equals_the_mean_gradient_of_each_window(
         f"train.cache.enabled={str(cached).lower()}",
         test=False,
     )
-    batches: list[dict[str, torch.Tensor]] = []
-
-    class Recording(Collator):
-        def __call__(self, indices: Any) -> dict[str, torch.Tensor]:
-            out = super().__call__(indices)
-            # Training batches only (the cache is built from uncached batches of the same split).
-            if len(self.encoded) == 44 and ("features" in out) == cached:
-                batches.append(out)
-            return out
-
     checks: list[tuple[int, list[torch.Tensor], tuple[torch.Tensor, ...]]] = []
-    real = engine.build_optimizer
 
-    def build(probe: Any, spec: Any) -> torch.optim.Optimizer:
-        optimizer = real(probe, spec)
-        params = [p for g in optimizer.param_groups for p in g["params"]]
+    class Check(Callback):
+        """Before each optimiser step: the accumulated gradients, and the gradient of the mean
+        loss over the window's rows computed in one go through the backbone."""
 
-        def check(opt: Any, args: Any, kwargs: Any) -> None:
-            window = batches[4 * len(checks) : 4 * len(checks) + 4]
-            with torch.enable_grad():
-                logits = torch.cat([probe(b["input_ids"], b["attention_mask"]).float() for b in window])
-                labels = torch.cat([b["labels"] for b in window])
-                mean_loss = F.cross_entropy(logits, labels, label_smoothing=0.1)
-                reference = torch.autograd.grad(mean_loss, params)
-            checks.append((len(labels), [p.grad.detach().clone() for p in params], reference))
+        def on_fit_start(self, fit: Any) -> None:
+            plan, probe = fit.plan, fit.probe
+            assert (plan.cache_plan is not None) == cached
+            spec = plan.config.train
+            order = BucketBatchSampler(
+                plan.encoded["train"].lengths,
+                plan.per_device_batch,
+                seed=spec.seed,
+                bucket_batches=spec.bucket_batches,
+            ).batches(0)
+            rows: dict[int, list[int]] = {}
+            for micro in shard_windows(order, plan.accumulation, 1, 0):
+                rows.setdefault(micro.window, []).extend(micro.rows)
+            windows = [rows[w] for w in sorted(rows)]
+            collate = Collator(plan.encoded["train"], plan.pad_id)
+            raw = getattr(fit.optimizer, "optimizer", fit.optimizer)
+            params = [p for g in raw.param_groups for p in g["params"]]
 
-        optimizer.register_step_pre_hook(check)
-        return optimizer
+            def check(opt: Any, args: Any, kwargs: Any) -> None:
+                batch = collate(windows[len(checks)])
+                with torch.enable_grad():
+                    logits = probe(batch.input_ids, batch.attention_mask).float()
+                    mean_loss = F.cross_entropy(logits, batch.labels, label_smoothing=0.1)
+                    reference = torch.autograd.grad(mean_loss, params)
+                checks.append((len(batch), [p.grad.detach().clone() for p in params], reference))
 
-    monkeypatch.setattr(engine, "Collator", Recording)
-    monkeypatch.setattr(engine, "build_optimizer", build)
-    run(config, tmp_path / "run")
+            raw.register_step_pre_hook(check)
+
+    run(config, tmp_path / "run", callbacks=[Check()])
 
     assert [size for size, _, _ in checks] == [32, 12]
     for _, got, reference in checks:
@@ -353,55 +323,62 @@ def test_early_stop_restores_the_best_epoch(
     monitor: str,
     values: list[float],
 ) -> None:
-    """The monitored value peaks at epoch 2; patience 2 stops after epoch 4 of 5."""
-    snapshots: list[tuple[dict[str, torch.Tensor], np.ndarray]] = []
+    """The monitored value peaks at epoch 2; patience 2 stops after epoch 4 of 5. The values come
+    from a task plugin (registered for the test) that scripts what validation measures."""
+    from probekit.config import ThresholdSpec
+    from probekit.tasks import BinaryTask, BinaryTaskSpec
+    from probekit.tasks.base import Scores
+
     scripted = iter(values)
-    real_predict, real_metrics = engine.predict_loader, engine.compute_metrics
 
-    def predict(probe: Any, loader: Any, accelerator: Any, **kwargs: Any) -> Any:
-        probs, labels, loss = real_predict(probe, loader, accelerator, **kwargs)
-        snapshots.append((trainable_state(accelerator.unwrap_model(probe)), probs.copy()))
-        if monitor == "loss":
-            loss = next(scripted, loss)
-        return probs, labels, loss
+    class ScriptedTask(BinaryTask):
+        def epoch_metrics(self, scores: Scores) -> dict[str, float]:
+            metrics = super().epoch_metrics(scores)
+            self.value = next(scripted)
+            if monitor == "auroc":
+                metrics["auroc"] = self.value
+            return metrics
 
-    def metrics(labels: Any, probs: Any, threshold: float) -> dict[str, float]:
-        out = real_metrics(labels, probs, threshold)
-        if monitor == "auroc":
-            out["auroc"] = next(scripted, out["auroc"])
-        return out
+        def monitor(self, metric: str, scores: Scores, metrics: Any) -> float:
+            return self.value
 
-    monkeypatch.setattr(engine, "predict_loader", predict)
-    monkeypatch.setattr(engine, "compute_metrics", metrics)
-    config = make_config(
-        bert_dir,
-        toy_data,
+    class ScriptedSpec(BinaryTaskSpec):
+        kind: Literal["scripted_binary"] = "scripted_binary"  # type: ignore[assignment]
+
+        def build(self, threshold: ThresholdSpec) -> BinaryTask:
+            return ScriptedTask(threshold)
+
+    recorder = Recorder()
+    config_args = (
         "train.epochs=5",
         "train.patience=2",
         f"train.monitor={monitor}",
         "optimizer.lr_head=0.01",
         "optimizer.lr_body=0.001",
         "train.grad_accum=1",
-        test=False,
     )
     out = tmp_path / "run"
-    result = run(config, out)
+    with probekit.isolated_registries() as registries:
+        registries["tasks"].register(ScriptedSpec)
+        config = make_config(bert_dir, toy_data, "task.kind=scripted_binary", *config_args, test=False)
+        result = run(config, out, callbacks=[recorder])
+        probs = Probe.from_pretrained(out).predict_proba(toy_data.texts("val"))
 
     assert (result.stopped_early, result.epochs_run, result.best_epoch) == (True, 4, 2)
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["best"] for r in rows] == [True, True, False, False]
-    assert [r[f"val_{monitor}"] for r in rows] == values
+    if monitor == "auroc":
+        assert [r["val_auroc"] for r in rows] == values
     report = json.loads((out / "report.json").read_text())
     assert (report["stopped_early"], report["epochs_run"], report["best_epoch"]) == (True, 4, 2)
 
     saved = load_file(str(out / "checkpoint" / "probe.safetensors"))
-    best, last = snapshots[1][0], snapshots[3][0]
+    best, last = recorder.weights[1], recorder.weights[3]
     assert set(saved) == set(best)
     assert all(torch.equal(saved[k], best[k]) for k in saved), "checkpoint is not the epoch-2 weights"
     assert any(not torch.equal(best[k], last[k]) for k in best), "weights did not move after epoch 2"
-    probs = Probe.from_pretrained(out).predict_proba(toy_data.texts("val"))
-    np.testing.assert_allclose(probs, snapshots[1][1], rtol=0, atol=1e-5)
-    assert not np.allclose(probs, snapshots[3][1], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(probs, recorder.val[1].scores, rtol=0, atol=1e-5)
+    assert not np.allclose(probs, recorder.val[3].scores, rtol=0, atol=1e-5)
 
 
 # -- a shared run: reload, checkpoint, run folder ------------------------------------------------
@@ -418,10 +395,11 @@ def bert_run(bert_dir: Path, toy_data: ToyData, tmp_path_factory: pytest.TempPat
         "optimizer.lr_body=0.003",
     )
     lines: list[str] = []
-    with pytest.MonkeyPatch.context() as mp:
-        seen = record_val_probs(mp)
-        result = train(config, out=out, log=lines.append, progress=False)
-    return SimpleNamespace(dir=out, config=config, result=result, val_probs=seen["probs"], log=lines)
+    recorder = Recorder()
+    result = train(config, out=out, log=lines.append, progress=False, callbacks=[recorder])
+    return SimpleNamespace(
+        dir=out, config=config, result=result, val_probs=recorder.best_val.scores, log=lines
+    )
 
 
 def test_run_folder_layout(bert_run: SimpleNamespace) -> None:
@@ -465,7 +443,7 @@ def test_the_probe_learns_the_toy_signal(bert_run: SimpleNamespace) -> None:
     assert metrics["test"]["auroc"] > 0.8, metrics
 
 
-def test_reloaded_probe_reproduces_the_engine_probabilities(
+def test_reloaded_probe_reproduces_the_training_probabilities(
     bert_run: SimpleNamespace, toy_data: ToyData
 ) -> None:
     texts = toy_data.texts("val")
@@ -594,20 +572,19 @@ def test_a_failed_run_leaves_no_folder_behind(
     def boom(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("boom")
 
-    if where == "epoch-2":  # fail in the second epoch's evaluation, after metrics.jsonl has a row
-        calls: list[int] = []
-        real = engine.predict_loader
+    class FailsAtEpoch2(Callback):
+        def on_epoch_end(self, fit: Any) -> None:
+            if fit.row["epoch"] == 2:  # after epoch 1's checkpoint and metrics.jsonl row
+                boom()
 
-        def predict(*args: Any, **kwargs: Any) -> Any:
-            calls.append(1)
-            return boom() if len(calls) == 2 else real(*args, **kwargs)
-
-        monkeypatch.setattr(engine, "predict_loader", predict)
+    callbacks: list[Callback] = []
+    if where == "epoch-2":
+        callbacks.append(FailsAtEpoch2())
     else:  # fail while writing the last outputs
         monkeypatch.setattr(probekit.plots, "write_report_plots", boom)
 
     with pytest.raises(RuntimeError, match="boom"):
-        run(make_config(bert_dir, toy_data, test=False), out, overwrite=existing)
+        run(make_config(bert_dir, toy_data, test=False), out, overwrite=existing, callbacks=callbacks)
     visible = [n for n in names(out.parent) if not n.startswith(".")]
     assert visible == (["run"] if existing else [])
     if existing:
@@ -625,20 +602,20 @@ def test_a_failed_run_leaves_no_folder_behind(
 def test_a_non_empty_out_is_refused_before_training(
     bert_dir: Path, toy_data: ToyData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def no_fit(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("training started")
+    class NeverStarts(Callback):
+        def on_fit_start(self, fit: Any) -> None:
+            raise AssertionError("training started")
 
-    monkeypatch.setattr(engine, "_fit", no_fit)
     config = make_config(bert_dir, toy_data, test=False)
     out = tmp_path / "run"
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
     with pytest.raises(UserError, match="not empty; pass --overwrite"):
-        run(config, out)
+        run(config, out, callbacks=[NeverStarts()])
     assert names(out) == ["mine.txt"]
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="exists and is a file"):
-        run(config, tmp_path / "file")
+        run(config, tmp_path / "file", callbacks=[NeverStarts()])
     assert names(tmp_path) == ["file", "run"]
 
 
@@ -693,7 +670,7 @@ def test_a_non_finite_loss_stops_the_run_with_exit_code_3(
 def test_target_fpr_threshold_is_the_lowest_within_the_budget(
     bert_dir: Path, toy_data: ToyData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_plots: list[Any]
 ) -> None:
-    seen = record_val_probs(monkeypatch)
+    recorder = Recorder()
     config = make_config(
         bert_dir,
         toy_data,
@@ -703,11 +680,11 @@ def test_target_fpr_threshold_is_the_lowest_within_the_budget(
         test=False,
     )
     out = tmp_path / "run"
-    result = run(config, out)
+    result = run(config, out, callbacks=[recorder])
     report = json.loads((out / "report.json").read_text())
     assert report["threshold_rule"] == "target_fpr=0.1"
     assert json.loads((out / "checkpoint" / "probe.json").read_text())["threshold"] == result.threshold
-    probs, labels = seen["probs"], seen["labels"]
+    probs, labels = recorder.best_val.scores, recorder.best_val.labels
     negatives = probs[labels == 0]
     assert (negatives >= result.threshold).mean() <= 0.1
     below = probs[probs < result.threshold]
@@ -744,11 +721,12 @@ def test_the_seed_decides_the_run(
 # -- precision -----------------------------------------------------------------------------------
 def test_resolve_precision_on_the_cpu() -> None:
     cpu = torch.device("cpu")
-    assert resolve_precision("auto", cpu) == "no"
-    assert resolve_precision("fp32", cpu) == "no"
-    assert resolve_precision("bf16", cpu) == "bf16"
+    assert Precision.resolve("auto", cpu) == Precision("fp32")
+    assert Precision.resolve("fp32", cpu).dtype is None
+    bf16 = Precision.resolve("bf16", cpu)
+    assert (bf16.name, bf16.dtype, bf16.mixed, str(bf16)) == ("bf16", torch.bfloat16, True, "bf16")
     with pytest.raises(UserError, match="fp16 needs a CUDA device"):
-        resolve_precision("fp16", cpu)
+        Precision.resolve("fp16", cpu)
 
 
 def test_fp16_on_the_cpu_is_refused_before_anything_is_written(
@@ -762,7 +740,7 @@ def test_fp16_on_the_cpu_is_refused_before_anything_is_written(
 
 # -- a decoder backbone --------------------------------------------------------------------------
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_llama_shaped_backbone_trains_through_the_engine(
+def test_llama_shaped_backbone_trains(
     llama_dir: Path,
     toy_data: ToyData,
     tmp_path: Path,
@@ -779,24 +757,26 @@ def test_llama_shaped_backbone_trains_through_the_engine(
 
     pad_ids: list[int] = []
     masks: list[torch.Tensor] = []
+    real_init, real_call = Collator.__init__, Collator.__call__
 
-    class Recording(Collator):
-        def __init__(self, encoded: Any, pad_id: int, *args: Any, **kwargs: Any) -> None:
-            super().__init__(encoded, pad_id, *args, **kwargs)
-            pad_ids.append(pad_id)
+    def init(self: Collator, encoded: Encoded, pad_id: int, *args: Any, **kwargs: Any) -> None:
+        real_init(self, encoded, pad_id, *args, **kwargs)
+        pad_ids.append(pad_id)
 
-        def __call__(self, indices: Any) -> dict[str, torch.Tensor]:
-            out = super().__call__(indices)
-            # The activation cache is computed right-padded (it stores real tokens only);
-            # every batch the probe trains or evaluates on is padded on the configured side.
-            if self.left == (padding_side == "left"):
-                masks.append(out["attention_mask"])
-            return out
+    def call(self: Collator, indices: Any) -> Any:
+        out = real_call(self, indices)
+        # The activation cache is computed right-padded (it stores real tokens only); every
+        # batch the probe trains or evaluates on is padded on the configured side.
+        if self.left == (padding_side == "left"):
+            masks.append(out.attention_mask)
+        return out
 
-    monkeypatch.setattr(engine, "Collator", Recording)
-    seen = record_val_probs(monkeypatch)
+    monkeypatch.setattr(Collator, "__init__", init)
+    monkeypatch.setattr(Collator, "__call__", call)
+    recorder = Recorder()
     out = tmp_path / "run"
-    result = run(config, out)
+    result = run(config, out, callbacks=[recorder])
+    monkeypatch.undo()
 
     assert set(pad_ids) == {tokenizer.eos_token_id}
     padded = [m for m in masks if not m.all()]
@@ -810,7 +790,9 @@ def test_llama_shaped_backbone_trains_through_the_engine(
     assert meta["backbone"]["model_type"] == "llama"
     probe = Probe.from_pretrained(out)
     assert probe.tokenizer.pad_token == "</s>" and probe.tokenizer.padding_side == padding_side
-    np.testing.assert_allclose(probe.predict_proba(toy_data.texts("val")), seen["probs"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        probe.predict_proba(toy_data.texts("val")), recorder.best_val.scores, rtol=0, atol=1e-5
+    )
 
 
 def test_a_relative_model_folder_is_saved_as_an_absolute_path(
@@ -860,7 +842,7 @@ def test_fast_assignments_are_valid() -> None:
 
 
 def test_relative_data_paths_are_saved_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from probekit.engine import absolute_paths
+    from probekit.training.plan import absolute_paths
 
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "all.jsonl").write_text('{"text": "a", "label": 0}\n', encoding="utf-8")

@@ -19,11 +19,12 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import probekit.plots
+from probekit.batching import encode
 from probekit.data import Split, TextTypeError, TextValueError
-from probekit.engine import encode, train
 from probekit.errors import UserError
 from probekit.probe import Probe
 from probekit.tokens import encode_texts, prefix_chars
+from probekit.training import train
 from tests import engine_fixtures
 from tests.engine_fixtures import WORDS, ToyData, leftovers, make_config, quiet, run_cli, write_jsonl
 from tests.test_bad_input import GOOD, check_refusal

@@ -479,7 +479,7 @@ def test_the_checkpoint_records_the_plugin_distribution(plugin_run: SimpleNamesp
     assert (pooler["kind"], pooler["distribution"]) == ("scaled_mean", GOOD.name)
     assert GOOD.label in pooler["source"] and "scaled_plugin:ScaledMeanSpec" in pooler["source"]
     assert meta["config"]["pooler"] == {"kind": "scaled_mean", "layer": -1, "scale": 3.0}
-    assert set(components) == {"pooler", "head", "freezer", "scheduler"}
+    assert set(components) == {"task", "pooler", "head", "freezer", "scheduler"}
     for family in ("head", "freezer", "scheduler"):
         assert components[family]["distribution"] is None
         assert components[family]["source"] == "probekit (built-in)"

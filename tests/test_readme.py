@@ -53,7 +53,7 @@ def test_readme_listing_one_liner_lists_every_family() -> None:
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr
     listing = ast.literal_eval(run.stdout)
-    assert set(listing) == {"poolers", "heads", "freezers", "schedulers", "presets"}
+    assert set(listing) == {"poolers", "heads", "freezers", "schedulers", "tasks", "presets"}
     assert {"masked_mean", "cls", "last_token", "max", "multilayer"} <= set(listing["poolers"])
 
 

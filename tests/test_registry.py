@@ -23,6 +23,7 @@ BUILTIN_KINDS = {
     "heads": {"linear", "mlp"},
     "freezers": {"none", "all", "bottom", "regex"},
     "schedulers": {"cosine", "linear", "constant"},
+    "tasks": {"binary"},
     "presets": {"safety8k"},
 }
 

@@ -16,10 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from probekit import engine, state
+import probekit.training.plan
+from probekit import state
+from probekit.batching import Collator
 from probekit.config import ProbeConfig
-from probekit.engine import Collator, RunResult, train
 from probekit.errors import UserError
+from probekit.training import Callback, RunResult, train
 
 from .engine_fixtures import (
     ToyData,
@@ -47,8 +49,12 @@ def config_for(bert_dir: Path, toy_data: ToyData, *extra: str) -> ProbeConfig:
     return make_config(bert_dir, toy_data, *SETTINGS, *extra, test=False)
 
 
+CALLBACKS: list[Callback] = []
+"""Callbacks every run of this module gets (the fp16 tests set one)."""
+
+
 def run(config: ProbeConfig, out: Path, **kwargs: Any) -> RunResult:
-    return train(config, out=out, log=lambda _l: None, progress=False, **kwargs)
+    return train(config, out=out, log=lambda _l: None, progress=False, callbacks=CALLBACKS, **kwargs)
 
 
 def outcome(run_dir: Path) -> tuple[dict[str, torch.Tensor], str]:
@@ -105,12 +111,18 @@ def reference(bert_dir: Path, toy_data: ToyData, tmp_path_factory: pytest.TempPa
     return out
 
 
-KILLS = sorted(
-    {k for seed in (0, 1, 2) for k in random.Random(seed).sample(range(3, EPOCHS * MICRO_PER_EPOCH), 3)}
-)
+KILLS = {
+    "first batch of step 2": 3,
+    "mid-accumulation": 8,
+    "right after an epoch boundary": MICRO_PER_EPOCH + 1,
+    "mid-accumulation, last step of an epoch": 2 * MICRO_PER_EPOCH,
+    "first batch of the last step": EPOCHS * MICRO_PER_EPOCH - 1,
+    "mid-accumulation, the very last step": EPOCHS * MICRO_PER_EPOCH,
+}
+"""Kill points (the micro-batch about to be fetched, 1-based; 2 micro-batches per step)."""
 
 
-@pytest.mark.parametrize("k", KILLS)
+@pytest.mark.parametrize("k", list(KILLS.values()), ids=list(KILLS))
 def test_killed_at_any_micro_batch_and_resumed_is_bit_identical(
     k: int,
     reference: Path,
@@ -120,7 +132,7 @@ def test_killed_at_any_micro_batch_and_resumed_is_bit_identical(
     monkeypatch: pytest.MonkeyPatch,
     no_plots: list[Any],
 ) -> None:
-    """Kill points drawn with 3 seeds, mid-epoch and mid-accumulation included."""
+    """Each kill point of `KILLS`: epoch boundaries, the last step and mid-accumulation."""
     config = config_for(bert_dir, toy_data)
     out = tmp_path / "run"
     stop_at_micro_batch(config, out, monkeypatch, k, len(toy_data.texts("train")))
@@ -258,7 +270,7 @@ def test_resume_with_a_changed_spec_is_refused_with_the_diff(
 
 
 def test_nothing_to_resume_is_a_clear_error(tmp_path: Path, bert_dir: Path, toy_data: ToyData) -> None:
-    with pytest.raises(engine.UserError, match="nothing to resume"):
+    with pytest.raises(UserError, match="nothing to resume"):
         run(config_for(bert_dir, toy_data), tmp_path / "never-started", resume=True)
 
 
@@ -335,9 +347,10 @@ POISON_ROW = 5
 
 @pytest.fixture
 def fp16_scaler(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An fp16-style run on the CPU: the real engine with a real ``torch.amp.GradScaler`` in the
-    Accelerator (Accelerate creates one only on GPUs), and NaN gradients in every window holding
-    `POISON_ROW` (decided by the data, so a resumed run poisons the same windows)."""
+    """An fp16-style run on the CPU: the real loop with a real ``torch.amp.GradScaler`` (Accelerate
+    creates one only on GPUs), and NaN gradients in every window holding `POISON_ROW` (decided by
+    the data, so a resumed run poisons the same windows). Both come in through a callback, at the
+    start of the fit, as a user's could."""
     rows: list[int] = []
     real_call = Collator.__call__
 
@@ -346,24 +359,26 @@ def fp16_scaler(monkeypatch: pytest.MonkeyPatch) -> None:
             rows[:] = list(indices)
         return real_call(self, indices)
 
-    real_make, real_build = engine.make_accelerator, engine.build_optimizer
+    class Fp16OnCpu(Callback):
+        def on_fit_start(self, fit: Any) -> None:
+            accelerator = fit.ctx.accelerator
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+            accelerator.scaler = scaler
+            # What Accelerate's optimizer wrapper sets up when it is made with a scaler.
+            from accelerate.optimizer import patch_optimizer_step  # type: ignore[import-untyped]
 
-    def make(precision: str, spec: Any) -> Any:
-        accelerator = real_make(precision, spec)
-        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
-        accelerator.unscale_gradients = lambda optimizer=None: [
-            accelerator.scaler.unscale_(o.optimizer) for o in accelerator._optimizers
-        ]
-        return accelerator
-
-    def build(probe: Any, spec: Any) -> Any:
-        weight = next(probe.head.parameters())
-        weight.register_hook(lambda grad: grad * float("nan") if POISON_ROW in rows else grad)
-        return real_build(probe, spec)
+            wrapper = fit.optimizer
+            wrapper.scaler, wrapper._accelerate_step_called = scaler, False
+            wrapper._optimizer_original_step_method = wrapper.optimizer.step
+            wrapper._optimizer_patched_step_method = patch_optimizer_step(wrapper, wrapper.optimizer.step)
+            accelerator.unscale_gradients = lambda optimizer=None: [
+                scaler.unscale_(o.optimizer) for o in accelerator._optimizers
+            ]
+            weight = next(fit.probe.head.parameters())
+            weight.register_hook(lambda grad: grad * float("nan") if POISON_ROW in rows else grad)
 
     monkeypatch.setattr(Collator, "__call__", call)
-    monkeypatch.setattr(engine, "make_accelerator", make)
-    monkeypatch.setattr(engine, "build_optimizer", build)
+    monkeypatch.setattr(sys.modules[__name__], "CALLBACKS", [Fp16OnCpu()])
 
 
 def test_fp16_skipped_steps_are_counted_and_do_not_move_the_schedule(
@@ -435,7 +450,7 @@ def test_resume_that_would_change_the_micro_batch_is_refused(
     config = config_for(bert_dir, toy_data)
     out = tmp_path / "run"
     stop_at_micro_batch(config, out, monkeypatch, 9, len(toy_data.texts("train")))
-    monkeypatch.setattr(engine, "resolve_batch", lambda batch, accum, processes: (4, 1))
+    monkeypatch.setattr(probekit.training.plan, "resolve_batch", lambda batch, accum, processes: (4, 1))
     with pytest.raises(UserError, match=r"micro-batches of 8 per process; .* would be 4"):
         run(config, out, resume=True)
     assert len(leftovers(tmp_path)) == 1  # the stopped run is kept for a proper resume

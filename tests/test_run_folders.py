@@ -17,8 +17,10 @@ from typing import Any
 
 import pytest
 
-from probekit import engine
+import probekit.training.plan
+from probekit.errors import InterruptedRunError, TerminatedError
 from probekit.rundir import RunLock
+from probekit.training import Callback, train
 
 from .engine_fixtures import (
     FAST,
@@ -352,26 +354,38 @@ def test_ctrl_c_before_training_says_so_and_leaves_nothing(
     def interrupted(*args: Any, **kwargs: Any) -> Any:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine, "load_backbone", interrupted)
+    monkeypatch.setattr(probekit.training.plan, "load_backbone", interrupted)
     code, stdout, err = run_cli(capsys, *train_args(model, data, "--out", tmp_path / "run"))
     assert code == 130 and "Traceback" not in stdout + err
     assert err.strip() == "probekit: error: interrupted by Ctrl-C; no run folder was written"
     assert names(tmp_path) == ["work"]
 
 
-def signal_at_batch(monkeypatch: pytest.MonkeyPatch, n: int, *signals: signal.Signals) -> None:
-    """Send ``signals`` to this process as the engine prepares its ``n``-th batch (1-based)."""
-    real, calls = engine.probe_inputs, [0]
+class SignalAt(Callback):
+    """Sends ``signals`` to this process at the end of optimiser step ``step`` (as a user pressing
+    Ctrl-C, or a scheduler sending SIGTERM, would at that moment)."""
 
-    def send(*args: Any, **kwargs: Any) -> Any:
-        calls[0] += 1
-        if calls[0] == n:
-            for signum in signals:
+    def __init__(self, step: int, *signals: signal.Signals) -> None:
+        self.step, self.signals = step, signals
+
+    def on_window_end(self, fit: Any) -> None:
+        if fit.state.step == self.step:
+            for signum in self.signals:
                 os.kill(os.getpid(), signum)
             time.sleep(0.2)  # let the handlers run here
-        return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "probe_inputs", send)
+
+def api_train(model: Path, data: Path, out: Path, *extra: str, callbacks: tuple[Callback, ...] = ()) -> Any:
+    """`train` on the same settings as `train_args`, from Python (so a callback can be passed)."""
+    from probekit.config import compose_config
+
+    config = compose_config(
+        preset="safety8k",
+        model=str(model),
+        data=str(data),
+        assignments=[*FAST, "train.epochs=1", *(a.removeprefix("--set=") for a in extra)],
+    )
+    return train(config, out=out, log=lambda _line: None, progress=False, callbacks=callbacks)
 
 
 def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(
@@ -381,11 +395,12 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     data, model = inputs
-    signal_at_batch(monkeypatch, 5, signal.SIGINT, signal.SIGINT)  # the second one stops the run
     extra = ("--set=train.checkpoint_every_steps=1", "--set=train.grad_accum=1")
-    code, stdout, err = run_cli(capsys, *train_args(model, data, "--out", tmp_path / "run", *extra))
-    assert code == 130 and "Traceback" not in stdout + err, err
-    (line,) = [line for line in err.splitlines() if line.startswith("probekit: error:")]
+    second = SignalAt(3, signal.SIGINT, signal.SIGINT)  # the second one stops the run at once
+    with pytest.raises(InterruptedRunError) as caught:
+        api_train(model, data, tmp_path / "run", *extra, callbacks=(second,))
+    assert caught.value.exit_code == 130
+    line = str(caught.value)
     assert "interrupted by Ctrl-C; the unfinished run and its last checkpoint are kept in" in line
     assert "continue with --resume" in line and len(leftovers(tmp_path)) == 1
 
@@ -408,7 +423,7 @@ def test_sigterm_during_start_up_is_not_swallowed_by_library_code(
             print(f"hub error: {exc!r}")
         raise AssertionError("SIGTERM was swallowed")
 
-    monkeypatch.setattr(engine, "load_backbone", loading)
+    monkeypatch.setattr(probekit.training.plan, "load_backbone", loading)
     code, stdout, err = run_cli(capsys, *train_args(model, data, "--out", tmp_path / "run"))
     assert code == 143 and stdout == ""
     assert err.strip() == "probekit: error: terminated by SIGTERM; no run folder was written"
@@ -425,10 +440,9 @@ def test_resume_on_changed_data_is_refused(
     data, model = inputs
     out = tmp_path / "run"
     extra = ("--set=train.checkpoint_every_steps=1", "--set=train.grad_accum=1", "--set=train.epochs=2")
-    with monkeypatch.context() as patch:
-        signal_at_batch(patch, 3, signal.SIGTERM)
-        code, _, err = run_cli(capsys, *train_args(model, data, "--out", out, *extra))
-    assert code == 143, err
+    with pytest.raises(TerminatedError) as caught:
+        api_train(model, data, out, *extra, callbacks=(SignalAt(2, signal.SIGTERM),))
+    assert caught.value.exit_code == 143
     rows = (data / "train.jsonl").read_text().splitlines(keepends=True)
     (data / "train.jsonl").write_text("".join(rows[:16]))
     code, stdout, err = run_cli(capsys, *train_args(model, data, "--out", out, *extra, "--resume", out))

@@ -27,10 +27,11 @@ from safetensors.torch import load_file, save_file
 
 import probekit.plots
 from probekit import runfiles
+from probekit.batching import Collator
 from probekit.checkpoint import META, WEIGHTS, meta_checksum, sha256_file
-from probekit.engine import Collator, train
 from probekit.probe import Probe
 from probekit.state import MANIFEST, STATE_DIR, STATE_JSON, TENSORS, load_latest
+from probekit.training import train
 
 from .engine_fixtures import ToyData, bert_dir, make_config, quiet, run_cli, save_tiny_bert, toy_data
 from .test_bad_input import REMOTE_CODE, check_refusal
@@ -348,10 +349,10 @@ def test_weights_file_must_be_a_bare_name(
 
 def record_opened(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """The files whose checksum or tensors get read."""
-    import probekit.checkpoint as checkpoint
+    import probekit.pretrained as pretrained
 
     opened: list[Path] = []
-    real_sha, real_load = checkpoint.sha256_file, checkpoint.load_safetensors
+    real_sha, real_load = pretrained.sha256_file, pretrained.load_safetensors
 
     def sha(path: Path) -> str:
         opened.append(path)
@@ -361,8 +362,8 @@ def record_opened(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
         opened.append(path)
         return real_load(path)
 
-    monkeypatch.setattr(checkpoint, "sha256_file", sha)
-    monkeypatch.setattr(checkpoint, "load_safetensors", load)
+    monkeypatch.setattr(pretrained, "sha256_file", sha)
+    monkeypatch.setattr(pretrained, "load_safetensors", load)
     return opened
 
 

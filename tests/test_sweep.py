@@ -21,10 +21,11 @@ from probekit.cli import main
 from torch import Tensor, nn
 
 from probekit import Probe, load_config
-from probekit.engine import Collator, Encoded
+from probekit.batching import Collator, Encoded
 from probekit.errors import UserError
 from probekit.freezers.all import FreezeAllSpec
 from probekit.heads.linear import LinearHeadSpec
+from probekit.inference import Runner
 from probekit.plots import plot_layers
 from probekit.poolers import ClsSpec, LastTokenSpec, MaskedMeanSpec, MaxSpec, MultiLayerSpec
 from probekit.poolers.base import Pooler
@@ -49,6 +50,10 @@ single_thread = engine_fixtures.single_thread
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LAYERS = 5  # hidden states of the 4-block test backbones: 0 (embeddings) .. 4
+
+
+CPU = Runner(torch.device("cpu"))
+"""Inference on the CPU, no autocast, one process."""
 
 
 def sweep_args(model: Path, data: ToyData, *extra: str | Path) -> list[str]:
@@ -100,19 +105,21 @@ def test_cached_features_equal_a_probe_pooling_that_single_layer(
     reader = Probe(backbone, pooler(), LinearHeadSpec(), FreezeAllSpec())
     # Length-sorted batches of 3 rows: each batch is padded differently from the reference's.
     features = pool_layers(
-        reader, encoded, range(LAYERS), pad_id=0, padding_side=side, batch_size=3, max_tokens=None
+        reader, encoded, range(LAYERS), CPU, pad_id=0, padding_side=side, batch_size=3, max_tokens=None
     )
     assert features.shape == (len(encoded), LAYERS, 32) and features.dtype == np.float32
     batch = Collator(encoded, 0, side)(list(range(len(encoded))))  # every row at once, split order
     for layer in range(LAYERS):
         probe = Probe(backbone, pooler(layer=layer), LinearHeadSpec(), FreezeAllSpec())
         with torch.inference_mode():
-            expected = probe.features(batch["input_ids"], batch["attention_mask"]).numpy()
+            expected = probe.features(batch.input_ids, batch.attention_mask).numpy()
         np.testing.assert_allclose(
             features[:, layer], expected, rtol=1e-5, atol=1e-5, err_msg=f"layer {layer}"
         )
     # A subset in any order: the columns follow the requested order.
-    subset = pool_layers(reader, encoded, (3, 1), pad_id=0, padding_side=side, batch_size=3, max_tokens=None)
+    subset = pool_layers(
+        reader, encoded, (3, 1), CPU, pad_id=0, padding_side=side, batch_size=3, max_tokens=None
+    )
     np.testing.assert_allclose(subset, features[:, [3, 1]], rtol=1e-5, atol=1e-5)
 
 
@@ -125,7 +132,7 @@ def test_best_yaml_of_a_combination_computes_what_the_sweep_measured(
     backbone = backbone_factory("bert", fresh=True)
     encoded = encoded_rows()
     reader = Probe(backbone, MaskedMeanSpec(), LinearHeadSpec(), FreezeAllSpec())
-    cached = pool_layers(reader, encoded, range(LAYERS), pad_id=0, batch_size=4)
+    cached = pool_layers(reader, encoded, range(LAYERS), CPU, pad_id=0, batch_size=4)
     spec = MultiLayerSpec(layers=(-3, -2, -1), combine=combine, token_pooler=MaskedMeanSpec())
     config = load_config({"pooler": spec.model_dump(), "freezer": {"kind": "all"}})
     token, how = sweep_pooler(config.pooler)
@@ -143,9 +150,9 @@ def test_best_yaml_of_a_combination_computes_what_the_sweep_measured(
     probe = Probe.from_config(chosen, backbone)
     batch = Collator(encoded, 0)(list(range(len(encoded))))
     with torch.inference_mode():
-        expected = probe.features(batch["input_ids"], batch["attention_mask"])
+        expected = probe.features(batch.input_ids, batch.attention_mask)
         combiner = FeatureProbe(nn.Identity(), probe.pooler)  # type: ignore[arg-type]
-        pooled = combiner(torch.from_numpy(cached[:, [1, 3]]))
+        pooled = combiner(features=torch.from_numpy(cached[:, [1, 3]]))
     np.testing.assert_allclose(pooled.numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
 
 

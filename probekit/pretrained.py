@@ -1,0 +1,157 @@
+"""Rebuilding a trained probe from its run folder (`probekit.probe.Probe.from_pretrained`).
+
+The run folder is untrusted input: `probekit.checkpoint.read_run` validates ``probe.json``
+whole; here the weights file is confined to the folder and checked (checksum, header, dtypes,
+finite values), a run that asks for the model's own code is refused unless the caller allows
+it, and the backbone loaded must be the one the run was trained on. The probe class comes in as
+an argument, so this module never imports `probekit.probe` (no import ring).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from probekit.backbone import base_model, locate
+from probekit.checkpoint import META, RunMeta, read_run, sha256_file, trainable_parameters
+from probekit.config import task_of
+from probekit.errors import UserError
+from probekit.hub import ModelSpec
+from probekit.runfiles import escape_note, inside, load_safetensors, printable, shown
+
+if TYPE_CHECKING:
+    from probekit.probe import Probe
+
+log = logging.getLogger("probekit")
+
+
+def _check_weights(run: RunMeta) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The weights file of a run, confined to its folder, checked against its checksum, read with
+    its header checked, holding as many finite floating-point tensors as ``probe.json`` says."""
+    meta, where = run.meta, run.path
+    weights = run.folder / meta.weights.file
+    try:
+        present = weights.is_file()
+    except OSError:
+        present = False
+    if not present:
+        raise UserError(f"{weights}: missing checkpoint weights")
+    if not inside(weights, run.folder):
+        raise UserError(f"{weights}: leads out of the run folder ({escape_note(weights)}); refused")
+    expected = meta.checksums.weights if meta.checksums is not None else meta.weights.sha256
+    if sha256_file(weights) != expected:
+        raise UserError(f"{weights}: checksum does not match {META}; the file is damaged or was replaced")
+    try:
+        state = load_safetensors(weights)
+    except ValueError as exc:
+        raise UserError(f"{weights}: {exc}") from None
+    if len(state) != meta.weights.tensors:
+        raise UserError(
+            f"{where}: weights.tensors: says {meta.weights.tensors}, but {weights.name} holds "
+            f"{len(state)} tensors"
+        )
+    for name, tensor in state.items():
+        if not tensor.is_floating_point():
+            raise UserError(f"{weights}: {shown(name)} has dtype {tensor.dtype}; weights are floating point")
+        if not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"{weights}: {shown(name)} holds non-finite values (nan or inf)")
+    return weights, state
+
+
+def _load_backbone(spec: ModelSpec, where: Path) -> Any:
+    """`probekit.hub.load_backbone`, its errors naming ``probe.json``."""
+    from probekit.hub import load_backbone
+
+    name = spec.name
+    try:
+        return load_backbone(spec)
+    except UserError as exc:
+        if "needs its own code" in str(exc):
+            raise UserError(
+                f"{where}: config.model.name: {shown(name)} needs its own code to run; pass "
+                "--trust-remote-code (trust_remote_code=True) only if you trust that code"
+            ) from None
+        raise UserError(f"{where}: config.{printable(str(exc))}") from None
+
+
+def load_run(run_dir: str | Path, cls: type[Probe], trust_remote_code: bool = False) -> tuple[Probe, RunMeta]:
+    """Rebuild the probe of a run as a ``cls`` (`probekit.probe.Probe`: see `load_probe`); return
+    it and its validated ``probe.json``."""
+
+    run = read_run(run_dir)
+    where, meta, config = run.path, run.meta, run.config
+    if config.model.trust_remote_code and not trust_remote_code:
+        raise UserError(
+            f"{where}: config.model.trust_remote_code: this run asks to run the model's own code, and "
+            "a run folder cannot allow that; pass --trust-remote-code (trust_remote_code=True) only "
+            f"if you trust {shown(config.model.name)}"
+        )
+    if meta.format_version == 1:
+        log.warning(
+            "%s: its config is not covered by a checksum (only the weights are), because it was "
+            "written by an earlier probekit (format_version 1)",
+            where,
+        )
+    weights, state = _check_weights(run)
+    spec = config.model.model_copy(update={"trust_remote_code": trust_remote_code})
+    loaded = _load_backbone(spec, where)
+    layout = locate(base_model(loaded.model))
+    for field in ("model_type", "num_blocks", "hidden_size"):
+        said, found = getattr(meta.backbone, field), getattr(layout, field)
+        if said != found:
+            raise UserError(
+                f"{where}: backbone.{field}: the run was trained on a backbone with {field} {shown(said)}, "
+                f"but {shown(config.model.name)} has {shown(found)}; it is not the run's backbone"
+            )
+    try:
+        probe = cls.from_config(config, loaded.model)
+    except UserError as exc:
+        raise UserError(f"{where}: config: {printable(str(exc))}") from None
+    except (RuntimeError, MemoryError, OverflowError, ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{where}: config: cannot build the probe it describes: {printable(first)}") from None
+    wanted = trainable_parameters(probe)
+    if set(state) != set(wanted):
+        missing, extra = sorted(set(wanted) - set(state)), sorted(set(state) - set(wanted))
+        raise UserError(
+            f"{weights}: tensors do not match the probe (missing {shown(missing[:3])}, "
+            f"unexpected {shown(extra[:3])})"
+        )
+    with torch.no_grad():
+        params = dict(probe.named_parameters())
+        for name, tensor in state.items():
+            # A one-element tensor may differ in shape only: scalar_mix's scale was 0-dim in
+            # earlier checkpoints and is (1,) now.
+            single = tensor.numel() == params[name].numel() == 1
+            if params[name].shape != tensor.shape and not single:
+                raise UserError(
+                    f"{weights}: {name} has shape {tuple(tensor.shape)}, expected {tuple(params[name].shape)}"
+                )
+            params[name].copy_(tensor.reshape(params[name].shape))
+    probe.attach(
+        tokenizer=loaded.tokenizer,
+        max_length=config.model.max_length,
+        threshold=float(meta.threshold),
+        label_names=list(meta.label_names),
+        task=task_of(config),
+    )
+    probe.eval()
+    return probe, run
+
+
+def load_probe(run_dir: str | Path, cls: type[Probe], trust_remote_code: bool = False) -> Probe:
+    """Rebuild the probe of a run: base model from its reference, trained weights from safetensors.
+
+    The run folder is untrusted (see the module docstring): ``probe.json`` is validated whole;
+    a run that asks for the model's own code is refused unless ``trust_remote_code`` is given
+    here (the run folder's own ``model.trust_remote_code`` never allows it); the backbone loaded
+    must be the one the run was trained on (model type, blocks, width).
+
+    Raises:
+        UserError: anything wrong with the run folder, named by file and field.
+    """
+    probe, _ = load_run(run_dir, cls, trust_remote_code)
+    return probe

@@ -1,0 +1,12 @@
+"""Tasks: everything that depends on the kind of target a probe predicts.
+
+A task is chosen by the config (``task: {kind: binary}``, the default) from the ``tasks``
+registry family, like poolers and heads: a `probekit.spec.TaskSpec` that builds a
+`probekit.tasks.base.Task`. The training loop, the evaluation, the sweep, the outputs and
+``Probe.predict`` call the task; none of them branches on its kind.
+"""
+
+from probekit.tasks.base import Scores, Task
+from probekit.tasks.binary import BinaryTask, BinaryTaskSpec
+
+__all__ = ["BinaryTask", "BinaryTaskSpec", "Scores", "Task"]

@@ -1,0 +1,117 @@
+"""``binary``: two classes, softmax over two logits, the positive class's probability as score.
+
+The loss is cross-entropy with label smoothing; the scores are ``softmax(logits)[:, 1]``; the
+metrics are `probekit.metrics.compute_metrics`; the threshold is chosen on validation scores by
+`probekit.config.ThresholdSpec` (max F1, or the lowest threshold within an FPR budget);
+``predict`` gives ``{"text", "probability", "label"}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from probekit.errors import UserError
+from probekit.registry import TASKS
+from probekit.spec import TaskSpec
+from probekit.tasks.base import Scores, Task
+
+if TYPE_CHECKING:
+    from probekit.config import ThresholdSpec
+    from probekit.data import Dataset
+
+EPOCH_EXCLUDED = ("threshold", "n", "positives")
+"""Keys of `compute_metrics` that ``metrics.jsonl`` leaves out (constant within a run)."""
+
+
+class BinaryTask(Task):
+    """Binary classification; see the module notes."""
+
+    kind = "binary"
+
+    def __init__(self, threshold: ThresholdSpec) -> None:
+        self.threshold = threshold
+
+    def check(self, dataset: Dataset, num_classes: int) -> None:
+        if dataset.num_classes != 2 or num_classes != 2:
+            raise UserError(
+                f"head.num_classes={num_classes} and the data has {dataset.num_classes} classes; "
+                "probekit trains binary probes (2 classes)"
+            )
+
+    def loss(self, logits: Tensor, labels: Tensor, *, smoothing: float = 0.0) -> Tensor:
+        return F.cross_entropy(logits, labels, label_smoothing=smoothing, reduction="sum")
+
+    def correct(self, logits: Tensor, labels: Tensor) -> int:
+        return int((logits.argmax(dim=-1) == labels).sum())
+
+    def scores(self, logits: Tensor) -> Tensor:
+        return torch.softmax(logits, dim=-1)[:, 1]
+
+    def metrics(self, scores: Scores, threshold: float | None = None) -> dict[str, float]:
+        from probekit.metrics import compute_metrics
+
+        return compute_metrics(scores.labels, scores.scores, 0.5 if threshold is None else threshold)
+
+    def epoch_metrics(self, scores: Scores) -> dict[str, float]:
+        return {k: v for k, v in self.metrics(scores).items() if k not in EPOCH_EXCLUDED}
+
+    def epoch_line(self, metrics: Mapping[str, float]) -> str:
+        return f"acc {metrics['accuracy']:.4f} auroc {metrics['auroc']:.4f}"
+
+    def monitor(self, metric: str, scores: Scores, metrics: Mapping[str, float]) -> float:
+        return scores.loss if metric == "loss" else metrics[metric]
+
+    def choose_threshold(self, scores: Scores) -> float:
+        return self.threshold.choose(scores.labels, scores.scores)
+
+    def threshold_rule(self) -> str:
+        return self.threshold.describe()
+
+    def threshold_rule_id(self) -> str:
+        return self.threshold.rule_id()
+
+    def summary_line(self, split: str, metrics: Mapping[str, float]) -> str:
+        m = metrics
+        return (
+            f"{split:<5} accuracy {m['accuracy']:.4f}  f1 {m['f1']:.4f}  auroc {m['auroc']:.4f}  "
+            f"auprc {m['auprc']:.4f}  recall@1%fpr {m['recall_at_1pct_fpr']:.4f}  ece {m['ece']:.4f}"
+        )
+
+    def predictions(
+        self, texts: Sequence[str], scores: Sequence[float], threshold: float, label_names: Sequence[Any]
+    ) -> list[dict[str, Any]]:
+        names = list(label_names) or [0, 1]
+        return [
+            {"text": t, "probability": p, "label": names[1] if p >= threshold else names[0]}
+            for t, p in zip(texts, scores, strict=True)
+        ]
+
+    def write_plots(
+        self,
+        folder: Path,
+        history: Sequence[Mapping[str, Any]],
+        scores: Scores,
+        threshold: float,
+        class_names: Sequence[str],
+    ) -> list[Path]:
+        from probekit import plots
+
+        return plots.write_report_plots(
+            folder, list(history), scores.labels, scores.scores, threshold, tuple(class_names)
+        )
+
+
+@TASKS.register
+class BinaryTaskSpec(TaskSpec):
+    """Two classes (``label_map`` of two labels); today's recipe."""
+
+    kind: Literal["binary"] = "binary"
+
+    def build(self, threshold: Any) -> BinaryTask:
+        return BinaryTask(threshold)
