@@ -32,7 +32,7 @@ def evaluate_file(
     described = read_run(run)
     path = Path(data)
     split = read_split(path, described.config.data, described.meta.label_map)
-    probe, _ = load_run(run, Probe, trust_remote_code)
+    probe, _ = load_run(run, trust_remote_code, cls=Probe)
     scores = np.asarray(probe.predict_proba(split.texts), dtype=np.float64)
     assert probe.task is not None
     metrics: dict[str, Any] = probe.task.metrics(

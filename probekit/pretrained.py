@@ -77,7 +77,9 @@ def _load_backbone(spec: ModelSpec, where: Path) -> Any:
         raise UserError(f"{where}: config.{printable(str(exc))}") from None
 
 
-def load_run(run_dir: str | Path, cls: type[Probe], trust_remote_code: bool = False) -> tuple[Probe, RunMeta]:
+def load_run(
+    run_dir: str | Path, trust_remote_code: bool = False, *, cls: type[Probe]
+) -> tuple[Probe, RunMeta]:
     """Rebuild the probe of a run as a ``cls`` (`probekit.probe.Probe`: see `load_probe`); return
     it and its validated ``probe.json``."""
 
@@ -142,7 +144,7 @@ def load_run(run_dir: str | Path, cls: type[Probe], trust_remote_code: bool = Fa
     return probe, run
 
 
-def load_probe(run_dir: str | Path, cls: type[Probe], trust_remote_code: bool = False) -> Probe:
+def load_probe(run_dir: str | Path, trust_remote_code: bool = False, *, cls: type[Probe]) -> Probe:
     """Rebuild the probe of a run: base model from its reference, trained weights from safetensors.
 
     The run folder is untrusted (see the module docstring): ``probe.json`` is validated whole;
@@ -153,5 +155,5 @@ def load_probe(run_dir: str | Path, cls: type[Probe], trust_remote_code: bool = 
     Raises:
         UserError: anything wrong with the run folder, named by file and field.
     """
-    probe, _ = load_run(run_dir, cls, trust_remote_code)
+    probe, _ = load_run(run_dir, trust_remote_code, cls=cls)
     return probe

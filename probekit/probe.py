@@ -336,7 +336,7 @@ class Probe(nn.Module):
         """
         from probekit.pretrained import load_probe
 
-        return load_probe(run_dir, cls, trust_remote_code)
+        return load_probe(run_dir, trust_remote_code, cls=cls)
 
     def _require_tokenizer(self) -> Any:
         if self.tokenizer is None:

@@ -243,6 +243,8 @@ class TrainState(_Open):
     rng: RngMeta
     rng_ranks: Annotated[list[RngMeta], Field(min_length=1)]
     data: dict[str, DataPrint] | None = None
+    callbacks: dict[str, dict[str, Any]] | None = None
+    """The state of the user's callbacks, by `probekit.training.callbacks.state_keys`."""
 
 
 OPTIM_TENSOR = re.compile(r"optim\.(0|[1-9][0-9]{0,8})\.([A-Za-z_][A-Za-z0-9_]{0,63})")

@@ -5,10 +5,10 @@ training does), runs the whole backbone frozen, in eval mode and without gradien
 (length-sorted batches, so padding is small), and pools every requested hidden state with the
 spec's token pooler into one float32 array per split, ``[rows, layers, width]``. It then trains
 the spec's head on each layer's features, and on a few combinations of layers, through the
-training loop itself (`probekit.training.loop.fit`: the spec's batches, accumulation, optimiser,
-schedule, label smoothing, clipping and seed, with the `EarlyStopping` and `BestWeights`
-callbacks, and the task's threshold rule). Those probes cost only the head: the sweep costs one
-pass of the backbone over the data plus small heads.
+training loop itself (`probekit.training.loop.fit`: the spec's length-bucketed micro-batches and
+accumulation, optimiser, schedule, label smoothing, clipping and seed, in fp32, with the
+`EarlyStopping` and `BestWeights` callbacks, and the task's threshold rule). Those probes cost
+only the head: the sweep costs one pass of the backbone over the data plus small heads.
 
 The pooler must compute a fixed function (no parameters, no dropout) since it runs once, before
 any training: a single-layer pooler (``masked_mean``, ``cls``, ``last_token``, ``max``, or a
@@ -50,7 +50,7 @@ from probekit.batching import Encoded, inference_loader, progress_bar
 from probekit.cache import CachePlan, SplitCache, is_static
 from probekit.config import ProbeConfig, dump_config, load_config
 from probekit.distributed import launched_processes
-from probekit.errors import UserError
+from probekit.errors import DivergedError, UserError
 from probekit.freezers.all import FreezeAllSpec
 from probekit.inference import Runner, finish, forward, predict
 from probekit.optim import adamw, decay_groups
@@ -344,7 +344,12 @@ def fit_candidate(
         cache_plan,
     )
     early, best = EarlyStopping(spec.monitor, spec.patience, spec.epochs), BestWeights(ctx.group)
-    done = fit(ctx, candidate, Parts(model, model, optimizer, scheduler, caches), TrainState(), [early, best])
+    try:
+        done = fit(
+            ctx, candidate, Parts(model, model, optimizer, scheduler, caches), TrainState(), [early, best]
+        )
+    except DivergedError as exc:
+        raise DivergedError(f"the probe on {name}: {exc}") from None
     runner = Runner(ctx.device, ctx.autocast)
 
     def scored(split: str) -> Scores:
@@ -578,9 +583,13 @@ def _sweep(
 
     begun = time.perf_counter()
     tensors = {split: torch.from_numpy(x) for split, x in features.items()}
-    # The candidates train on the spec's config (its head, optimiser, schedule...), quietly.
+    # The candidates train on the spec's config (its head, optimiser, schedule...), quietly, in
+    # fp32 whatever the backbone pass used: small heads gain nothing from autocast, and an fp16
+    # grad scaler would need every candidate's optimiser prepared by Accelerate.
     plan = dataclasses.replace(prepared, config=absolute_paths(config))
-    quiet = dataclasses.replace(ctx, log=lambda _line: None, progress=False)
+    quiet = RunContext.start(
+        config.train.model_copy(update={"precision": "fp32"}), log=lambda _line: None, progress=False
+    )
 
     def run(label: str, members: tuple[int, ...], how: Combine | None) -> Candidate:
         positions = [chosen.index(layer) for layer in members]

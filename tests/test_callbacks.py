@@ -26,6 +26,7 @@ from probekit.training.callbacks import (
     StopOnSignal,
     callback_states,
     improves,
+    state_keys,
 )
 
 from .engine_fixtures import bert_dir, make_config, no_plots, toy_data
@@ -190,15 +191,24 @@ def test_callback_states_keep_built_in_keys_and_name_a_users_block() -> None:
     class Counter(Callback):
         pass
 
+    class MyEarlyStopping(EarlyStopping):  # a subclass is the user's: its state is its own
+        pass
+
+    callbacks = [EarlyStopping("auroc", 1, 1), Counter(), Counter(), MyEarlyStopping("loss", 1, 1)]
+    keys = state_keys(callbacks)
+    assert [keys.get(id(cb)) for cb in callbacks] == [None, "Counter", "Counter#2", "MyEarlyStopping"]
     saved = Saved(
         Path("state/step-1"),
         {"best.w": torch.ones(1), "callback.Counter.t": torch.zeros(2)},
-        {"best": 0.5, "epochs": [1, 0], "callbacks": {"Counter": {"count": 3}}},
+        {"best": 0.5, "epochs": [1, 0], "callbacks": {"Counter": {"count": 3}, "Counter#2": {"count": 4}}},
     )
-    builtin = callback_states(saved, EarlyStopping("auroc", 1, 1))
+    builtin = callback_states(saved, callbacks[0], None)
     assert builtin["best"] == 0.5 and "best.w" in builtin
-    own = callback_states(saved, Counter())
+    own = callback_states(saved, callbacks[1], "Counter")
     assert own["count"] == 3 and torch.equal(own["t"], torch.zeros(2)) and "best" not in own
+    assert callback_states(saved, callbacks[2], "Counter#2") == {"count": 4}
+    damaged = Saved(Path("state/step-1"), {}, {"callbacks": ["not", "a", "mapping"]})
+    assert callback_states(damaged, callbacks[1], "Counter") == {}
 
 
 def test_stop_on_signal_stops_after_the_checkpoint_and_a_second_ctrl_c_at_once() -> None:

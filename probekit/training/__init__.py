@@ -43,6 +43,7 @@ from probekit.training.callbacks import (
     StateCheckpoints,
     StopOnSignal,
     callback_states,
+    state_keys,
 )
 from probekit.training.context import Log, Precision, RunContext
 from probekit.training.loop import Fit, Parts, fit
@@ -185,8 +186,9 @@ def _run(
         if saved is not None:
             restore_training(saved, parts)
             state = TrainState.from_json(saved.state, sums=ctx.is_main)
+            keys = state_keys(callbacks)
             for callback in callbacks:
-                callback.load_state_dict(callback_states(saved, callback))
+                callback.load_state_dict(callback_states(saved, callback, keys.get(id(callback))))
             ctx.log(
                 f"resumed from checkpoint {saved.path.name}: epoch {state.epoch}, "
                 f"{state.window} optimiser steps into it, step {state.step}"

@@ -41,7 +41,8 @@ def _facts(plan: TrainPlan, model: Probe, dtype: torch.dtype) -> dict[str, Any]:
             "padding_side": config.model.padding_side,
         },
         dtype=dtype,
-        precision=plan.precision.name,
+        # Accelerate's flag, as the keys of caches kept in train.cache.dir have always held it.
+        precision=plan.precision.engine_flag,
     )
 
 

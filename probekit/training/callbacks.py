@@ -55,11 +55,11 @@ if TYPE_CHECKING:
 class Callback:
     """A policy around the loop. Override the hooks you need; ``state_dict`` returns what must
     survive a stop (JSON values, and tensors under their own names), ``load_state_dict`` takes it
-    back. ``key`` names a callback's state in checkpoints (default: its class name)."""
+    back. ``key`` names a callback's state in checkpoints (default: its class name). A user's
+    callback reads ``fit.row`` and ``fit.state`` and keeps what it computes in itself: those two
+    are the run's own record (``metrics.jsonl``, checkpoints)."""
 
     key: ClassVar[str | None] = None
-    builtin: ClassVar[bool] = False
-    """Built-in callbacks keep the checkpoint keys of earlier versions at the top level."""
 
     def on_fit_start(self, fit: Fit) -> None:
         """Before the first step (after a resume's checkpoint was loaded)."""
@@ -97,8 +97,6 @@ def improves(metric: str, value: float, best: float | None) -> bool:
 class EarlyStopping(Callback):
     """Marks each epoch that improves the monitored validation metric (``row["best"]``) and stops
     after ``patience`` epochs without improvement (never after the last epoch)."""
-
-    builtin = True
 
     def __init__(self, monitor: str, patience: int, epochs: int) -> None:
         self.monitor, self.patience, self.epochs = monitor, patience, epochs
@@ -149,8 +147,6 @@ class BestWeights(Callback):
     """Keeps the weights and the validation scores of the best epoch so far and restores the
     weights when the fit ends (the scores choose the decision threshold)."""
 
-    builtin = True
-
     def __init__(self, group: Group) -> None:
         self.group = group
         self.weights: dict[str, torch.Tensor] | None = None
@@ -190,8 +186,6 @@ class MetricsFile(Callback):
     resumed run's file holds the epochs before the stop) and
     logs the epoch's line, with what the callbacks before it noted (an early stop)."""
 
-    builtin = True
-
     def __init__(self, folder: Path | None) -> None:
         self.path = None if folder is None else folder / "metrics.jsonl"
 
@@ -222,8 +216,6 @@ class StateCheckpoints(Callback):
     a stop request, and after each epoch, into ``folder``'s ``state/`` (`probekit.state`), and
     brings a run back from one (`resume`)."""
 
-    builtin = True
-
     def __init__(self, folder: Path | None, every: int | None, saved: Saved | None = None) -> None:
         self.folder, self.every, self.saved = folder, every, saved
 
@@ -253,6 +245,7 @@ class StateCheckpoints(Callback):
         rngs = group.gather(rng_state())
         params = trainable_state(fit.probe, keep=group.is_main)
         extra = {cb: cb.state_dict() for cb in fit.callbacks}
+        keys = state_keys(fit.callbacks)
         optim_tensors, optim_meta = optimizer_state(fit.optimizer, keep=group.is_main)
         if not group.is_main or self.folder is None:
             return
@@ -267,12 +260,13 @@ class StateCheckpoints(Callback):
         for cb, values in extra.items():
             plain = {k: v for k, v in values.items() if not isinstance(v, torch.Tensor)}
             arrays = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
-            if cb.builtin:
+            key = keys.get(id(cb))
+            if key is None:  # a built-in: the keys of earlier versions, at the top level
                 document.update(plain)
                 tensors.update(arrays)
             else:
-                document.setdefault("callbacks", {})[cb.state_key()] = plain
-                tensors.update({f"callback.{cb.state_key()}.{k}": v for k, v in arrays.items()})
+                document.setdefault("callbacks", {})[key] = plain
+                tensors.update({f"callback.{key}.{k}": v for k, v in arrays.items()})
         tensors.update(optim_tensors)
         for rank, (rng_tensors, _meta) in enumerate(rngs):
             tensors.update({(f"rank{rank}." if rank else "") + k: v for k, v in rng_tensors.items()})
@@ -286,14 +280,33 @@ class StateCheckpoints(Callback):
         save_state(self.folder, checkpoint_name(state.step, state.window == 0), tensors, document)
 
 
-def callback_states(saved: Saved, cb: Callback) -> dict[str, Any]:
-    """What a checkpoint holds for ``cb``: the top-level keys for a built-in callback, its own
-    block and tensors for another."""
-    if cb.builtin:
+def is_builtin(cb: Callback) -> bool:
+    """One of probekit's own callbacks (exactly: a subclass of one is the user's)."""
+    return type(cb) in (EarlyStopping, BestWeights, MetricsFile, StateCheckpoints, StopOnSignal)
+
+
+def state_keys(callbacks: list[Callback]) -> dict[int, str]:
+    """Where each user callback's state goes in a checkpoint (by ``id``): its `state_key`, with
+    ``#2``, ``#3``... for further callbacks of the same key."""
+    keys: dict[int, str] = {}
+    counts: dict[str, int] = {}
+    for cb in callbacks:
+        if is_builtin(cb):
+            continue
+        base = cb.state_key()
+        counts[base] = counts.get(base, 0) + 1
+        keys[id(cb)] = base if counts[base] == 1 else f"{base}#{counts[base]}"
+    return keys
+
+
+def callback_states(saved: Saved, cb: Callback, key: str | None) -> dict[str, Any]:
+    """What a checkpoint holds for ``cb``: the top-level keys for a built-in callback (``key``
+    None), its own block and tensors for another (see `state_keys`)."""
+    if key is None:
         return {**saved.state, **saved.tensors}
-    key = cb.state_key()
     prefix = f"callback.{key}."
-    own = dict((saved.state.get("callbacks") or {}).get(key, {}))
+    blocks = saved.state.get("callbacks")
+    own = dict(blocks.get(key) or {}) if isinstance(blocks, dict) else {}
     own.update({k.removeprefix(prefix): v for k, v in saved.tensors.items() if k.startswith(prefix)})
     return own
 
@@ -314,8 +327,6 @@ class StopOnSignal(Callback):
     """SIGTERM and the first Ctrl-C during the fit: finish the step, let `StateCheckpoints` write
     a checkpoint, then stop (exit 143 / 130); a second Ctrl-C stops at once. Every process agrees
     on a request at the next window end (or epoch end), so all stop after the same step."""
-
-    builtin = True
 
     def __init__(self, folder: Path | None) -> None:
         self.folder = folder

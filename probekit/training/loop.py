@@ -87,7 +87,8 @@ class Fit:
     """At a window end: whether the optimiser stepped (the fp16 scaler may skip a step)."""
     last_window: bool = False
     window_loss: float = 0.0
-    """At a window end: this process's mean training loss over the window's examples."""
+    """At a window end: this process's summed training loss of the window divided by the window's
+    examples over every process (with one process: the window's mean loss)."""
     row: dict[str, Any] = field(default_factory=dict)
     """At an epoch end: the epoch's ``metrics.jsonl`` row."""
     val: Scores | None = None
@@ -147,10 +148,24 @@ def fit(
             _end_epoch(run, runner, val_loader)
     except BaseException as exc:
         run.failed = exc
+        _end_fit(run)  # the fit's own error is the one that propagates
         raise
-    finally:
-        run.call("on_fit_end")
+    error = _end_fit(run)
+    if error is not None:
+        raise error
     return run
+
+
+def _end_fit(run: Fit) -> BaseException | None:
+    """Every callback's ``on_fit_end``, even when one of them raises (a signal handler must always
+    be put back); returns the first error."""
+    first: BaseException | None = None
+    for callback in run.callbacks:
+        try:
+            callback.on_fit_end(run)
+        except BaseException as exc:
+            first = first or exc
+    return first
 
 
 def _train_epoch(run: Fit, schedule: Sequence[Any], collate: Collator) -> None:
