@@ -282,3 +282,21 @@ def test_a_users_callback_state_survives_a_stop_and_a_resume(
     assert resumed.loaded["windows"] == 7  # the checkpoint of step 7: step 8 died before its own
     assert resumed.windows == whole.windows == 12
     torch.testing.assert_close(resumed.total, whole.total, rtol=0, atol=0)
+
+
+def test_every_on_fit_end_runs_even_when_one_raises() -> None:
+    """The signal handlers always come back, and the first error is handed to the caller (which
+    lets the fit's own error win when there was one)."""
+    from probekit.training.loop import _end_fit
+
+    class Broken(Callback):
+        def on_fit_end(self, fit: Any) -> None:
+            raise RuntimeError("broken")
+
+    stop = StopOnSignal(None)
+    fit = fake_fit(callbacks=[Broken(), stop])
+    before = signal.getsignal(signal.SIGTERM)
+    stop.on_fit_start(fit)
+    assert signal.getsignal(signal.SIGTERM) == stop.handle
+    error = _end_fit(fit)
+    assert isinstance(error, RuntimeError) and signal.getsignal(signal.SIGTERM) is before
