@@ -537,22 +537,8 @@ def _sweep(
         )
     )
     config.freezer.resolve(probe.backbone)  # best.yaml keeps the spec's freezer: it must fit
-    data = prepared.dataset
-    rows = {split.name: len(split) for split in data.splits()}
-    log(
-        f"model: {prepared.backbone.name} ({prepared.backbone.provenance}); {probe.layout.model_type}, "
-        f"{num_blocks} blocks, width {probe.layout.hidden_size}"
-    )
-    log(f"data: {prepared.data_origin()}; " + " / ".join(f"{k} {n}" for k, n in rows.items()) + " rows")
-    log(
-        f"sweep: {token_pooler.kind} pooling of hidden states {list(chosen)} (0 = embeddings), "
-        f"backbone frozen, {prepared.precision} on {prepared.device}"
-    )
-    log(
-        f"probes: {config.head.kind} head on each layer"
-        + (f", then the best 2, best 3 and all layers combined by {combine}" if combos else "")
-        + f"; best by val {spec.monitor}"
-    )
+    rows = {split.name: len(split) for split in prepared.dataset.splits()}
+    _log_plan(log, prepared, token_pooler, chosen, rows, combine if combos else None)
 
     begun = time.perf_counter()
     probe.to(prepared.device)
@@ -633,6 +619,32 @@ def _sweep(
     )
     _write_outputs(result, plan, token_pooler, rows, folder)
     return result
+
+
+def _log_plan(
+    log: Log,
+    prepared: TrainPlan,
+    token_pooler: TokenPoolerSpec,
+    chosen: tuple[int, ...],
+    rows: dict[str, int],
+    combine: Combine | None,
+) -> None:
+    """What the sweep will read and fit, before the backbone pass begins."""
+    probe, spec = prepared.probe, prepared.config.train
+    log(
+        f"model: {prepared.backbone.name} ({prepared.backbone.provenance}); {probe.layout.model_type}, "
+        f"{probe.layout.num_blocks} blocks, width {probe.layout.hidden_size}"
+    )
+    log(f"data: {prepared.data_origin()}; " + " / ".join(f"{k} {n}" for k, n in rows.items()) + " rows")
+    log(
+        f"sweep: {token_pooler.kind} pooling of hidden states {list(chosen)} (0 = embeddings), "
+        f"backbone frozen, {prepared.precision} on {prepared.device}"
+    )
+    log(
+        f"probes: {prepared.config.head.kind} head on each layer"
+        + (f", then the best 2, best 3 and all layers combined by {combine}" if combine else "")
+        + f"; best by val {spec.monitor}"
+    )
 
 
 def _select(features: Tensor, positions: list[int]) -> Tensor:
