@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 import sys
 from pathlib import Path
@@ -333,8 +334,6 @@ def eval_command(
 ) -> None:
     """Evaluate a trained probe on a labelled file; print and write the metrics (an undefined
     metric prints as n/a, and as null in JSON)."""
-    import math
-
     from probekit import jsonio
     from probekit.evaluate import evaluate_file
 
@@ -344,13 +343,42 @@ def eval_command(
     if as_json:
         typer.echo(jsonio.dumps(metrics))
         return
-    for key, value in metrics.items():
-        if isinstance(value, float):
-            typer.echo(f"{key:<20} {value:.4f}" if math.isfinite(value) else f"{key:<20} n/a")
-        else:
-            typer.echo(f"{key:<20} {value}")
+    for line in _metric_lines(metrics):
+        typer.echo(line)
     if written is not None:
         typer.echo(f"written to {written}")
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else "n/a"
+
+
+def _metric_lines(metrics: dict[str, Any]) -> list[str]:
+    """Metrics as text: one line per number, then a multi-class probe's per-class table and its
+    confusion matrix (rows: true class, columns: predicted, in class order)."""
+    lines = [
+        f"{key:<26} {_number(value) if isinstance(value, float) else value}"
+        for key, value in metrics.items()
+        if key not in {"per_class", "confusion_matrix", "class_names"}
+    ]
+    per_class: dict[str, dict[str, float]] = metrics.get("per_class") or {}
+    if per_class:
+        width = max(12, *(len(name) for name in per_class)) + 1
+        columns = ("precision", "recall", "f1", "auroc", "auprc", "support")
+        lines += ["", f"{'class':<{width}}" + "".join(f"{c:>10}" for c in columns)]
+        for name, row in per_class.items():
+            cells = "".join(
+                f"{int(row['support']):>10}" if c == "support" else f"{_number(row.get(c)):>10}"
+                for c in columns
+            )
+            lines.append(f"{name:<{width}}{cells}")
+    matrix = metrics.get("confusion_matrix")
+    if matrix:
+        names = [str(n)[:7] for n in metrics.get("class_names") or range(len(matrix))]
+        lines += ["", "confusion matrix (rows: true, columns: predicted)"]
+        lines.append(" " * 9 + "".join(f"{n:>8}" for n in names))
+        lines += [f"{names[i]:<9}" + "".join(f"{c:>8}" for c in row) for i, row in enumerate(matrix)]
+    return lines
 
 
 @app.command("predict")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -23,6 +24,7 @@ from pydantic import (
     Tag,
     ValidationError,
     create_model,
+    field_validator,
 )
 
 from probekit import jsonio
@@ -121,6 +123,80 @@ class TrainSpec(BaseModel):
     )
 
 
+MAX_CLASS_WEIGHT = 1e6
+"""The largest weight ``loss.class_weights`` may give a class."""
+
+
+class LossSpec(BaseModel):
+    """How rows weigh in the training loss (label smoothing is ``train.label_smoothing``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    class_weights: Literal["none", "balanced"] | dict[str, float] = Field(
+        default="none",
+        description="none: every row weighs 1; balanced: a row of class c weighs "
+        "rows / (classes x rows of c) in train (scikit-learn's rule); {label: weight}: the "
+        "weight of each named label, 1 for the others. A weight multiplies the row's whole "
+        "(smoothed) loss: k on a class trains as k copies of its rows would.",
+    )
+
+    @field_validator("class_weights", mode="before")
+    @classmethod
+    def _check(cls, value: Any) -> Any:
+        """One message for any bad value (not one per member of the union)."""
+        if isinstance(value, str):
+            if value not in ("none", "balanced"):
+                hint = did_you_mean(value, ["none", "balanced"])
+                raise ValueError(
+                    f"{value!r} is none, balanced or a mapping {{label: weight}}"
+                    + (f"; {hint}" if hint else "")
+                )
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(
+                f"expected none, balanced or a mapping {{label: weight}}, got {type(value).__name__}"
+            )
+        if not value:
+            raise ValueError("an empty mapping; give {label: weight} or none")
+        if len(value) > 100_000:
+            raise ValueError(f"{len(value)} labels; at most 100000")
+        for name, weight in value.items():
+            number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+            if not number or not 0 < weight <= MAX_CLASS_WEIGHT:  # nan fails too
+                raise ValueError(f"{name!r}: weight {weight!r} is not a number in (0, {MAX_CLASS_WEIGHT:g}]")
+        return value
+
+    def resolve(self, label_map: Mapping[str, int], train_labels: Sequence[int]) -> tuple[float, ...] | None:
+        """One weight per class index, or None for ``none`` (an unweighted loss).
+
+        Raises:
+            ConfigError: a label of the mapping that the data does not have (did-you-mean), or
+                ``balanced`` with a class that has no train rows.
+        """
+        spec = self.class_weights
+        if spec == "none":
+            return None
+        num_classes = max(label_map.values()) + 1
+        if spec == "balanced":
+            counts = Counter(train_labels)
+            empty = [name for name, index in label_map.items() if not counts[index]]
+            if empty:
+                raise ConfigError(f"loss.class_weights=balanced: no train rows of class {empty[0]!r}")
+            total = len(train_labels)
+            return tuple(total / (num_classes * counts[index]) for index in range(num_classes))
+        assert isinstance(spec, dict)
+        weights = [1.0] * num_classes
+        for name, weight in spec.items():
+            if name not in label_map:
+                hint = did_you_mean(name, list(label_map))
+                raise ConfigError(
+                    f"loss.class_weights: {name!r} is not a label of the data (labels: "
+                    f"{', '.join(list(label_map)[:20])})" + (f"; {hint}" if hint else "")
+                )
+            weights[label_map[name]] = float(weight)
+        return tuple(weights)
+
+
 class ThresholdSpec(BaseModel):
     """How the decision threshold is chosen on the validation split."""
 
@@ -168,6 +244,7 @@ class ProbeConfig(BaseModel):
     scheduler: SerializeAsAny[SchedulerSpec] = Field(default_factory=CosineSpec)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
+    loss: LossSpec = Field(default_factory=LossSpec)
     threshold: ThresholdSpec = Field(default_factory=ThresholdSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec = Field(default_factory=DataSpec)

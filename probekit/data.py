@@ -22,6 +22,7 @@ found there.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib
 import io
 import json
@@ -330,6 +331,8 @@ class DataReport:
     shared_duplicates: dict[str, int]
     """``"train/val"``, ``"train/test"``, ``"val/test"`` (pairs of the splits present) -> number of
     distinct texts found in both, compared after stripping, case folding and collapsing whitespace."""
+    class_names: dict[int, str] = dataclasses.field(default_factory=dict)
+    """Class index -> label name, where the lines show names (``safe: 500 (34.2%)``)."""
 
     def lines(self) -> list[str]:
         """A human-readable summary: rows and class shares per split, then shared texts."""
@@ -337,7 +340,7 @@ class DataReport:
         for name, counts in self.class_balance.items():
             total = sum(counts.values())
             parts = ", ".join(
-                f"{index}: {count} ({100.0 * count / total if total else 0.0:.1f}%)"
+                f"{self.class_names.get(index, index)}: {count} ({100.0 * count / (total or 1):.1f}%)"
                 for index, count in sorted(counts.items())
             )
             out.append(f"{name}: {total} rows; per class {parts}")
@@ -355,7 +358,8 @@ class DataReport:
         for name, counts in self.class_balance.items():
             absent = [index for index, count in sorted(counts.items()) if count == 0]
             if absent:
-                out.append(f"note: {name} has no rows of class {_join(absent)}")
+                shown = [self.class_names.get(index, index) for index in absent]
+                out.append(f"note: {name} has no rows of class {_join(shown)}")
         return out
 
 
@@ -782,8 +786,11 @@ def _label_kind(value: Any, where: str, field: str) -> tuple[type, Any]:
     )
 
 
-def _resolve_labels(sources: Sequence[_Source], spec: DataSpec) -> tuple[list[list[int]], dict[str, int]]:
-    """Class indices per source, and the label map stored with the run."""
+def _resolve_labels(
+    sources: Sequence[_Source], spec: DataSpec, infer: bool = False
+) -> tuple[list[list[int]], dict[str, int]]:
+    """Class indices per source, and the label map stored with the run (built from the sorted
+    string labels when ``infer`` and none is given)."""
     field = spec.label_field
     label_map = spec.label_map
     kinds: list[list[Any]] = []
@@ -810,6 +817,8 @@ def _resolve_labels(sources: Sequence[_Source], spec: DataSpec) -> tuple[list[li
         return [[int(value) for value in values] for values in kinds], stored
 
     if kind is str:
+        if label_map is None and infer:
+            label_map = {name: index for index, name in enumerate(sorted({v for vs in kinds for v in vs}))}
         if label_map is None:
             names = sorted({value for values in kinds for value in values})
             example = {name: index for index, name in enumerate(names[:_SHOWN])}
@@ -959,11 +968,16 @@ def _folder_files(folder: Path, spec: DataSpec) -> dict[str, Path]:
     return found
 
 
-def load_data(spec: DataSpec) -> Dataset:
+def load_data(spec: DataSpec, *, multiclass: bool = False) -> Dataset:
     """Read, check and split the data a `DataSpec` points at.
 
     Args:
         spec: where the data is and how to read and split it.
+        multiclass: read for a multi-class task: string labels without ``data.label_map`` get
+            one built from the data (the names sorted, class ``i`` the ``i``-th name), and a
+            class with no rows in val or test is a note of the report rather than an error (it
+            must still have rows in train). A binary task keeps both rules strict: which class
+            is positive is never guessed, and the threshold needs both classes in val.
 
     Returns:
         The train, val and (when there is one) test splits, the label map to store with the run,
@@ -980,42 +994,43 @@ def load_data(spec: DataSpec) -> Dataset:
         files = {"train": Path(spec.train), "val": Path(spec.val)}
         if spec.test is not None:
             files["test"] = Path(spec.test)
-        return _load_files(files, spec)
+        return _load_files(files, spec, multiclass)
     if spec.path is None:
-        return _load_split(_demo_path(), spec)
+        return _load_split(_demo_path(), spec, multiclass)
     path = Path(spec.path)
     try:
         is_dir = path.is_dir()
     except OSError:
         is_dir = False
     if is_dir:
-        return _load_files(_folder_files(path, spec), spec)
-    return _load_split(path, spec)
+        return _load_files(_folder_files(path, spec), spec, multiclass)
+    return _load_split(path, spec, multiclass)
 
 
-def _load_files(files: dict[str, Path], spec: DataSpec) -> Dataset:
+def _load_files(files: dict[str, Path], spec: DataSpec, multiclass: bool = False) -> Dataset:
     sources = [_read_source(path, spec) for path in files.values()]
-    labels, label_map = _resolve_labels(sources, spec)
+    labels, label_map = _resolve_labels(sources, spec, infer=multiclass)
     _check_two_classes(sources, labels, label_map, spec)
     splits = {
         name: Split(name, tuple(source.texts), tuple(indices), str(source.path))
         for name, source, indices in zip(files, sources, labels, strict=True)
     }
     num_classes = max(label_map.values()) + 1
-    for name, source in zip(("train", "val"), sources[:2], strict=True):
+    for name, source in zip(("train", "val")[: 1 if multiclass else 2], sources, strict=False):
         counts = Counter(splits[name].labels)
         for index in range(num_classes):
             if not counts[index]:
                 raise DataError(
                     f"{source.path}: field {spec.label_field!r}: {name} has no rows of class "
-                    f"{_class_name(label_map, index)}; every class needs rows in train and val"
+                    f"{_class_name(label_map, index)}; every class needs rows in train"
+                    + ("" if multiclass else " and val")
                 )
     return _dataset(splits, label_map)
 
 
-def _load_split(path: Path, spec: DataSpec) -> Dataset:
+def _load_split(path: Path, spec: DataSpec, multiclass: bool = False) -> Dataset:
     source = _read_source(path, spec)
-    [labels], label_map = _resolve_labels([source], spec)
+    [labels], label_map = _resolve_labels([source], spec, infer=multiclass)
     _check_two_classes([source], [labels], label_map, spec)
     if spec.val_fraction == 0:
         raise DataError(f"{path}: data.val_fraction is 0, but splitting one file needs a validation share")
@@ -1023,7 +1038,7 @@ def _load_split(path: Path, spec: DataSpec) -> Dataset:
     origin = f"{path} (split seed {spec.split_seed})"
     counts = Counter(labels)
     num_classes = max(label_map.values()) + 1
-    for name, rows in (("train", train), ("val", val)):
+    for name, rows in (("train", train), ("val", val))[: 1 if multiclass else 2]:
         present = {labels[row] for row in rows}
         for index in range(num_classes):
             if index not in present:
@@ -1074,7 +1089,11 @@ def _dataset(splits: dict[str, Split], label_map: dict[str, int]) -> Dataset:
         val=splits["val"],
         test=splits.get("test"),
         label_map=label_map,
-        report=DataReport(class_balance=balance, shared_duplicates=shared),
+        report=DataReport(
+            class_balance=balance,
+            shared_duplicates=shared,
+            class_names={index: name for name, index in label_map.items()},
+        ),
     )
 
 

@@ -138,7 +138,7 @@ def load_run(
         max_length=config.model.max_length,
         threshold=float(meta.threshold),
         label_names=list(meta.label_names),
-        task=task_of(config),
+        task=task_of(config).bind(list(meta.label_names)),
     )
     probe.eval()
     return probe, run

@@ -357,9 +357,10 @@ class Probe(nn.Module):
         self, texts: str | Sequence[str], batch_size: int = 64, max_tokens: int | None = 4096
     ) -> float | list[float]:
         """The task's score per text (a binary probe: the probability of the positive class, index
-        1): one float for one string, a list for a sequence of strings; in batches sorted by length
-        of at most ``batch_size`` texts and ``max_tokens`` padded tokens, through the one inference
-        path (`probekit.inference.predict`). Texts are truncated to ``max_length`` tokens (a long
+        1; a multi-class probe: the list of its class probabilities, by class index): one for one
+        string, a list for a sequence of strings; in batches sorted by length of at most
+        ``batch_size`` texts and ``max_tokens`` padded tokens, through the one inference path
+        (`probekit.inference.predict`). Texts are truncated to ``max_length`` tokens (a long
         text is tokenised through a prefix only, `probekit.tokens.encode_texts`).
 
         Raises:
@@ -391,7 +392,8 @@ class Probe(nn.Module):
             scores = predict(self, loader, Runner(next(self.head.parameters()).device), self._task())
         finally:
             self.train(was_training)
-        probs = [float(p) for p in scores.scores]
+        # 1-D scores: a float per text; a multi-class probe: its list of class probabilities
+        probs: list[Any] = scores.scores.tolist()
         return probs[0] if single else probs
 
     @overload
@@ -407,8 +409,12 @@ class Probe(nn.Module):
     def predict(
         self, texts: str | Sequence[str], batch_size: int = 64, max_tokens: int | None = 4096
     ) -> dict[str, Any] | list[dict[str, Any]]:
-        """``{"text", "probability", "label"}``: positive when probability >= threshold; one dict
-        for one string, a list of them for a sequence of strings. Raises as `predict_proba`."""
+        """What the task says of each text: for a binary probe ``{"text", "probability", "label"}``
+        (positive when probability >= threshold); for a multi-class one ``{"text", "label",
+        "probabilities"}`` (the argmax label, every class's probability by label name) and, with a
+        ``negative_class``, ``"score"`` (1 - its probability) and ``"flagged"`` (score >=
+        threshold). One dict for one string, a list of them for a sequence of strings. Raises as
+        `predict_proba`."""
         from probekit.data import check_texts
 
         items, single = check_texts(texts)

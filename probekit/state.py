@@ -322,17 +322,21 @@ def _tensor_problem(state: TrainState, tensors: Mapping[str, torch.Tensor]) -> s
                 return f"{where}: {shown(name)} names no parameter of the optimizer ({count} parameters)"
             if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
                 return f"{where}: {shown(name)} must hold finite floating-point values"
-        elif name in {"bestval.probs", "bestval.labels"} and (
-            tensor.dim() != 1 or (name == "bestval.labels" and tensor.dtype != torch.int64)
+        elif name == "bestval.labels" and (tensor.dim() != 1 or tensor.dtype != torch.int64):
+            return f"{where}: {name} must be a 1-D int64 tensor, got {_kind(tensor)}"
+        elif name == "bestval.probs" and (
+            tensor.dim() not in (1, 2)
+            or not tensor.is_floating_point()
+            or not bool(((tensor >= 0) & (tensor <= 1)).all())
         ):
-            return f"{where}: {name} must be a 1-D tensor (int64 labels), got {_kind(tensor)}"
+            return f"{where}: {name} must hold probabilities in [0, 1] (1-D or 2-D), got {_kind(tensor)}"
     if not params:
         return f"{where}: no trainable weights (param.*)"
     if params != best:
         return f"{where}: the best weights (best.*) and the weights (param.*) name different tensors"
     probs, labels = tensors.get("bestval.probs"), tensors.get("bestval.labels")
     if (probs is None) != (labels is None) or (
-        probs is not None and labels is not None and probs.shape != labels.shape
+        probs is not None and labels is not None and probs.shape[0] != labels.shape[0]
     ):
         return f"{where}: bestval.probs and bestval.labels must come together, one per validation row"
     return None

@@ -295,6 +295,7 @@ class CandidatePlan:
     total_steps: int
     cache_plan: CachePlan
     data_fingerprint: dict[str, dict[str, Any]] = field(default_factory=dict)
+    class_weights: tuple[float, ...] | None = None
 
 
 def fit_candidate(
@@ -342,6 +343,7 @@ def fit_candidate(
         plan.steps_per_epoch,
         plan.total_steps,
         cache_plan,
+        class_weights=plan.class_weights,
     )
     early, best = EarlyStopping(spec.monitor, spec.patience, spec.epochs), BestWeights(ctx.group)
     try:
@@ -379,9 +381,12 @@ TABLE_METRICS = (
     ("auprc", "auprc"),
     ("recall_at_1pct_fpr", "r@1%fpr"),
     ("recall_at_5pct_fpr", "r@5%fpr"),
+    ("binary_auroc", "bin auroc"),
+    ("binary_recall_at_1pct_fpr", "bin r@1%fpr"),
     ("ece", "ece"),
 )
-"""Metrics of the sweep table, per split: key and column name."""
+"""Metrics of the sweep table, per split: key and column name; those the task reports (a
+multi-class task: ``f1`` is macro F1, ``binary_*`` the view against its negative class)."""
 
 
 @dataclass
@@ -410,12 +415,13 @@ class SweepResult:
         """The candidates as a Markdown table (val metrics, then test metrics when there is a test
         split); the best candidate's name ends in ``(best)``."""
         splits = [s for s in ("val", "test") if s in self.best.metrics]
-        header = ["candidate", "layers"] + [f"{s} {col}" for s in splits for _, col in TABLE_METRICS]
+        shown = [(key, col) for key, col in TABLE_METRICS if key in self.best.metrics["val"]]
+        header = ["candidate", "layers"] + [f"{s} {col}" for s in splits for _, col in shown]
         header.append("epochs")
         rows = [header, ["---"] * len(header)]
         for c in self.candidates:
             name = f"{c.name} (best)" if c is self.best else c.name
-            cells = [f"{c.metrics[s][key]:.4f}" for s in splits for key, _ in TABLE_METRICS]
+            cells = [f"{c.metrics[s][key]:.4f}" for s in splits for key, _ in shown]
             rows.append([name, c.members, *cells, f"{c.best_epoch}/{c.epochs_run}"])
         return ["| " + " | ".join(row) + " |" for row in rows]
 

@@ -131,6 +131,10 @@ KIND_STRATEGIES: dict[tuple[str, str], Callable[[], st.SearchStrategy[dict[str, 
     ("scheduler", "cosine"): lambda: scheduler_st("cosine"),
     ("scheduler", "linear"): lambda: scheduler_st("linear"),
     ("task", "binary"): lambda: st.just({"kind": "binary"}),  # binary has no fields
+    ("task", "multiclass"): lambda: st.fixed_dictionaries(
+        {"kind": st.just("multiclass")},
+        optional={"negative_class": st.text(min_size=1, max_size=20), "top_k": st.integers(1, 50)},
+    ),
 }
 
 optimizer_st = st.fixed_dictionaries(

@@ -87,6 +87,8 @@ REPORT_KEYS = {
     "stopped_early",
     "threshold",
     "threshold_rule",
+    "task",
+    "loss",
     "metrics",
     "data",
     "plan",

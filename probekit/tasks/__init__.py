@@ -8,5 +8,6 @@ registry family, like poolers and heads: a `probekit.spec.TaskSpec` that builds 
 
 from probekit.tasks.base import Scores, Task
 from probekit.tasks.binary import BinaryTask, BinaryTaskSpec
+from probekit.tasks.multiclass import MulticlassTask, MulticlassTaskSpec
 
-__all__ = ["BinaryTask", "BinaryTaskSpec", "Scores", "Task"]
+__all__ = ["BinaryTask", "BinaryTaskSpec", "MulticlassTask", "MulticlassTaskSpec", "Scores", "Task"]

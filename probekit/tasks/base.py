@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch.nn.functional as F
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -18,7 +19,8 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Scores:
     """A split's outputs in row order: its labels, the task's scores per row (for a binary task
-    the probability of the positive class) and the mean unsmoothed loss."""
+    the probability of the positive class, for a multi-class one the ``(rows, N)`` class
+    probabilities) and the mean unsmoothed, unweighted loss."""
 
     labels: np.ndarray
     scores: np.ndarray
@@ -38,13 +40,26 @@ class Task(ABC):
     kind: str = ""
     """The task's ``kind`` in the registry."""
 
+    multiclass_data: bool = True
+    """Read data as for N classes (`probekit.data.load_data`'s ``multiclass``): string labels
+    get a sorted label map, a class may be absent from val. False for a binary task."""
+
     @abstractmethod
     def check(self, dataset: Dataset, num_classes: int) -> None:
         """Refuse (``UserError``) data or a head this task cannot train."""
 
+    def bind(self, label_names: Sequence[Any]) -> Task:
+        """The task for a probe whose classes are ``label_names`` (by index): where a setting names
+        a class (``negative_class``), it is resolved here. Raises `probekit.errors.ConfigError`
+        when it names none of them."""
+        return self
+
     @abstractmethod
-    def loss(self, logits: Tensor, labels: Tensor, *, smoothing: float = 0.0) -> Tensor:
-        """The summed loss of a batch (the loop divides by the examples of the window)."""
+    def loss(
+        self, logits: Tensor, labels: Tensor, *, smoothing: float = 0.0, weights: Tensor | None = None
+    ) -> Tensor:
+        """The summed loss of a batch (the loop divides by the examples of the window);
+        ``weights``: one per class, see `weighted_cross_entropy`."""
 
     @abstractmethod
     def correct(self, logits: Tensor, labels: Tensor) -> int:
@@ -55,7 +70,7 @@ class Task(ABC):
         """Per-row scores from logits, on the logits' device (what metrics and thresholds use)."""
 
     @abstractmethod
-    def metrics(self, scores: Scores, threshold: float | None = None) -> dict[str, float]:
+    def metrics(self, scores: Scores, threshold: float | None = None) -> dict[str, Any]:
         """Metrics of a split at ``threshold`` (the task's default decision rule when None)."""
 
     @abstractmethod
@@ -83,7 +98,7 @@ class Task(ABC):
         """The rule as reports record it."""
 
     @abstractmethod
-    def summary_line(self, split: str, metrics: Mapping[str, float]) -> str:
+    def summary_line(self, split: str, metrics: Mapping[str, Any]) -> str:
         """A split's headline metrics, for the run's summary."""
 
     @abstractmethod
@@ -102,3 +117,20 @@ class Task(ABC):
         class_names: Sequence[str],
     ) -> list[Path]:
         """The report's plots of a run, into ``folder``."""
+
+
+def weighted_cross_entropy(
+    logits: Tensor, labels: Tensor, *, smoothing: float = 0.0, weights: Tensor | None = None
+) -> Tensor:
+    """Summed cross-entropy with label smoothing, each row's loss times its class's weight.
+
+    The weight multiplies a row's whole smoothed loss, so a weight of ``k`` on a class equals
+    ``k`` copies of each of its rows, loss and gradient, with or without smoothing. (PyTorch's
+    own ``weight=`` argument weighs the smoothing terms by the class they point at instead,
+    which breaks that equivalence.) Without weights it is exactly
+    ``F.cross_entropy(..., reduction="sum")``.
+    """
+    if weights is None:
+        return F.cross_entropy(logits, labels, label_smoothing=smoothing, reduction="sum")
+    rows = F.cross_entropy(logits, labels, label_smoothing=smoothing, reduction="none")
+    return (rows * weights.to(rows.dtype)[labels]).sum()

@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from probekit.errors import UserError
 from probekit.registry import TASKS
 from probekit.spec import TaskSpec
-from probekit.tasks.base import Scores, Task
+from probekit.tasks.base import Scores, Task, weighted_cross_entropy
 
 if TYPE_CHECKING:
     from probekit.config import ThresholdSpec
@@ -33,6 +32,7 @@ class BinaryTask(Task):
     """Binary classification; see the module notes."""
 
     kind = "binary"
+    multiclass_data = False
 
     def __init__(self, threshold: ThresholdSpec) -> None:
         self.threshold = threshold
@@ -41,11 +41,13 @@ class BinaryTask(Task):
         if dataset.num_classes != 2 or num_classes != 2:
             raise UserError(
                 f"head.num_classes={num_classes} and the data has {dataset.num_classes} classes; "
-                "probekit trains binary probes (2 classes)"
+                "task.kind=binary needs 2 (for more, set task.kind=multiclass and head.num_classes)"
             )
 
-    def loss(self, logits: Tensor, labels: Tensor, *, smoothing: float = 0.0) -> Tensor:
-        return F.cross_entropy(logits, labels, label_smoothing=smoothing, reduction="sum")
+    def loss(
+        self, logits: Tensor, labels: Tensor, *, smoothing: float = 0.0, weights: Tensor | None = None
+    ) -> Tensor:
+        return weighted_cross_entropy(logits, labels, smoothing=smoothing, weights=weights)
 
     def correct(self, logits: Tensor, labels: Tensor) -> int:
         return int((logits.argmax(dim=-1) == labels).sum())

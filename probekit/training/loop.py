@@ -55,6 +55,8 @@ class FitPlan(Protocol):
     def cache_plan(self) -> CachePlan | None: ...
     @property
     def data_fingerprint(self) -> dict[str, dict[str, Any]]: ...
+    @property
+    def class_weights(self) -> tuple[float, ...] | None: ...
 
 
 @dataclass
@@ -175,13 +177,14 @@ def _train_epoch(run: Fit, schedule: Sequence[Any], collate: Collator) -> None:
     spec, group, task = plan.config.train, ctx.group, plan.task
     bad_loss, window_loss = False, 0.0
     epochs = spec.epochs
+    weights = None if plan.class_weights is None else torch.tensor(plan.class_weights, device=ctx.device)
     for micro in progress_bar(schedule, ctx.progress, f"epoch {state.epoch}/{epochs}", total=len(schedule)):
         batch = collate(micro.rows).to(ctx.device)
         # Gradients are synchronised across processes on a window's last micro-batch only.
         # Autocast here too: a sharded probe is not wrapped by Accelerate, which would add it.
         with gradient_sync(parts.model, ctx.accelerator, enabled=micro.last), ctx.autocast():
             logits = parts.model(**batch.inputs(plan.cache_plan)).float()
-            loss_sum = task.loss(logits, batch.labels, smoothing=spec.label_smoothing)
+            loss_sum = task.loss(logits, batch.labels, smoothing=spec.label_smoothing, weights=weights)
             if not torch.isfinite(loss_sum):
                 bad_loss = True
                 if not group.active:

@@ -106,6 +106,11 @@ def _report(plan: TrainPlan, result: RunResult, facts: RunFacts) -> dict[str, An
         "stopped_early": result.stopped_early,
         "threshold": result.threshold,
         "threshold_rule": plan.task.threshold_rule_id(),
+        "task": plan.config.task.model_dump(mode="json"),
+        "loss": {
+            "label_smoothing": plan.config.train.label_smoothing,
+            "class_weights": plan.weights_by_name(),
+        },
         "metrics": result.metrics,
         "data": {
             "label_map": data.label_map,

@@ -61,6 +61,14 @@ class TrainPlan:
     data_fingerprint: dict[str, dict[str, Any]]
     """Per split, its row count and a sha256 of its texts and labels (`fingerprint`); a resumed
     run must train on the same data."""
+    class_weights: tuple[float, ...] | None = None
+    """The loss weight of each class by index (``loss.class_weights`` resolved on train), or None."""
+
+    def weights_by_name(self) -> dict[str, float] | None:
+        """The resolved class weights by label name, as the plan prints and the report stores them."""
+        if self.class_weights is None:
+            return None
+        return {str(name): w for name, w in zip(self.label_names, self.class_weights, strict=True)}
 
     @property
     def pad_id(self) -> int:
@@ -94,7 +102,14 @@ class TrainPlan:
             f"freezing: {self.probe.plan.describe()}",
             f"pooling: {cfg.pooler.kind} over hidden states {list(self.probe.layers)} "
             f"-> {self.probe.pooler.output_dim(layout.hidden_size)} features",
-            f"head: {cfg.head.kind} -> {cfg.head.num_classes} classes",
+            f"task: {cfg.task.kind}; head: {cfg.head.kind} -> {cfg.head.num_classes} classes",
+            f"loss: cross-entropy, label smoothing {cfg.train.label_smoothing:g}; class weights "
+            + (
+                "none"
+                if (weights := self.weights_by_name()) is None
+                else f"{cfg.loss.class_weights if isinstance(cfg.loss.class_weights, str) else 'given'}: "
+                + ", ".join(f"{name} {w:.3g}" for name, w in weights.items())
+            ),
             "parameter groups:",
             *[
                 f"  {g.name:<14} lr {g.lr:g}  weight decay {g.weight_decay:g}  "
@@ -136,8 +151,10 @@ def prepare(config: ProbeConfig, *, device: torch.device | None = None, num_proc
     torch.manual_seed(config.train.seed)
     config = absolute_paths(config)
     task = task_of(config)
-    dataset = load_data(config.data)
+    dataset = load_data(config.data, multiclass=task.multiclass_data)
+    task = task.bind(label_names(dataset.label_map))
     task.check(dataset, config.head.num_classes)
+    class_weights = config.loss.resolve(dataset.label_map, dataset.train.labels)
     backbone = load_backbone(config.model)
     probe = Probe.from_config(config, backbone.model)
     probe.attach(
@@ -190,6 +207,7 @@ def prepare(config: ProbeConfig, *, device: torch.device | None = None, num_proc
         cache_reason=cache_reason,
         padding=(padding[0], padding[1]),
         data_fingerprint=fingerprint(dataset),
+        class_weights=class_weights,
     )
 
 

@@ -1,0 +1,209 @@
+"""``multiclass``: N classes, softmax, cross-entropy with label smoothing, the argmax decision.
+
+The scores of a split are its ``(rows, N)`` class probabilities; the metrics are
+`probekit.multiclass_metrics.multiclass_metrics` (scikit-learn underneath): accuracy, macro /
+micro / weighted F1, macro one-vs-rest AUROC and AUPRC, top-k accuracy, top-label ECE, per-class
+precision, recall, F1, AUROC and AUPRC, and the N x N confusion matrix.
+
+With ``negative_class`` (``safe``, say) one probe is both a categoriser and a guard: the report
+adds the derived binary view "any other class vs the negative class", scored
+``1 - p(negative)``, with the binary metrics (``binary_auroc``, ``binary_recall_at_1pct_fpr``...)
+and a threshold chosen on val by the config's ``threshold`` rule, exactly as a binary probe's.
+``predict`` then says, per text, the argmax label, every class's probability, that score and
+whether it crosses the threshold (``flagged``). Without ``negative_class`` there is no
+threshold: the decision is the argmax, and the report records the rule as ``argmax``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from probekit.errors import ConfigError, UserError, did_you_mean
+from probekit.registry import TASKS
+from probekit.spec import TaskSpec
+from probekit.tasks.base import Scores, Task, weighted_cross_entropy
+
+if TYPE_CHECKING:
+    from probekit.config import ThresholdSpec
+    from probekit.data import Dataset
+
+EPOCH_EXCLUDED = ("n", "binary_threshold", "binary_n", "binary_positives")
+"""Headline keys that ``metrics.jsonl`` leaves out (constant within a run)."""
+
+
+class MulticlassTask(Task):
+    """Multi-class classification; see the module notes."""
+
+    kind = "multiclass"
+
+    def __init__(
+        self,
+        threshold: ThresholdSpec,
+        negative_class: str | None = None,
+        top_k: int = 3,
+        class_names: Sequence[str] = (),
+    ) -> None:
+        self.threshold = threshold
+        self.negative_class = negative_class
+        self.top_k = top_k
+        self.class_names = tuple(class_names)
+        self.negative: int | None = None
+        if negative_class is not None and self.class_names:
+            self.negative = self.class_names.index(negative_class)
+
+    def bind(self, label_names: Sequence[Any]) -> MulticlassTask:
+        names = [str(name) for name in label_names]
+        wanted = self.negative_class
+        if wanted is not None and wanted not in names:
+            hint = did_you_mean(wanted, names)
+            raise ConfigError(
+                f"task.negative_class: {wanted!r} is not a label of the data (labels: "
+                f"{', '.join(names[:20])}{', ...' if len(names) > 20 else ''})"
+                + (f"; {hint}" if hint else "")
+            )
+        return MulticlassTask(self.threshold, wanted, self.top_k, names)
+
+    def check(self, dataset: Dataset, num_classes: int) -> None:
+        if dataset.num_classes != num_classes:
+            raise UserError(
+                f"head.num_classes={num_classes} but the data has {dataset.num_classes} classes "
+                f"({', '.join(sorted(dataset.label_map, key=dataset.label_map.__getitem__))}); "
+                f"set head.num_classes={dataset.num_classes}"
+            )
+
+    def loss(
+        self, logits: Tensor, labels: Tensor, *, smoothing: float = 0.0, weights: Tensor | None = None
+    ) -> Tensor:
+        return weighted_cross_entropy(logits, labels, smoothing=smoothing, weights=weights)
+
+    def correct(self, logits: Tensor, labels: Tensor) -> int:
+        return int((logits.argmax(dim=-1) == labels).sum())
+
+    def scores(self, logits: Tensor) -> Tensor:
+        return torch.softmax(logits, dim=-1)
+
+    def _names(self, scores: Scores) -> list[str]:
+        width = int(np.asarray(scores.scores).shape[-1]) if np.asarray(scores.scores).ndim == 2 else 0
+        names = list(self.class_names)
+        return names if len(names) == width else [str(index) for index in range(width)]
+
+    def metrics(self, scores: Scores, threshold: float | None = None) -> dict[str, Any]:
+        from probekit.multiclass_metrics import multiclass_metrics
+
+        return multiclass_metrics(
+            scores.labels,
+            scores.scores,
+            self._names(scores),
+            negative=self.negative,
+            threshold=0.5 if threshold is None else threshold,
+            top_k=self.top_k,
+        )
+
+    def epoch_metrics(self, scores: Scores) -> dict[str, float]:
+        from probekit.multiclass_metrics import headline
+
+        return {k: v for k, v in headline(self.metrics(scores)).items() if k not in EPOCH_EXCLUDED}
+
+    def epoch_line(self, metrics: Mapping[str, float]) -> str:
+        line = f"acc {metrics['accuracy']:.4f} macro-f1 {metrics['f1']:.4f} auroc {metrics['auroc']:.4f}"
+        if "binary_auroc" in metrics:
+            line += f" vs-{self.negative_class} auroc {metrics['binary_auroc']:.4f}"
+        return line
+
+    def monitor(self, metric: str, scores: Scores, metrics: Mapping[str, float]) -> float:
+        return scores.loss if metric == "loss" else float(metrics[metric])
+
+    def choose_threshold(self, scores: Scores) -> float:
+        if self.negative is None:
+            return 0.5
+        from probekit.multiclass_metrics import derived_binary
+
+        labels, score = derived_binary(scores.labels, scores.scores, self.negative)
+        return self.threshold.choose(labels, score)
+
+    def threshold_rule(self) -> str:
+        if self.negative_class is None:
+            return "none: the decision is the argmax (task.negative_class adds a guard threshold)"
+        return f"{self.threshold.describe()}, on the binary view any class vs {self.negative_class!r}"
+
+    def threshold_rule_id(self) -> str:
+        return "argmax" if self.negative_class is None else self.threshold.rule_id()
+
+    def summary_line(self, split: str, metrics: Mapping[str, Any]) -> str:
+        m = metrics
+        line = (
+            f"{split:<5} accuracy {m['accuracy']:.4f}  macro-f1 {m['f1']:.4f}  auroc {m['auroc']:.4f}  "
+            f"auprc {m['auprc']:.4f}  ece {m['ece']:.4f}"
+        )
+        if "binary_auroc" in m:
+            line += (
+                f"  | vs {self.negative_class}: auroc {m['binary_auroc']:.4f}  "
+                f"recall@1%fpr {m['binary_recall_at_1pct_fpr']:.4f}"
+            )
+        return line
+
+    def predictions(
+        self, texts: Sequence[str], scores: Sequence[Any], threshold: float, label_names: Sequence[Any]
+    ) -> list[dict[str, Any]]:
+        probs = np.asarray(scores, dtype=np.float64).reshape(len(texts), -1)
+        names = list(label_names) or list(range(probs.shape[1]))
+        keys = [str(name) for name in names]
+        rows: list[dict[str, Any]] = []
+        for text, row in zip(texts, probs, strict=True):
+            out: dict[str, Any] = {
+                "text": text,
+                "label": names[int(row.argmax())],
+                "probabilities": {key: float(p) for key, p in zip(keys, row, strict=True)},
+            }
+            if self.negative is not None:
+                score = min(1.0, max(0.0, 1.0 - float(row[self.negative])))
+                out["score"] = score
+                out["flagged"] = score >= threshold
+            rows.append(out)
+        return rows
+
+    def write_plots(
+        self,
+        folder: Path,
+        history: Sequence[Mapping[str, Any]],
+        scores: Scores,
+        threshold: float,
+        class_names: Sequence[str],
+    ) -> list[Path]:
+        from probekit.plots_multiclass import write_multiclass_plots
+
+        return write_multiclass_plots(
+            folder,
+            list(history),
+            scores.labels,
+            scores.scores,
+            [str(name) for name in class_names],
+            negative=self.negative,
+            threshold=threshold,
+        )
+
+
+@TASKS.register
+class MulticlassTaskSpec(TaskSpec):
+    """N classes (``head.num_classes`` of them): softmax, cross-entropy, argmax; with
+    ``negative_class`` also the binary view "any other class vs it" and its threshold."""
+
+    kind: Literal["multiclass"] = "multiclass"
+    negative_class: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="The label of the harmless class (e.g. safe): the report adds the binary view "
+        "'any other class vs it' (score 1 - p(it)) with a threshold chosen by the threshold rule.",
+    )
+    top_k: int = Field(default=3, ge=1, le=1000, description="k of the top-k accuracy (at most classes - 1).")
+
+    def build(self, threshold: Any) -> MulticlassTask:
+        return MulticlassTask(threshold, self.negative_class, self.top_k)
