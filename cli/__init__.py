@@ -356,10 +356,11 @@ def _number(value: Any) -> str:
 def _metric_lines(metrics: dict[str, Any]) -> list[str]:
     """Metrics as text: one line per number, then a multi-class probe's per-class table and its
     confusion matrix (rows: true class, columns: predicted, in class order)."""
+    shown = {k: v for k, v in metrics.items() if k not in {"per_class", "confusion_matrix", "class_names"}}
+    width = max(20, *(len(key) + 1 for key in shown))
     lines = [
-        f"{key:<26} {_number(value) if isinstance(value, float) else value}"
-        for key, value in metrics.items()
-        if key not in {"per_class", "confusion_matrix", "class_names"}
+        f"{key:<{width}} {_number(value) if isinstance(value, float) else value}"
+        for key, value in shown.items()
     ]
     per_class: dict[str, dict[str, float]] = metrics.get("per_class") or {}
     if per_class:
@@ -374,10 +375,13 @@ def _metric_lines(metrics: dict[str, Any]) -> list[str]:
             lines.append(f"{name:<{width}}{cells}")
     matrix = metrics.get("confusion_matrix")
     if matrix:
-        names = [str(n)[:7] for n in metrics.get("class_names") or range(len(matrix))]
+        names = [str(n) for n in metrics.get("class_names") or range(len(matrix))]
+        first, cell = max(len(n) for n in names) + 1, max(6, *(len(n) + 1 for n in names))
         lines += ["", "confusion matrix (rows: true, columns: predicted)"]
-        lines.append(" " * 9 + "".join(f"{n:>8}" for n in names))
-        lines += [f"{names[i]:<9}" + "".join(f"{c:>8}" for c in row) for i, row in enumerate(matrix)]
+        lines.append(" " * first + "".join(f"{n:>{cell}}" for n in names))
+        lines += [
+            f"{names[i]:<{first}}" + "".join(f"{c:>{cell}}" for c in row) for i, row in enumerate(matrix)
+        ]
     return lines
 
 
@@ -394,7 +398,9 @@ def predict_command(
     batch_size: Annotated[int, typer.Option(help="Texts per batch.", min=1, max=1_000_000)] = 64,
     trust_remote_code: TrustOption = False,
 ) -> None:
-    """Classify texts; write one JSON object per text to stdout (text, probability, label)."""
+    """Classify texts; write one JSON object per text to stdout (binary: text, probability,
+    label; multi-class: text, label, probabilities, and score and flagged with a negative class)."""
+    from probekit import jsonio
     from probekit.checkpoint import read_meta
     from probekit.data import check_text, stored_data_spec, stream_text_lines
     from probekit.errors import UserError
@@ -422,7 +428,7 @@ def predict_command(
         items = stream_text_lines(sys.stdin, "<stdin>", max_chars)
     probe = Probe.from_pretrained(run, trust_remote_code=trust_remote_code)
     for row in probe.predict(items, batch_size=batch_size):
-        typer.echo(json.dumps(row, ensure_ascii=False))
+        typer.echo(jsonio.dumps(row, ensure_ascii=False))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -208,6 +208,12 @@ def write_meta(folder: Path, meta: Mapping[str, Any]) -> Path:
     return path
 
 
+def class_keys(label_map: Mapping[str, int]) -> list[str]:
+    """The label map's keys by class index: the names configs use for classes
+    (``task.negative_class``, ``loss.class_weights``) and the keys of ``predict``'s probabilities."""
+    return [name for name, _ in sorted(label_map.items(), key=lambda kv: kv[1])]
+
+
 def label_names(label_map: Mapping[str, int]) -> list[Any]:
     """Label values as the data gave them, by class index: ints, booleans or strings (what
     training stores in ``label_names`` and ``predict`` writes)."""

@@ -39,7 +39,15 @@ from probekit.optim import OptimizerSpec
 from probekit.poolers.masked_mean import MaskedMeanSpec
 from probekit.registry import FREEZERS, HEADS, POOLERS, PRESETS, SCHEDULERS, TASKS, Registry, last_report
 from probekit.schedulers.cosine import CosineSpec
-from probekit.spec import FreezerSpec, HeadSpec, PoolerSpec, SchedulerSpec, TaskSpec, TokenPoolerSpec
+from probekit.spec import (
+    FreezerSpec,
+    HeadSpec,
+    PoolerSpec,
+    SchedulerSpec,
+    TaskSpec,
+    TokenPoolerSpec,
+    label_key,
+)
 from probekit.tasks.base import Task
 from probekit.tasks.binary import BinaryTaskSpec
 
@@ -156,6 +164,7 @@ class LossSpec(BaseModel):
             raise ValueError(
                 f"expected none, balanced or a mapping {{label: weight}}, got {type(value).__name__}"
             )
+        value = {label_key(name): weight for name, weight in value.items()}
         if not value:
             raise ValueError("an empty mapping; give {label: weight} or none")
         if len(value) > 100_000:

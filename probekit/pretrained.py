@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from probekit.backbone import base_model, locate
-from probekit.checkpoint import META, RunMeta, read_run, sha256_file, trainable_parameters
+from probekit.checkpoint import META, RunMeta, class_keys, read_run, sha256_file, trainable_parameters
 from probekit.config import task_of
 from probekit.errors import UserError
 from probekit.hub import ModelSpec
@@ -97,6 +97,15 @@ def load_run(
             "written by an earlier probekit (format_version 1)",
             where,
         )
+    outputs, labels = config.head.num_classes, len(meta.label_names)
+    if outputs != labels:
+        raise UserError(
+            f"{where}: config.head.num_classes: a head of {outputs} outputs for {labels} labels (label_names)"
+        )
+    try:
+        task = task_of(config).bind(class_keys(meta.label_map))
+    except UserError as exc:
+        raise UserError(f"{where}: config.{printable(str(exc))}") from None
     weights, state = _check_weights(run)
     spec = config.model.model_copy(update={"trust_remote_code": trust_remote_code})
     loaded = _load_backbone(spec, where)
@@ -138,7 +147,7 @@ def load_run(
         max_length=config.model.max_length,
         threshold=float(meta.threshold),
         label_names=list(meta.label_names),
-        task=task_of(config).bind(list(meta.label_names)),
+        task=task,
     )
     probe.eval()
     return probe, run

@@ -154,6 +154,16 @@ class FreezerSpec(Spec):
         raise NotImplementedError
 
 
+def label_key(value: Any) -> Any:
+    """A class named in a config as the label map keys it: ``true``/``false`` for booleans, the
+    digits of an integer (``--set task.negative_class=0``); anything else unchanged."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    return value
+
+
 class TaskSpec(Spec):
     """The kind of target a probe predicts (``task.kind``): it builds the `probekit.tasks.Task`
     that owns the label encoding, the loss, the output activation, the metrics, the decision

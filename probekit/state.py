@@ -357,9 +357,14 @@ def check_state(state: Any, tensors: Mapping[str, torch.Tensor]) -> str | None:
     return _tensor_problem(parsed, tensors)
 
 
-def check_fits(saved: Saved, params: Mapping[str, torch.Tensor], optimizer: Any) -> str | None:
+def check_fits(
+    saved: Saved, params: Mapping[str, torch.Tensor], optimizer: Any, scores: tuple[int, ...] | None = None
+) -> str | None:
     """Why ``saved`` does not fit the probe whose trainable ``params`` and ``optimizer`` are given
-    (names, shapes, parameter groups), or None."""
+    (names, shapes, parameter groups) and the shape of the task's val ``scores``, or None."""
+    probs = saved.tensors.get("bestval.probs")
+    if scores is not None and probs is not None and tuple(probs.shape) != scores:
+        return f"bestval.probs has shape {tuple(probs.shape)}, the task's val scores {scores}"
     got = {k.removeprefix("param."): v for k, v in saved.tensors.items() if k.startswith("param.")}
     if set(got) != set(params):
         missing, extra = sorted(set(params) - set(got)), sorted(set(got) - set(params))

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from .engine_fixtures import ToyData, bert_dir, make_rows, toy_data, write_jsonl
+from .engine_fixtures import BAD, ToyData, bert_dir, make_rows, toy_data, write_jsonl
 
 __all__ = ["bert_dir", "toy_data"]
 
@@ -94,3 +97,87 @@ def test_results_report_runs_every_method(bert_dir: Path, toy_data: ToyData, tmp
     table = (out / "results.md").read_text()
     assert done.stdout == table
     assert "| TF-IDF + logistic regression | test |" in table and "Operating point of" in table
+
+
+def load_results_module() -> Any:
+    spec = importlib.util.spec_from_file_location("benchmark_results", RESULTS)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_results_report_detects_the_task() -> None:
+    """--task auto: integer or boolean 0/1 labels are binary; more labels, or names, multi-class."""
+    detect = load_results_module().detect_task
+    assert detect([0, 1], "auto") == "binary"
+    assert detect([False, True], "auto") == "binary"
+    assert detect([0, 1, 2], "auto") == "multiclass"
+    assert detect(["safe", "unsafe"], "auto") == "multiclass"
+    assert detect(["safe", "vcr", "ssh"], "auto") == "multiclass"
+    assert detect([0, 1], "multiclass") == "multiclass"
+
+
+def write_three_classes(folder: Path) -> dict[str, list[dict[str, Any]]]:
+    """96 / 48 / 48 rows labelled by their `BAD` word (``bomb``, ``poison``) or ``safe``."""
+    rows = make_rows(192, seed=3)
+    for row in rows:
+        row["label"] = next((word for word in row["text"].split() if word in BAD), "safe")
+    splits = {"train": rows[:96], "val": rows[96:144], "test": rows[144:]}
+    for name, split_rows in splits.items():
+        write_jsonl(folder / f"{name}.jsonl", split_rows)
+    return splits
+
+
+def test_results_report_on_multiclass_data(bert_dir: Path, tmp_path: Path) -> None:
+    """Three string labels: the multi-class methods (TF-IDF, the hazards13 sweep and preset, one
+    epoch on the tiny BERT), judged by multiclass_metrics with the "any class vs safe" view; the
+    summary, per-class and confusion tables; a confusion plot per method."""
+    splits = write_three_classes(tmp_path / "data")
+    out = tmp_path / "out"
+    args = ["--data", str(tmp_path / "data"), "--out", str(out), "--model", str(bert_dir), "--epochs", "1"]
+    done = subprocess.run(
+        [sys.executable, str(RESULTS), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "multiclass" and results["preset"] == "hazards13"
+    assert results["class_names"] == ["bomb", "poison", "safe"] and results["negative_class"] == "safe"
+    assert list(results["methods"]) == ["tfidf", "sweep", "preset"]
+    assert results["best"] in results["methods"]
+    scalar = ("accuracy", "f1", "auroc", "auprc", "binary_auroc", "binary_recall_at_1pct_fpr", "ece")
+    for method, outcome in results["methods"].items():
+        if method == "sweep":
+            outcome = next(c for c in outcome["candidates"] if c["name"] == outcome["best"])
+        for split in ("val", "test"):
+            metrics = outcome["metrics"][split]
+            for key in scalar:
+                assert metrics[key] is None or 0.0 <= metrics[key] <= 1.0, (method, split, key)
+            assert metrics["n"] == len(splits[split])
+            assert sum(map(sum, metrics["confusion_matrix"])) == len(splits[split])
+            assert sorted(metrics["per_class"]) == ["bomb", "poison", "safe"]
+        assert (out / f"confusion_{method}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    tfidf = results["methods"]["tfidf"]
+    assert tfidf["C"] in (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+    assert tfidf["metrics"]["test"]["f1"] >= 0.9  # the class is the word: TF-IDF gets it
+    assert not math.isnan(tfidf["threshold"])
+    assert (out / "layers.png").is_file()
+    table = (out / "results.md").read_text()
+    assert done.stdout == table
+    assert "| method | split | acc | macro F1 | macro AUROC | bin AUROC | bin R@1%FPR | ECE |" in table
+    assert (
+        "| TF-IDF + logistic regression | test |" in table
+        and "| hazards13 preset (as shipped) | val |" in table
+    )
+    assert (
+        "| class | n | tfidf F1 | tfidf AUPRC | sweep F1 | sweep AUPRC | preset F1 | preset AUPRC |" in table
+    )
+    test_rows = {name: sum(r["label"] == name for r in splits["test"]) for name in ("bomb", "poison", "safe")}
+    for name, count in test_rows.items():
+        assert re.search(rf"^\| {name} \| {count} \|( \d\.\d{{3}} \|){{6}}$", table, re.M), name
+    assert "| true \\ predicted | bomb | poison | safe |" in table
+    assert "Sweep, every candidate:" in table

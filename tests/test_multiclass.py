@@ -5,7 +5,9 @@ processes, ``eval``, ``predict`` and the sweep; and the errors a user meets, eac
 from __future__ import annotations
 
 import json
+import math
 import random
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from safetensors.torch import load_file
 from probekit import Probe
 from probekit.config import LossSpec, ThresholdSpec, compose_config
 from probekit.data import DataError, DataSpec, load_data
-from probekit.errors import ConfigError
+from probekit.errors import ConfigError, UserError
 from probekit.multiclass_metrics import multiclass_metrics
 from probekit.tasks.base import Scores, weighted_cross_entropy
 from probekit.tasks.multiclass import MulticlassTask
@@ -396,3 +398,70 @@ def test_user_errors_exit_2_with_one_line(
 def test_class_counts_of_the_toy_data(three: ToyData) -> None:
     """The fixture's own promise, which the weights test above relies on."""
     assert Counter(three.labels("train")) == {"none": 48, "poison": 24, "bomb": 24}
+
+
+def test_classes_are_named_as_the_label_map_keys_them(tmp_path: Path) -> None:
+    """Integer and boolean labels: ``--set task.negative_class=0`` and ``{0: 2}`` weights work."""
+    from probekit.config import load_config
+
+    config = load_config(
+        {"task": {"kind": "multiclass", "negative_class": 0}, "loss": {"class_weights": {1: 2.0}}}
+    )
+    assert config.task.negative_class == "0"  # type: ignore[attr-defined]
+    assert config.loss.class_weights == {"1": 2.0}
+    assert load_config({"loss": {"class_weights": {True: 3}}}).loss.class_weights == {"true": 3}
+    task = MulticlassTask(ThresholdSpec(), "0").bind(["0", "1", "2"])
+    assert task.negative == 0
+    rows = task.predictions(["x"], [[0.2, 0.5, 0.3]], 0.5, [0, 1, 2])
+    assert rows[0]["label"] == 1 and rows[0]["probabilities"] == {"0": 0.2, "1": 0.5, "2": 0.3}
+
+
+def test_non_finite_probabilities_are_refused_not_passed_as_safe() -> None:
+    task = MulticlassTask(ThresholdSpec(), "safe").bind(["cyber", "fraud", "safe"])
+    with pytest.raises(UserError, match=r"texts\[1\]: the probe gave non-finite probabilities"):
+        task.predictions(["a", "b"], [[0.2, 0.3, 0.5], [math.nan] * 3], 0.3, ["cyber", "fraud", "safe"])
+
+
+def test_a_val_split_without_the_negative_class_is_refused(three: ToyData, tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "val.jsonl", [r for r in three.rows["val"] if r["label"] != "none"])
+    data = load_data(
+        DataSpec(train=str(three.path("train")), val=str(tmp_path / "val.jsonl")), multiclass=True
+    )
+    task = MulticlassTask(ThresholdSpec(), "none").bind(["bomb", "none", "poison"])
+    with pytest.raises(
+        UserError, match=r"val has no row of 'none'; task.negative_class='none' chooses its threshold"
+    ):
+        task.check(data, 3)
+
+
+def test_a_run_folder_whose_head_does_not_fit_its_labels_is_refused(finished: Path, tmp_path: Path) -> None:
+    """An edited probe.json (5 outputs for 3 labels, or an unknown negative class): one line, exit 2."""
+    import shutil
+
+    from tests.test_run_trust import edit_meta  # re-seals the checksums, as an attacker would
+
+    for edit, expected in (
+        (
+            lambda m: m["config"]["head"].update(num_classes=5),
+            "config.head.num_classes: a head of 5 outputs for 3 labels",
+        ),
+        (
+            lambda m: m["config"]["task"].update(negative_class="nope"),
+            "config.task.negative_class: 'nope' is not a label",
+        ),
+    ):
+        run = tmp_path / "run"
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.copytree(finished, run)
+        edit_meta(run, edit)
+        with pytest.raises(UserError, match=re.escape(expected)):
+            Probe.from_pretrained(run)
+
+
+def test_saved_val_probabilities_of_another_width_do_not_fit_the_run() -> None:
+    """A training-state checkpoint whose best-epoch val scores are not (val rows, classes)."""
+    from probekit.state import Saved, check_fits
+
+    saved = Saved(Path("ckpt"), {"bestval.probs": torch.full((4, 5), 0.2)}, {})
+    problem = check_fits(saved, {}, None, (4, 3))
+    assert problem == "bestval.probs has shape (4, 5), the task's val scores (4, 3)"

@@ -81,3 +81,30 @@ def test_readme_quick_start_trains_and_predicts_verbatim(tmp_path: Path) -> None
     report = json.loads((tmp_path / "runs" / "demo" / "report.json").read_text(encoding="utf-8"))
     assert report["metrics"]["val"]["auroc"] > 0.8  # the shipped recipe learns the demo data
     assert "blocks frozen 0-3, trainable 4-5 of 6" in run.stderr
+
+
+@pytest.mark.slow
+def test_readme_multiclass_block_trains_and_predicts_verbatim(tmp_path: Path) -> None:
+    """The Quick start's hazards13 block on the demo data's 7 categories, as written."""
+    section = README.split("## Quick start\n", 1)[1]
+    commands = next(
+        block for block in re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL) if "hazards13" in block
+    )
+    (tmp_path / ".venv").symlink_to(Path(sys.executable).parents[1], target_is_directory=True)
+    run = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", commands],
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    (line,) = run.stdout.strip().splitlines()
+    row = json.loads(line)
+    assert set(row) == {"text", "label", "probabilities", "score", "flagged"}
+    assert len(row["probabilities"]) == 7 and row["label"] in row["probabilities"]
+    report = json.loads((tmp_path / "runs" / "categories" / "report.json").read_text(encoding="utf-8"))
+    assert report["threshold_rule"] == "max_f1" and len(report["metrics"]["test"]["per_class"]) == 7
+    assert report["metrics"]["val"]["binary_auroc"] > 0.8  # the guard view learns the demo data

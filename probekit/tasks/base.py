@@ -40,18 +40,19 @@ class Task(ABC):
     kind: str = ""
     """The task's ``kind`` in the registry."""
 
-    multiclass_data: bool = True
+    multiclass_data: bool = False
     """Read data as for N classes (`probekit.data.load_data`'s ``multiclass``): string labels
-    get a sorted label map, a class may be absent from val. False for a binary task."""
+    get a sorted label map, a class may be absent from val. False (the strict rules) unless a
+    task sets it."""
 
     @abstractmethod
     def check(self, dataset: Dataset, num_classes: int) -> None:
         """Refuse (``UserError``) data or a head this task cannot train."""
 
     def bind(self, label_names: Sequence[Any]) -> Task:
-        """The task for a probe whose classes are ``label_names`` (by index): where a setting names
-        a class (``negative_class``), it is resolved here. Raises `probekit.errors.ConfigError`
-        when it names none of them."""
+        """The task for a probe whose classes are ``label_names`` (the label map's keys, by
+        index): where a setting names a class (``negative_class``), it is resolved here. Raises
+        `probekit.errors.ConfigError` when it names none of them."""
         return self
 
     @abstractmethod

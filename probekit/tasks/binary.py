@@ -32,7 +32,6 @@ class BinaryTask(Task):
     """Binary classification; see the module notes."""
 
     kind = "binary"
-    multiclass_data = False
 
     def __init__(self, threshold: ThresholdSpec) -> None:
         self.threshold = threshold

@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor
 
 from probekit.errors import ConfigError, UserError, did_you_mean
 from probekit.registry import TASKS
-from probekit.spec import TaskSpec
+from probekit.spec import TaskSpec, label_key
 from probekit.tasks.base import Scores, Task, weighted_cross_entropy
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ class MulticlassTask(Task):
     """Multi-class classification; see the module notes."""
 
     kind = "multiclass"
+    multiclass_data = True
 
     def __init__(
         self,
@@ -59,7 +60,7 @@ class MulticlassTask(Task):
             self.negative = self.class_names.index(negative_class)
 
     def bind(self, label_names: Sequence[Any]) -> MulticlassTask:
-        names = [str(name) for name in label_names]
+        names = [str(name) for name in label_names]  # the label map's keys
         wanted = self.negative_class
         if wanted is not None and wanted not in names:
             hint = did_you_mean(wanted, names)
@@ -77,6 +78,14 @@ class MulticlassTask(Task):
                 f"({', '.join(sorted(dataset.label_map, key=dataset.label_map.__getitem__))}); "
                 f"set head.num_classes={dataset.num_classes}"
             )
+        if self.negative is not None:  # the guard threshold is chosen on val: it needs both sides
+            negatives = sum(label == self.negative for label in dataset.val.labels)
+            if negatives in (0, len(dataset.val)):
+                side = f"no row of {self.negative_class!r}" if not negatives else "only rows of it"
+                raise UserError(
+                    f"{dataset.val.source}: val has {side}; task.negative_class={self.negative_class!r} "
+                    "chooses its threshold on val, which needs rows of it and of the other classes"
+                )
 
     def loss(
         self, logits: Tensor, labels: Tensor, *, smoothing: float = 0.0, weights: Tensor | None = None
@@ -154,7 +163,16 @@ class MulticlassTask(Task):
     ) -> list[dict[str, Any]]:
         probs = np.asarray(scores, dtype=np.float64).reshape(len(texts), -1)
         names = list(label_names) or list(range(probs.shape[1]))
-        keys = [str(name) for name in names]
+        keys = list(self.class_names) if len(self.class_names) == len(names) else [str(n) for n in names]
+        if len(names) != probs.shape[1]:
+            raise UserError(
+                f"the probe gives {probs.shape[1]} probabilities per text for {len(names)} labels"
+            )
+        if not np.isfinite(probs).all():
+            bad = int(np.flatnonzero(~np.isfinite(probs).all(axis=1))[0])
+            raise UserError(
+                f"texts[{bad}]: the probe gave non-finite probabilities (are its weights damaged?)"
+            )
         rows: list[dict[str, Any]] = []
         for text, row in zip(texts, probs, strict=True):
             out: dict[str, Any] = {
@@ -204,6 +222,11 @@ class MulticlassTaskSpec(TaskSpec):
         "'any other class vs it' (score 1 - p(it)) with a threshold chosen by the threshold rule.",
     )
     top_k: int = Field(default=3, ge=1, le=1000, description="k of the top-k accuracy (at most classes - 1).")
+
+    @field_validator("negative_class", mode="before")
+    @classmethod
+    def _as_label_key(cls, value: Any) -> Any:
+        return label_key(value)
 
     def build(self, threshold: Any) -> MulticlassTask:
         return MulticlassTask(threshold, self.negative_class, self.top_k)

@@ -184,7 +184,7 @@ def _run(
         state = TrainState()
         callbacks = default_callbacks(plan, ctx, folder, saved, extra)
         if saved is not None:
-            restore_training(saved, parts)
+            restore_training(saved, parts, plan)
             state = TrainState.from_json(saved.state, sums=ctx.is_main)
             keys = state_keys(callbacks)
             for callback in callbacks:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from probekit import jsonio
-from probekit.checkpoint import save_checkpoint
+from probekit.checkpoint import class_keys, save_checkpoint
 from probekit.config import dump_config
 from probekit.tasks.base import Scores, Task
 from probekit.training.plan import TrainPlan
@@ -94,7 +94,7 @@ def write_outputs(
     (folder / "report.json").write_text(jsonio.dumps(report, indent=2) + "\n", encoding="utf-8")
     (folder / "summary.txt").write_text("\n".join(result.summary()[1:]) + "\n", encoding="utf-8")
     shown = scores.get("test", scores["val"])
-    names = tuple(str(n) for n in plan.label_names)
+    names = tuple(class_keys(plan.dataset.label_map))
     plan.task.write_plots(folder / "plots", result.history, shown, result.threshold, names)
 
 

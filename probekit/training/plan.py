@@ -19,7 +19,7 @@ import torch
 
 from probekit.batching import BucketBatchSampler, Encoded, encode, padding_fraction
 from probekit.cache import CachePlan, plan_cache, storage_dtype
-from probekit.checkpoint import label_names
+from probekit.checkpoint import class_keys, label_names
 from probekit.config import ProbeConfig, task_of
 from probekit.data import Dataset, load_data
 from probekit.distributed import resolve_batch, steps_per_epoch
@@ -68,7 +68,7 @@ class TrainPlan:
         """The resolved class weights by label name, as the plan prints and the report stores them."""
         if self.class_weights is None:
             return None
-        return {str(name): w for name, w in zip(self.label_names, self.class_weights, strict=True)}
+        return dict(zip(class_keys(self.dataset.label_map), self.class_weights, strict=True))
 
     @property
     def pad_id(self) -> int:
@@ -152,7 +152,7 @@ def prepare(config: ProbeConfig, *, device: torch.device | None = None, num_proc
     config = absolute_paths(config)
     task = task_of(config)
     dataset = load_data(config.data, multiclass=task.multiclass_data)
-    task = task.bind(label_names(dataset.label_map))
+    task = task.bind(class_keys(dataset.label_map))
     task.check(dataset, config.head.num_classes)
     class_weights = config.loss.resolve(dataset.label_map, dataset.train.labels)
     backbone = load_backbone(config.model)

@@ -116,12 +116,17 @@ def check_same_batches(state: Mapping[str, Any], plan: TrainPlan) -> None:
         )
 
 
-def restore_training(saved: Saved, parts: Parts) -> None:
+def restore_training(saved: Saved, parts: Parts, plan: TrainPlan) -> None:
     """Load a training-state checkpoint's weights, optimizer and scheduler (the RNG states and
     the fp16 grad scaler come back at the start of the fit: `StateCheckpoints`)."""
+    import torch
+
     from probekit.state import check_fits
 
-    problem = check_fits(saved, trainable_parameters(parts.probe), parts.optimizer)
+    # the shape of the task's scores of the val split: (rows,) or (rows, classes)
+    logits = torch.zeros(1, plan.config.head.num_classes)
+    scores = (len(plan.dataset.val), *plan.task.scores(logits).shape[1:])
+    problem = check_fits(saved, trainable_parameters(parts.probe), parts.optimizer, scores)
     if problem is not None:
         raise UserError(f"{saved.path}: this checkpoint does not fit the run's probe: {problem}")
     restore(
