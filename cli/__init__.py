@@ -354,25 +354,28 @@ def _number(value: Any) -> str:
 
 
 def _metric_lines(metrics: dict[str, Any]) -> list[str]:
-    """Metrics as text: one line per number, then a multi-class probe's per-class table and its
-    confusion matrix (rows: true class, columns: predicted, in class order)."""
-    shown = {k: v for k, v in metrics.items() if k not in {"per_class", "confusion_matrix", "class_names"}}
+    """Metrics as text: one line per number, then a table per class (or label) and a multi-class
+    probe's confusion matrix (rows: true class, columns: predicted, in class order)."""
+    nested = {"per_class", "per_label", "confusion_matrix", "class_names", "label_names"}
+    shown = {k: v for k, v in metrics.items() if k not in nested}
     width = max(20, *(len(key) + 1 for key in shown))
     lines = [
         f"{key:<{width}} {_number(value) if isinstance(value, float) else value}"
         for key, value in shown.items()
     ]
-    per_class: dict[str, dict[str, float]] = metrics.get("per_class") or {}
-    if per_class:
-        width = max(12, *(len(name) for name in per_class)) + 1
-        columns = ("precision", "recall", "f1", "auroc", "auprc", "support")
-        lines += ["", f"{'class':<{width}}" + "".join(f"{c:>10}" for c in columns)]
-        for name, row in per_class.items():
+    table: dict[str, dict[str, float]] = metrics.get("per_class") or metrics.get("per_label") or {}
+    if table:
+        first = max(12, *(len(name) for name in table)) + 1
+        columns = {c: max(10, len(c) + 1) for c in next(iter(table.values()))}
+        counts = {"support", "known"}
+        head = "class" if "per_class" in metrics else "label"
+        lines += ["", f"{head:<{first}}" + "".join(f"{c:>{w}}" for c, w in columns.items())]
+        for name, row in table.items():
             cells = "".join(
-                f"{int(row['support']):>10}" if c == "support" else f"{_number(row.get(c)):>10}"
-                for c in columns
+                f"{int(row[c]):>{w}}" if c in counts else f"{_number(row.get(c)):>{w}}"
+                for c, w in columns.items()
             )
-            lines.append(f"{name:<{width}}{cells}")
+            lines.append(f"{name:<{first}}{cells}")
     matrix = metrics.get("confusion_matrix")
     if matrix:
         names = [str(n) for n in metrics.get("class_names") or range(len(matrix))]

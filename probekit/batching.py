@@ -141,7 +141,9 @@ class Encoded:
     """Token ids of one split (unpadded) with labels; ``truncated`` rows exceeded max_length."""
 
     ids: list[list[int]]
-    labels: list[int]
+    labels: list[Any]
+    """Per row: a class index, or a multi-label row's tuple of cells (``nan``: unknown), or a
+    regression target; the latter two are batched as float tensors."""
     truncated: int
 
     def __len__(self) -> int:
@@ -177,7 +179,7 @@ class Batch:
     filler: bool = False
 
     def __len__(self) -> int:
-        return int(self.labels.numel())
+        return int(self.labels.shape[0])
 
     def to(self, device: torch.device) -> Batch:
         """The batch on ``device`` (the row index stays where it is)."""
@@ -217,7 +219,9 @@ class Collator:
 
         rows = [self.encoded.ids[i] for i in indices]
         ids, mask = pad_rows(rows, self.pad_id, left=self.left)
-        labels = torch.tensor([self.encoded.labels[i] for i in indices], dtype=torch.long)
+        targets = [self.encoded.labels[i] for i in indices]
+        floats = bool(targets) and isinstance(targets[0], (float, tuple))
+        labels = torch.tensor(targets, dtype=torch.float32 if floats else torch.long)
         index = torch.tensor(list(indices), dtype=torch.long)
         if self.cache is None:
             return Batch(ids, mask, labels, index)

@@ -17,7 +17,8 @@ the backbone it loads against the one the run was trained on, and checks the wei
     config           the full validated config of the run
     label_map        label name -> class index, 0..K-1, K >= 2
     label_names      the K label values by class index (ints, booleans or strings)
-    threshold        the decision threshold, a finite number in [0, 1]
+    threshold        the decision threshold, a finite number in [0, 1] (a list of them, one per
+                     label, for a multi-label probe)
     backbone         name, revision, provenance, model_type, num_blocks, hidden_size
     components       per component kind: family, kind, source, distribution
     weights          file (a bare file name in this folder), sha256, tensors (their count)
@@ -184,7 +185,11 @@ class ProbeMeta(_Open):
     config: dict[str, Any]
     label_map: dict[str, NonNegative]
     label_names: list[Label]
-    threshold: Annotated[SFloat, Field(ge=0.0, le=1.0)]
+    threshold: (
+        Annotated[SFloat, Field(ge=0.0, le=1.0)]
+        | Annotated[list[Annotated[SFloat, Field(ge=0.0, le=1.0)]], Field(min_length=1, max_length=100_000)]
+    )
+    """One decision threshold, or one per label (multi-label)."""
     backbone: BackboneMeta
     components: list[ComponentMeta] = Field(default_factory=list)
     weights: WeightsMeta
@@ -271,13 +276,11 @@ def _locate(run_dir: str | Path) -> tuple[Path, Path]:
 def _check_fields(meta: ProbeMeta, raw: dict[str, Any], where: Path) -> None:
     """What the schema's types cannot say: labels, the weights file name, the checksums."""
     values = sorted(meta.label_map.values())
-    if len(values) < 2 or values != list(range(len(values))):
+    if values != list(range(len(values))):  # K >= 0: a regression has none; the head is checked on load
         raise UserError(
-            f"{where}: label_map: class indices must be 0..K-1, each once, with K >= 2; got {shown(values)}"
+            f"{where}: label_map: class indices must be 0..K-1, each once; got {shown(values)}"
         )
     names = meta.label_names
-    if len(names) < 2:
-        raise UserError(f"{where}: label_names: a probe needs at least two label names, got {len(names)}")
     expected = label_names(meta.label_map)
     if names != expected or [type(n) for n in names] != [type(n) for n in expected]:
         raise UserError(
@@ -420,7 +423,7 @@ def save_checkpoint(
     config: dict[str, Any],
     label_map: dict[str, int],
     label_names: list[Any],
-    threshold: float,
+    threshold: float | list[float],
     backbone: dict[str, Any],
     weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:

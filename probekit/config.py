@@ -101,8 +101,12 @@ class TrainSpec(BaseModel):
     patience: int = Field(
         default=5, ge=1, le=1_000_000, description="Epochs without val improvement before stopping."
     )
-    monitor: Literal["auroc", "accuracy", "f1", "auprc", "loss"] = Field(
-        default="auroc", description="Validation metric that decides the best epoch (loss: lower is better)."
+    monitor: Literal[
+        "auroc", "accuracy", "f1", "auprc", "loss", "r2", "mae", "rmse", "pearson", "spearman"
+    ] = Field(
+        default="auroc",
+        description="Validation metric that decides the best epoch (loss, mae, rmse: lower is better); "
+        "the task must report it (regression: loss, mae, rmse, r2, pearson, spearman).",
     )
     seed: int = Field(
         default=0,
@@ -175,7 +179,9 @@ class LossSpec(BaseModel):
                 raise ValueError(f"{name!r}: weight {weight!r} is not a number in (0, {MAX_CLASS_WEIGHT:g}]")
         return value
 
-    def resolve(self, label_map: Mapping[str, int], train_labels: Sequence[int]) -> tuple[float, ...] | None:
+    def resolve(
+        self, label_map: Mapping[str, int], train_labels: Sequence[Any], target: str = "binary"
+    ) -> tuple[float, ...] | None:
         """One weight per class index, or None for ``none`` (an unweighted loss).
 
         Raises:
@@ -185,7 +191,11 @@ class LossSpec(BaseModel):
         spec = self.class_weights
         if spec == "none":
             return None
+        if target == "regression":
+            raise ConfigError("loss.class_weights: a regression has no classes to weigh; leave it none")
         num_classes = max(label_map.values()) + 1
+        if spec == "balanced" and target == "multilabel":
+            return _balanced_positive_weights(label_map, train_labels)
         if spec == "balanced":
             counts = Counter(train_labels)
             empty = [name for name, index in label_map.items() if not counts[index]]
@@ -204,6 +214,17 @@ class LossSpec(BaseModel):
                 )
             weights[label_map[name]] = float(weight)
         return tuple(weights)
+
+
+def _balanced_positive_weights(label_map: Mapping[str, int], rows: Sequence[Any]) -> tuple[float, ...]:
+    """Multi-label ``balanced``: each label's positive rows weigh negatives / positives (known
+    rows of train), the ``pos_weight`` of a binary cross-entropy."""
+    weights = []
+    for column in sorted(label_map.values()):
+        cells = [row[column] for row in rows]
+        positives, negatives = cells.count(1.0), cells.count(0.0)
+        weights.append(negatives / positives if positives and negatives else 1.0)
+    return tuple(weights)
 
 
 class ThresholdSpec(BaseModel):

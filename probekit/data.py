@@ -221,6 +221,13 @@ class DataSpec(BaseModel):
     label_field: str = Field(
         default="label", min_length=1, max_length=1000, description="Field (column) holding the label."
     )
+    label_fields: list[Annotated[str, Field(min_length=1, max_length=1000)]] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=10_000,
+        description="Multi-label data with one column per label: the columns, each cell 0/1, "
+        "true/false or null (unknown). Unset: labels come from label_field.",
+    )
     label_map: dict[Annotated[str, Field(max_length=1000)], int] | None = Field(
         default=None,
         description="Label name -> class index (0..K-1, no gaps, one name per class). "
@@ -302,6 +309,14 @@ class DataSpec(BaseModel):
             )
         if self.text_field == self.label_field:
             raise ValueError(f"text_field and label_field are both {self.text_field!r}; they must differ")
+        if self.label_fields is not None:
+            repeated = sorted({f for f in self.label_fields if self.label_fields.count(f) > 1})
+            if repeated:
+                raise ValueError(f"label_fields names {_names(repeated)} more than once")
+            if self.text_field in self.label_fields:
+                raise ValueError(f"label_fields holds the text_field {self.text_field!r}")
+            if self.label_map is not None:
+                raise ValueError("give label_fields (one column per label) or label_map, not both")
         return self
 
 
@@ -313,8 +328,9 @@ class Split:
     name: str
     """``"train"``, ``"val"`` or ``"test"``."""
     texts: tuple[str, ...]
-    labels: tuple[int, ...]
-    """Class indices ``0..K-1``, one per text."""
+    labels: tuple[Any, ...]
+    """One per text: a class index ``0..K-1``; for multi-label data a tuple of L cells (``1.0``,
+    ``0.0`` or ``nan`` for unknown); for regression a float (`probekit.targets`)."""
     source: str
     """Where it came from: the file, or ``"file (split seed N)"`` for a split of one file."""
 
@@ -333,11 +349,35 @@ class DataReport:
     distinct texts found in both, compared after stripping, case folding and collapsing whitespace."""
     class_names: dict[int, str] = dataclasses.field(default_factory=dict)
     """Class index -> label name, where the lines show names (``safe: 500 (34.2%)``)."""
+    target: str = "binary"
+    """What the labels are (`load_data`'s ``target``)."""
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Multi-label: split -> label column -> positive, negative and unknown rows; regression:
+    split -> the targets' mean, std, min and max."""
+
+    def _target_lines(self) -> list[str]:
+        """Per split: every label's positive/negative/unknown rows, or the targets' spread."""
+        out: list[str] = []
+        for name, per in self.stats.items():
+            if self.target == "multilabel":
+                rows = sum(next(iter(per.values())).values()) if per else 0
+                parts = ", ".join(
+                    f"{self.class_names.get(c, c)} {s['positive']}+/{s['negative']}-"
+                    + (f"/{s['unknown']}?" if s["unknown"] else "")
+                    for c, s in per.items()
+                )
+                out.append(f"{name}: {rows} rows; per label (positive+/negative-/unknown?) {parts}")
+            else:
+                out.append(
+                    f"{name}: target mean {per['mean']:.4g}, std {per['std']:.4g}, "
+                    f"min {per['min']:.4g}, max {per['max']:.4g}"
+                )
+        return out
 
     def lines(self) -> list[str]:
         """A human-readable summary: rows and class shares per split, then shared texts."""
-        out: list[str] = []
-        for name, counts in self.class_balance.items():
+        out: list[str] = self._target_lines()
+        for name, counts in self.class_balance.items() if self.target != "multilabel" else ():
             total = sum(counts.values())
             parts = ", ".join(
                 f"{self.class_names.get(index, index)}: {count} ({100.0 * count / (total or 1):.1f}%)"
@@ -357,6 +397,10 @@ class DataReport:
                 )
         for name, counts in self.class_balance.items():
             absent = [index for index, count in sorted(counts.items()) if count == 0]
+            if self.target == "multilabel" and absent:
+                shown = [self.class_names.get(index, index) for index in absent]
+                out.append(f"note: {name} has no positive row of label {_join(shown)}")
+                continue
             if absent:
                 shown = [self.class_names.get(index, index) for index in absent]
                 out.append(f"note: {name} has no rows of class {_join(shown)}")
@@ -376,8 +420,9 @@ class Dataset:
 
     @property
     def num_classes(self) -> int:
-        """Number of classes ``K`` (class indices run ``0..K-1``)."""
-        return max(self.label_map.values()) + 1
+        """Number of classes ``K`` (class indices run ``0..K-1``); labels for multi-label data, 0
+        for regression."""
+        return max(self.label_map.values(), default=-1) + 1
 
     def splits(self) -> tuple[Split, ...]:
         """The splits present, in the order train, val, test."""
@@ -716,15 +761,29 @@ def _read_source(path: Path, spec: DataSpec) -> _Source:
     for number, record in records:
         source.numbers.append(number)
         where = source.where(len(source.numbers) - 1)
-        for name, setting in ((text_field, "text_field"), (label_field, "label_field")):
+        fields = [(text_field, "text_field")]
+        fields += (
+            [(label_field, "label_field")]
+            if spec.label_fields is None
+            else [(name, "label_fields") for name in spec.label_fields]
+        )
+        for name, setting in fields:
             if name not in record:
                 hint = did_you_mean(name, [str(key) for key in record])
                 raise DataError(
                     f"{where}: no field {name!r} in this record (fields: {_names(record)})"
                     + (f"; {hint}" if hint else "")
-                    + f"; set data.{setting} to the field that holds the {setting.split('_')[0]}"
+                    + (
+                        "; data.label_fields names it, so every record needs it"
+                        if setting == "label_fields"
+                        else f"; set data.{setting} to the field that holds the {setting.split('_')[0]}"
+                    )
                 )
         text = field_text(record[text_field], where, text_field, spec.max_text_chars)
+        if spec.label_fields is not None:
+            source.texts.append(text)
+            source.labels.append(tuple(record[name] for name in spec.label_fields))
+            continue
         label = record[label_field]
         if fmt == "csv":
             label = _csv_label(label, spec.label_map)
@@ -968,16 +1027,22 @@ def _folder_files(folder: Path, spec: DataSpec) -> dict[str, Path]:
     return found
 
 
-def load_data(spec: DataSpec, *, multiclass: bool = False) -> Dataset:
+Target = Literal["binary", "multiclass", "multilabel", "regression"]
+"""What a task reads from the labels (`load_data`)."""
+
+
+def load_data(spec: DataSpec, *, target: Target = "binary") -> Dataset:
     """Read, check and split the data a `DataSpec` points at.
 
     Args:
         spec: where the data is and how to read and split it.
-        multiclass: read for a multi-class task: string labels without ``data.label_map`` get
-            one built from the data (the names sorted, class ``i`` the ``i``-th name), and a
-            class with no rows in val or test is a note of the report rather than an error (it
-            must still have rows in train). A binary task keeps both rules strict: which class
-            is positive is never guessed, and the threshold needs both classes in val.
+        target: what the labels are. ``binary`` (the strict rules: string labels need
+            ``data.label_map``, as which class is positive is never guessed; every class needs
+            rows in train and val, where the threshold is chosen). ``multiclass``: string labels
+            without ``data.label_map`` get one built from the data (the names sorted, class ``i``
+            the ``i``-th name), and a class with no rows in val or test is a note of the report
+            (it still needs rows in train). ``multilabel`` and ``regression``: see
+            `probekit.targets`; one file is then split at random, not per class.
 
     Returns:
         The train, val and (when there is one) test splits, the label map to store with the run,
@@ -994,21 +1059,30 @@ def load_data(spec: DataSpec, *, multiclass: bool = False) -> Dataset:
         files = {"train": Path(spec.train), "val": Path(spec.val)}
         if spec.test is not None:
             files["test"] = Path(spec.test)
-        return _load_files(files, spec, multiclass)
+        return _load_files(files, spec, target)
     if spec.path is None:
-        return _load_split(_demo_path(), spec, multiclass)
+        return _load_split(_demo_path(), spec, target)
     path = Path(spec.path)
     try:
         is_dir = path.is_dir()
     except OSError:
         is_dir = False
     if is_dir:
-        return _load_files(_folder_files(path, spec), spec, multiclass)
-    return _load_split(path, spec, multiclass)
+        return _load_files(_folder_files(path, spec), spec, target)
+    return _load_split(path, spec, target)
 
 
-def _load_files(files: dict[str, Path], spec: DataSpec, multiclass: bool = False) -> Dataset:
+def _load_files(files: dict[str, Path], spec: DataSpec, target: Target = "binary") -> Dataset:
     sources = [_read_source(path, spec) for path in files.values()]
+    if target in ("multilabel", "regression"):
+        rows, label_map = _targets(sources, spec, target)
+        splits = {
+            name: Split(name, tuple(source.texts), tuple(values), str(source.path))
+            for name, source, values in zip(files, sources, rows, strict=True)
+        }
+        _check_train(splits["train"].labels, label_map, target, str(sources[0].path))
+        return _dataset(splits, label_map, target)
+    multiclass = target == "multiclass"
     labels, label_map = _resolve_labels(sources, spec, infer=multiclass)
     _check_two_classes(sources, labels, label_map, spec)
     splits = {
@@ -1028,14 +1102,29 @@ def _load_files(files: dict[str, Path], spec: DataSpec, multiclass: bool = False
     return _dataset(splits, label_map)
 
 
-def _load_split(path: Path, spec: DataSpec, multiclass: bool = False) -> Dataset:
+def _load_split(path: Path, spec: DataSpec, target: Target = "binary") -> Dataset:
     source = _read_source(path, spec)
-    [labels], label_map = _resolve_labels([source], spec, infer=multiclass)
-    _check_two_classes([source], [labels], label_map, spec)
     if spec.val_fraction == 0:
         raise DataError(f"{path}: data.val_fraction is 0, but splitting one file needs a validation share")
-    train, val, test = _split_indices(labels, spec.val_fraction, spec.test_fraction, spec.split_seed)
     origin = f"{path} (split seed {spec.split_seed})"
+    if target in ("multilabel", "regression"):
+        [values], label_map = _targets([source], spec, target)
+        parts = _split_indices([0] * len(values), spec.val_fraction, spec.test_fraction, spec.split_seed)
+        splits = {
+            name: Split(name, tuple(source.texts[r] for r in rows), tuple(values[r] for r in rows), origin)
+            for name, rows in zip(("train", "val", "test"), parts, strict=True)
+            if rows
+        }
+        if "val" not in splits:
+            raise DataError(
+                f"{path}: {len(values)} rows leave none for val; give more rows or a larger val_fraction"
+            )
+        _check_train(splits["train"].labels, label_map, target, str(path))
+        return _dataset(splits, label_map, target)
+    multiclass = target == "multiclass"
+    [labels], label_map = _resolve_labels([source], spec, infer=multiclass)
+    _check_two_classes([source], [labels], label_map, spec)
+    train, val, test = _split_indices(labels, spec.val_fraction, spec.test_fraction, spec.split_seed)
     counts = Counter(labels)
     num_classes = max(label_map.values()) + 1
     for name, rows in (("train", train), ("val", val))[: 1 if multiclass else 2]:
@@ -1076,12 +1165,42 @@ def _check_two_classes(
         )
 
 
-def _dataset(splits: dict[str, Split], label_map: dict[str, int]) -> Dataset:
-    num_classes = max(label_map.values()) + 1
-    balance = {
-        name: {index: Counter(split.labels)[index] for index in range(num_classes)}
-        for name, split in splits.items()
-    }
+def _targets(
+    sources: Sequence[_Source], spec: DataSpec, target: Target
+) -> tuple[list[list[Any]], dict[str, int]]:
+    from probekit import targets
+
+    if target == "multilabel":
+        rows, label_map = targets.multilabel_targets(sources, spec)
+        return list(rows), label_map
+    return list(targets.regression_targets(sources, spec)), {}
+
+
+def _check_train(labels: Sequence[Any], label_map: dict[str, int], target: Target, where: str) -> None:
+    from probekit import targets
+
+    if target == "multilabel":
+        targets.check_multilabel_train(labels, label_map, where)
+    else:
+        targets.check_regression_train(labels, where)
+
+
+def _dataset(splits: dict[str, Split], label_map: dict[str, int], target: Target = "binary") -> Dataset:
+    from probekit import targets
+
+    num_classes = max(label_map.values(), default=-1) + 1
+    stats: dict[str, Any] = {}
+    if target == "multilabel":
+        stats = {name: targets.multilabel_stats(split.labels, label_map) for name, split in splits.items()}
+        balance = {name: {c: s["positive"] for c, s in per.items()} for name, per in stats.items()}
+    elif target == "regression":
+        stats = {name: targets.regression_stats(split.labels) for name, split in splits.items()}
+        balance = {}
+    else:
+        balance = {
+            name: {index: Counter(split.labels)[index] for index in range(num_classes)}
+            for name, split in splits.items()
+        }
     folded = {name: {_fold(text) for text in split.texts} for name, split in splits.items()}
     shared = {f"{a}/{b}": len(folded[a] & folded[b]) for a, b in combinations(splits, 2)}
     return Dataset(
@@ -1093,6 +1212,8 @@ def _dataset(splits: dict[str, Split], label_map: dict[str, int]) -> Dataset:
             class_balance=balance,
             shared_duplicates=shared,
             class_names={index: name for name, index in label_map.items()},
+            target=target,
+            stats=stats,
         ),
     )
 
@@ -1143,12 +1264,23 @@ def _class_name(label_map: dict[str, int], index: int) -> str:
     return f"{index} ({'/'.join(repr(name) for name in names)})" if names else str(index)
 
 
-def read_split(path: str | Path, spec: DataSpec, label_map: dict[str, int], name: str = "eval") -> Split:
+def read_split(
+    path: str | Path, spec: DataSpec, label_map: dict[str, int], name: str = "eval", target: Target = "binary"
+) -> Split:
     """Read one labelled file with ``spec``'s fields and format and a fixed ``label_map``.
 
-    Used to evaluate a trained run on new data: labels are read exactly as in training and
-    mapped through the run's stored label map.
+    Used to evaluate a trained run on new data: labels are read exactly as in training (for the
+    run's ``target``, as `load_data` reads them) and mapped through the run's stored label map.
     """
+    if target in ("multilabel", "regression"):
+        fixed = (
+            spec
+            if spec.label_fields is not None or not label_map
+            else spec.model_copy(update={"label_map": dict(label_map)})
+        )
+        source = _read_source(Path(path), fixed)
+        (values,), _ = _targets([source], fixed, target)
+        return Split(name, tuple(source.texts), tuple(values), str(path))
     fixed = spec.model_copy(update={"label_map": dict(label_map)})
     source = _read_source(Path(path), fixed)
     (indices,), _ = _resolve_labels([source], fixed)

@@ -31,13 +31,17 @@ def evaluate_file(
 
     described = read_run(run)
     path = Path(data)
-    split = read_split(path, described.config.data, described.meta.label_map)
+    from probekit.config import task_of
+
+    target = task_of(described.config).target
+    split = read_split(path, described.config.data, described.meta.label_map, target=target)  # type: ignore[arg-type]
     probe, _ = load_run(run, trust_remote_code, cls=Probe)
     scores = np.asarray(probe.predict_proba(split.texts), dtype=np.float64)
-    assert probe.task is not None
-    metrics: dict[str, Any] = probe.task.metrics(
-        Scores(np.asarray(split.labels), scores, 0.0), probe.threshold
+    labels = np.asarray(
+        split.labels, dtype=np.float64 if target in ("multilabel", "regression") else np.int64
     )
+    assert probe.task is not None
+    metrics: dict[str, Any] = probe.task.metrics(Scores(labels, scores, 0.0), probe.threshold)
     metrics["data"] = str(path)
     return metrics, save_json_inside(Path(run), "eval", f"{path.stem}.json", metrics, "metrics")
 

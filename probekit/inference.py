@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from probekit.batching import Batch, progress_bar, with_fillers
-from probekit.tasks.base import Scores, Task
+from probekit.tasks.base import Scores, Task, Threshold
 
 if TYPE_CHECKING:
     from torch.utils.data import DataLoader
@@ -98,7 +98,7 @@ def predict(
         with torch.inference_mode():
             loss_sum += float(task.loss(logits, target))
             scores.append(task.scores(logits).cpu())
-        count += int(target.numel())
+        count += int(target.shape[0])
         labels.append(batch.labels)
         order.append(batch.index)
     if group is not None and group.active:
@@ -117,8 +117,8 @@ def predict(
 class Finished:
     """The decision threshold and every split's metrics and scores at it."""
 
-    threshold: float
-    metrics: dict[str, dict[str, float]]
+    threshold: Threshold
+    metrics: dict[str, dict[str, Any]]
     scores: dict[str, Scores]
 
 

@@ -97,15 +97,15 @@ def load_run(
             "written by an earlier probekit (format_version 1)",
             where,
         )
-    outputs, labels = config.head.num_classes, len(meta.label_names)
-    if outputs != labels:
-        raise UserError(
-            f"{where}: config.head.num_classes: a head of {outputs} outputs for {labels} labels (label_names)"
-        )
     try:
         task = task_of(config).bind(class_keys(meta.label_map))
     except UserError as exc:
         raise UserError(f"{where}: config.{printable(str(exc))}") from None
+    outputs, labels = config.head.num_classes, len(meta.label_names)
+    if outputs != task.num_outputs(labels):
+        raise UserError(
+            f"{where}: config.head.num_classes: a head of {outputs} outputs for {labels} labels (label_names)"
+        )
     weights, state = _check_weights(run)
     spec = config.model.model_copy(update={"trust_remote_code": trust_remote_code})
     loaded = _load_backbone(spec, where)
@@ -145,7 +145,7 @@ def load_run(
     probe.attach(
         tokenizer=loaded.tokenizer,
         max_length=config.model.max_length,
-        threshold=float(meta.threshold),
+        threshold=meta.threshold,
         label_names=list(meta.label_names),
         task=task,
     )

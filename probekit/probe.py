@@ -97,7 +97,7 @@ class Probe(nn.Module):
         self._arity: int | None = None
         self.tokenizer: Any = None
         self.max_length = 512
-        self.threshold = 0.5
+        self.threshold: float | list[float] = 0.5
         self.label_names: list[Any] = []
         self.task: Task | None = None
         self.attach(
@@ -125,7 +125,7 @@ class Probe(nn.Module):
         tokenizer: Any = None,
         max_length: int | None = None,
         label_names: Sequence[Any] | None = None,
-        threshold: float | None = None,
+        threshold: float | Sequence[float] | None = None,
         task: Task | None = None,
     ) -> Probe:
         """Give the probe what ``predict`` needs, all at once or later (the one place these are
@@ -139,7 +139,9 @@ class Probe(nn.Module):
         if label_names is not None:
             self.label_names = list(label_names)
         if threshold is not None:
-            self.threshold = float(threshold)
+            self.threshold = (
+                float(threshold) if isinstance(threshold, (int, float)) else [float(t) for t in threshold]
+            )
         if task is not None:
             self.task = task
         return self
@@ -380,8 +382,10 @@ class Probe(nn.Module):
             return []
         ids, _ = encode_texts(tokenizer, items, self.max_length)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        task = self._task()
+        blank = task.blank_label(task.num_outputs(len(self.label_names)))
         loader = inference_loader(
-            Encoded(ids, [0] * len(ids), 0),
+            Encoded(ids, [blank] * len(ids), 0),
             int(pad_id),
             batch_size,
             padding_side=getattr(tokenizer, "padding_side", "right"),
@@ -389,7 +393,7 @@ class Probe(nn.Module):
         )
         was_training = self.training
         try:
-            scores = predict(self, loader, Runner(next(self.head.parameters()).device), self._task())
+            scores = predict(self, loader, Runner(next(self.head.parameters()).device), task)
         finally:
             self.train(was_training)
         # 1-D scores: a float per text; a multi-class probe: its list of class probabilities

@@ -139,7 +139,12 @@ class TokenPoolerSpec(PoolerSpec):
 class HeadSpec(Spec):
     """A classification head: pooled features of width ``in_dim`` -> ``num_classes`` logits."""
 
-    num_classes: int = Field(default=2, ge=2, le=MAX_WIDTH, description="Number of output classes.")
+    num_classes: int = Field(
+        default=2,
+        ge=1,
+        le=MAX_WIDTH,
+        description="Number of outputs: classes (binary: 2), labels (multilabel), 1 (regression).",
+    )
 
     def build(self, ctx: BuildContext, in_dim: int) -> nn.Module:
         """Return the head module for pooled features of width ``in_dim``."""

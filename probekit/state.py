@@ -322,14 +322,16 @@ def _tensor_problem(state: TrainState, tensors: Mapping[str, torch.Tensor]) -> s
                 return f"{where}: {shown(name)} names no parameter of the optimizer ({count} parameters)"
             if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
                 return f"{where}: {shown(name)} must hold finite floating-point values"
-        elif name == "bestval.labels" and (tensor.dim() != 1 or tensor.dtype != torch.int64):
-            return f"{where}: {name} must be a 1-D int64 tensor, got {_kind(tensor)}"
+        elif name == "bestval.labels" and (
+            tensor.dim() not in (1, 2) or (tensor.dtype != torch.int64 and not tensor.is_floating_point())
+        ):
+            return f"{where}: {name} must hold class indices or targets (1-D or 2-D), got {_kind(tensor)}"
         elif name == "bestval.probs" and (
             tensor.dim() not in (1, 2)
             or not tensor.is_floating_point()
-            or not bool(((tensor >= 0) & (tensor <= 1)).all())
+            or not bool(torch.isfinite(tensor).all())
         ):
-            return f"{where}: {name} must hold probabilities in [0, 1] (1-D or 2-D), got {_kind(tensor)}"
+            return f"{where}: {name} must hold finite scores (1-D or 2-D), got {_kind(tensor)}"
     if not params:
         return f"{where}: no trainable weights (param.*)"
     if params != best:

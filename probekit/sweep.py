@@ -60,8 +60,8 @@ from probekit.probe import Probe
 from probekit.registry import POOLERS
 from probekit.rundir import RunFolder, default_run_dir, explain_failure
 from probekit.spec import BuildContext, PoolerSpec, TokenPoolerSpec
-from probekit.tasks.base import Scores, Task
-from probekit.training.callbacks import BestWeights, EarlyStopping, improves
+from probekit.tasks.base import Scores, Task, Threshold
+from probekit.training.callbacks import LOWER_IS_BETTER, BestWeights, EarlyStopping, improves
 from probekit.training.context import Log, RunContext
 from probekit.training.loop import Parts, fit
 from probekit.training.plan import TrainPlan, absolute_paths, input_paths, prepare
@@ -253,7 +253,7 @@ class Candidate:
     """How several layers were combined; None for a single layer."""
     metrics: dict[str, dict[str, float]]
     """Per split (``val``, ``test``): `compute_metrics` at the val threshold, plus ``loss``."""
-    threshold: float
+    threshold: Threshold
     best_epoch: int
     epochs_run: int
 
@@ -563,9 +563,7 @@ def _sweep(
         )
         for split, encoded in prepared.encoded.items()
     }
-    labels = {
-        split: np.asarray(encoded.labels, dtype=np.int64) for split, encoded in prepared.encoded.items()
-    }
+    labels = {split: np.asarray(encoded.labels) for split, encoded in prepared.encoded.items()}
     feature_seconds = time.perf_counter() - begun
     size = sum(f.nbytes for f in features.values()) / 2**20
     log(
@@ -588,8 +586,7 @@ def _sweep(
         splits = {split: _select(x, positions) for split, x in tensors.items()}
         candidate = fit_candidate(label, members, splits, plan, quiet, how)
         log(
-            f"{candidate.name} [{candidate.members}]: val acc {candidate.value('accuracy'):.4f} "
-            f"auroc {candidate.value('auroc'):.4f} auprc {candidate.value('auprc'):.4f} "
+            f"{candidate.name} [{candidate.members}]: val {plan.task.epoch_line(candidate.metrics['val'])} "
             f"(best epoch {candidate.best_epoch} of {candidate.epochs_run})"
         )
         return candidate
@@ -597,7 +594,7 @@ def _sweep(
     singles = [
         run(f"layer {layer}", (layer,), None) for layer in progress_bar(chosen, ctx.progress, "probes")
     ]
-    lower = spec.monitor == "loss"
+    lower = spec.monitor in LOWER_IS_BETTER
     combined = [
         run(label, members, combine)
         for label, members in (

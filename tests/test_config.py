@@ -131,6 +131,17 @@ KIND_STRATEGIES: dict[tuple[str, str], Callable[[], st.SearchStrategy[dict[str, 
     ("scheduler", "cosine"): lambda: scheduler_st("cosine"),
     ("scheduler", "linear"): lambda: scheduler_st("linear"),
     ("task", "binary"): lambda: st.just({"kind": "binary"}),  # binary has no fields
+    ("task", "multilabel"): lambda: st.just({"kind": "multilabel"}),
+    ("task", "regression"): lambda: st.fixed_dictionaries(
+        {"kind": st.just("regression")},
+        optional={
+            "loss": st.sampled_from(["mse", "huber"]),
+            "huber_delta": st.floats(0.01, 10),
+            "standardize": st.booleans(),
+            "target_mean": st.floats(-100, 100),
+            "target_std": st.floats(0.01, 100),
+        },
+    ),
     ("task", "multiclass"): lambda: st.fixed_dictionaries(
         {"kind": st.just("multiclass")},
         optional={"negative_class": st.text(min_size=1, max_size=20), "top_k": st.integers(1, 50)},
@@ -418,11 +429,11 @@ BAD_VALUES = [
     ),
     pytest.param("head:\n  kind: mlp\n  dropout: 1.0\n", 3, "head.dropout", "less than 1", id="dropout-1"),
     pytest.param(
-        "head:\n  kind: mlp\n  num_classes: 1\n",
+        "head:\n  kind: mlp\n  num_classes: 0\n",
         3,
         "head.num_classes",
-        "greater than or equal to 2",
-        id="one-class",
+        "greater than or equal to 1",
+        id="no-output",
     ),
     pytest.param("optimizer:\n  lr_head: 0\n", 2, "optimizer.lr_head", "greater than 0", id="lr-zero"),
     pytest.param("optimizer:\n  lr_body: -1.0e-5\n", 2, "optimizer.lr_body", "greater than 0", id="lr-neg"),

@@ -76,6 +76,6 @@ def test_head_fields_are_validated() -> None:
     with pytest.raises(probekit.errors.ConfigError, match=r"head\.hidden_sizes\[0\]"):
         probekit.load_config({"head": {"kind": "mlp", "hidden_sizes": [0]}})
     with pytest.raises(probekit.errors.ConfigError, match=r"head\.num_classes"):
-        probekit.load_config({"head": {"kind": "linear", "num_classes": 1}})
+        probekit.load_config({"head": {"kind": "linear", "num_classes": 0}})
     with pytest.raises(probekit.errors.ConfigError, match=r"head\.activation"):
         probekit.load_config({"head": {"kind": "mlp", "activation": "swish"}})

@@ -171,7 +171,7 @@ def test_the_guard_threshold_maximises_f1_of_the_binary_view_on_val(seed: int, c
 
 # -- data ----------------------------------------------------------------------------------------
 def test_string_labels_get_a_sorted_label_map_and_names_in_the_report(three: ToyData) -> None:
-    data = load_data(DataSpec(train=str(three.path("train")), val=str(three.path("val"))), multiclass=True)
+    data = load_data(DataSpec(train=str(three.path("train")), val=str(three.path("val"))), target="multiclass")
     assert data.label_map == {"bomb": 0, "none": 1, "poison": 2}
     assert (
         data.report.lines()[0]
@@ -187,7 +187,7 @@ def test_a_class_missing_from_val_is_a_note_and_from_train_an_error(tmp_path: Pa
     train_rows, val_rows = rows[:45], [r for r in rows[45:] if r["label"] != "bomb"]
     write_jsonl(tmp_path / "train.jsonl", train_rows)
     write_jsonl(tmp_path / "val.jsonl", val_rows)
-    data = load_data(DataSpec(path=str(tmp_path)), multiclass=True)
+    data = load_data(DataSpec(path=str(tmp_path)), target="multiclass")
     assert "note: val has no rows of class bomb" in data.report.lines()
     with pytest.raises(DataError, match="val has no rows of class"):  # binary: both classes in val
         load_data(DataSpec(path=str(tmp_path), label_map={"none": 0, "poison": 1, "bomb": 2}))
@@ -196,7 +196,7 @@ def test_a_class_missing_from_val_is_a_note_and_from_train_an_error(tmp_path: Pa
     with pytest.raises(
         DataError, match=r"train.jsonl: field 'label': train has no rows of class 2 \('poison'\)"
     ):
-        load_data(DataSpec(path=str(tmp_path)), multiclass=True)
+        load_data(DataSpec(path=str(tmp_path)), target="multiclass")
 
 
 def test_a_label_outside_the_map_is_named_by_file_and_line(three: ToyData, tmp_path: Path) -> None:
@@ -209,7 +209,7 @@ def test_a_label_outside_the_map_is_named_by_file_and_line(three: ToyData, tmp_p
     with pytest.raises(
         DataError, match=r"val.jsonl:6: field 'label': label 'bomn' is not in data.label_map.*'bomb'"
     ):
-        load_data(spec, multiclass=True)
+        load_data(spec, target="multiclass")
 
 
 # -- a run ---------------------------------------------------------------------------------------
@@ -425,7 +425,7 @@ def test_non_finite_probabilities_are_refused_not_passed_as_safe() -> None:
 def test_a_val_split_without_the_negative_class_is_refused(three: ToyData, tmp_path: Path) -> None:
     write_jsonl(tmp_path / "val.jsonl", [r for r in three.rows["val"] if r["label"] != "none"])
     data = load_data(
-        DataSpec(train=str(three.path("train")), val=str(tmp_path / "val.jsonl")), multiclass=True
+        DataSpec(train=str(three.path("train")), val=str(tmp_path / "val.jsonl")), target="multiclass"
     )
     task = MulticlassTask(ThresholdSpec(), "none").bind(["bomb", "none", "poison"])
     with pytest.raises(

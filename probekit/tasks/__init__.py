@@ -9,5 +9,18 @@ registry family, like poolers and heads: a `probekit.spec.TaskSpec` that builds 
 from probekit.tasks.base import Scores, Task
 from probekit.tasks.binary import BinaryTask, BinaryTaskSpec
 from probekit.tasks.multiclass import MulticlassTask, MulticlassTaskSpec
+from probekit.tasks.multilabel import MultilabelTask, MultilabelTaskSpec
+from probekit.tasks.regression import RegressionTask, RegressionTaskSpec
 
-__all__ = ["BinaryTask", "BinaryTaskSpec", "MulticlassTask", "MulticlassTaskSpec", "Scores", "Task"]
+__all__ = [
+    "BinaryTask",
+    "BinaryTaskSpec",
+    "MulticlassTask",
+    "MulticlassTaskSpec",
+    "MultilabelTask",
+    "MultilabelTaskSpec",
+    "RegressionTask",
+    "RegressionTaskSpec",
+    "Scores",
+    "Task",
+]

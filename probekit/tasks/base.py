@@ -16,6 +16,17 @@ if TYPE_CHECKING:
     from probekit.data import Dataset
 
 
+Threshold = float | list[float]
+"""A task's decision threshold: one number, or one per label (a multi-label task)."""
+
+
+def show_threshold(threshold: Threshold) -> str:
+    """A threshold for a summary line: ``0.4321``, or ``per label 0.31 .. 0.77``."""
+    if isinstance(threshold, list):
+        return f"per label {min(threshold):.2f} .. {max(threshold):.2f}" if threshold else "none"
+    return f"{threshold:.4f}"
+
+
 @dataclass(frozen=True)
 class Scores:
     """A split's outputs in row order: its labels, the task's scores per row (for a binary task
@@ -40,10 +51,35 @@ class Task(ABC):
     kind: str = ""
     """The task's ``kind`` in the registry."""
 
-    multiclass_data: bool = False
-    """Read data as for N classes (`probekit.data.load_data`'s ``multiclass``): string labels
-    get a sorted label map, a class may be absent from val. False (the strict rules) unless a
-    task sets it."""
+    target: str = "binary"
+    """What the task reads from the labels (`probekit.data.load_data`'s ``target``): ``binary``
+    (the strict rules: no guessed label map, every class in val), ``multiclass``,
+    ``multilabel`` or ``regression``. A task plugin gets the strict rules unless it says."""
+
+    monitors: tuple[str, ...] = ("loss", "auroc", "accuracy", "f1", "auprc")
+    """The values of ``train.monitor`` this task reports."""
+
+    def describe_loss(self, smoothing: float) -> str:
+        """The loss in words, for the plan."""
+        return f"cross-entropy, label smoothing {smoothing:g}"
+
+    def num_outputs(self, num_labels: int) -> int:
+        """The head outputs a probe of ``num_labels`` labels needs (one per class or label)."""
+        return num_labels
+
+    def blank_label(self, num_outputs: int) -> Any:
+        """The label of a row to predict, which has none (its loss is not used)."""
+        return 0
+
+    def fit(self, dataset: Dataset) -> Task:
+        """The task with whatever it learns from the training data (a regression's target
+        scaling); most tasks learn nothing."""
+        return self
+
+    def stored(self) -> dict[str, Any]:
+        """Settings `fit` learnt, stored into the saved config's ``task`` block so that a
+        reloaded probe has them."""
+        return {}
 
     @abstractmethod
     def check(self, dataset: Dataset, num_classes: int) -> None:
@@ -71,7 +107,7 @@ class Task(ABC):
         """Per-row scores from logits, on the logits' device (what metrics and thresholds use)."""
 
     @abstractmethod
-    def metrics(self, scores: Scores, threshold: float | None = None) -> dict[str, Any]:
+    def metrics(self, scores: Scores, threshold: Threshold | None = None) -> dict[str, Any]:
         """Metrics of a split at ``threshold`` (the task's default decision rule when None)."""
 
     @abstractmethod
@@ -87,7 +123,7 @@ class Task(ABC):
         """The value of ``train.monitor`` for a split (``loss`` or one of its metrics)."""
 
     @abstractmethod
-    def choose_threshold(self, scores: Scores) -> float:
+    def choose_threshold(self, scores: Scores) -> Threshold:
         """The decision threshold the config's rule picks on validation scores."""
 
     @abstractmethod
@@ -104,7 +140,7 @@ class Task(ABC):
 
     @abstractmethod
     def predictions(
-        self, texts: Sequence[str], scores: Sequence[float], threshold: float, label_names: Sequence[Any]
+        self, texts: Sequence[str], scores: Sequence[Any], threshold: Threshold, label_names: Sequence[Any]
     ) -> list[dict[str, Any]]:
         """What ``predict`` returns per text."""
 
@@ -114,7 +150,7 @@ class Task(ABC):
         folder: Path,
         history: Sequence[Mapping[str, Any]],
         scores: Scores,
-        threshold: float,
+        threshold: Threshold,
         class_names: Sequence[str],
     ) -> list[Path]:
         """The report's plots of a run, into ``folder``."""

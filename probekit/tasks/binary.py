@@ -32,6 +32,7 @@ class BinaryTask(Task):
     """Binary classification; see the module notes."""
 
     kind = "binary"
+    target = "binary"
 
     def __init__(self, threshold: ThresholdSpec) -> None:
         self.threshold = threshold
@@ -54,7 +55,7 @@ class BinaryTask(Task):
     def scores(self, logits: Tensor) -> Tensor:
         return torch.softmax(logits, dim=-1)[:, 1]
 
-    def metrics(self, scores: Scores, threshold: float | None = None) -> dict[str, float]:
+    def metrics(self, scores: Scores, threshold: Any = None) -> dict[str, float]:
         from probekit.metrics import compute_metrics
 
         return compute_metrics(scores.labels, scores.scores, 0.5 if threshold is None else threshold)
@@ -85,7 +86,7 @@ class BinaryTask(Task):
         )
 
     def predictions(
-        self, texts: Sequence[str], scores: Sequence[float], threshold: float, label_names: Sequence[Any]
+        self, texts: Sequence[str], scores: Sequence[Any], threshold: Any, label_names: Sequence[Any]
     ) -> list[dict[str, Any]]:
         names = list(label_names) or [0, 1]
         return [
@@ -98,7 +99,7 @@ class BinaryTask(Task):
         folder: Path,
         history: Sequence[Mapping[str, Any]],
         scores: Scores,
-        threshold: float,
+        threshold: Any,
         class_names: Sequence[str],
     ) -> list[Path]:
         from probekit import plots

@@ -42,7 +42,7 @@ class MulticlassTask(Task):
     """Multi-class classification; see the module notes."""
 
     kind = "multiclass"
-    multiclass_data = True
+    target = "multiclass"
 
     def __init__(
         self,
@@ -103,7 +103,7 @@ class MulticlassTask(Task):
         names = list(self.class_names)
         return names if len(names) == width else [str(index) for index in range(width)]
 
-    def metrics(self, scores: Scores, threshold: float | None = None) -> dict[str, Any]:
+    def metrics(self, scores: Scores, threshold: Any = None) -> dict[str, Any]:
         from probekit.multiclass_metrics import multiclass_metrics
 
         return multiclass_metrics(
@@ -159,7 +159,7 @@ class MulticlassTask(Task):
         return line
 
     def predictions(
-        self, texts: Sequence[str], scores: Sequence[Any], threshold: float, label_names: Sequence[Any]
+        self, texts: Sequence[str], scores: Sequence[Any], threshold: Any, label_names: Sequence[Any]
     ) -> list[dict[str, Any]]:
         probs = np.asarray(scores, dtype=np.float64).reshape(len(texts), -1)
         names = list(label_names) or list(range(probs.shape[1]))
@@ -192,7 +192,7 @@ class MulticlassTask(Task):
         folder: Path,
         history: Sequence[Mapping[str, Any]],
         scores: Scores,
-        threshold: float,
+        threshold: Any,
         class_names: Sequence[str],
     ) -> list[Path]:
         from probekit.plots_multiclass import write_multiclass_plots

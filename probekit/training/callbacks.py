@@ -84,14 +84,18 @@ class Callback:
         return self.key or type(self).__name__
 
 
+LOWER_IS_BETTER = frozenset({"loss", "mae", "rmse"})
+"""Monitored metrics where lower is better."""
+
+
 def improves(metric: str, value: float, best: float | None) -> bool:
-    """Whether ``value`` of the monitored ``metric`` beats ``best`` (lower for ``loss``, higher
-    otherwise); nan never does, anything beats None."""
+    """Whether ``value`` of the monitored ``metric`` beats ``best`` (lower for `LOWER_IS_BETTER`,
+    higher otherwise); nan never does, anything beats None."""
     if math.isnan(value):
         return False
     if best is None:
         return True
-    return value < best if metric == "loss" else value > best
+    return value < best if metric in LOWER_IS_BETTER else value > best
 
 
 class EarlyStopping(Callback):

@@ -13,7 +13,7 @@ import torch
 from probekit import jsonio
 from probekit.checkpoint import class_keys, save_checkpoint
 from probekit.config import dump_config
-from probekit.tasks.base import Scores, Task
+from probekit.tasks.base import Scores, Task, Threshold, show_threshold
 from probekit.training.plan import TrainPlan
 
 
@@ -25,11 +25,15 @@ class RunResult:
     best_epoch: int
     epochs_run: int
     stopped_early: bool
-    threshold: float
-    metrics: dict[str, dict[str, float]]
+    threshold: Threshold
+    metrics: dict[str, dict[str, Any]]
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     task: Task | None = field(default=None, repr=False)
+
+    def _threshold(self) -> str:
+        rule = self.task.threshold_rule_id() if self.task is not None else ""
+        return rule if rule in ("none", "argmax") else show_threshold(self.threshold)
 
     def summary(self) -> list[str]:
         """A short human summary: best epoch, threshold, headline metrics per split."""
@@ -37,7 +41,7 @@ class RunResult:
             f"run: {self.run_dir}",
             f"best epoch {self.best_epoch} of {self.epochs_run}"
             + (" (stopped early)" if self.stopped_early else "")
-            + f"; threshold {self.threshold:.4f}; {self.seconds:.1f} s",
+            + f"; threshold {self._threshold()}; {self.seconds:.1f} s",
         ]
         if self.task is not None:
             lines += [self.task.summary_line(split, m) for split, m in self.metrics.items()]
@@ -73,11 +77,13 @@ def write_outputs(
     """The checkpoint (``checkpoint/``), ``report.json``, ``summary.txt`` and the plots, into
     ``folder``. ``weights``: the probe's trainable tensors, gathered."""
     probe = plan.probe
+    config = plan.config.model_dump(mode="json")
+    config["task"].update(plan.task.stored())  # what the task learnt from train (a target scaling)
     save_checkpoint(
         probe,
         folder / "checkpoint",
         weights=weights,
-        config=plan.config.model_dump(mode="json"),
+        config=config,
         label_map=plan.dataset.label_map,
         label_names=plan.label_names,
         threshold=result.threshold,
@@ -106,7 +112,7 @@ def _report(plan: TrainPlan, result: RunResult, facts: RunFacts) -> dict[str, An
         "stopped_early": result.stopped_early,
         "threshold": result.threshold,
         "threshold_rule": plan.task.threshold_rule_id(),
-        "task": plan.config.task.model_dump(mode="json"),
+        "task": {**plan.config.task.model_dump(mode="json"), **plan.task.stored()},
         "loss": {
             "label_smoothing": plan.config.train.label_smoothing,
             "class_weights": plan.weights_by_name(),

@@ -23,7 +23,7 @@ from probekit.checkpoint import class_keys, label_names
 from probekit.config import ProbeConfig, task_of
 from probekit.data import Dataset, load_data
 from probekit.distributed import resolve_batch, steps_per_epoch
-from probekit.errors import UserError
+from probekit.errors import ConfigError, UserError
 from probekit.hub import LoadedBackbone, load_backbone
 from probekit.optim import ParamGroup, param_groups
 from probekit.probe import Probe
@@ -102,8 +102,9 @@ class TrainPlan:
             f"freezing: {self.probe.plan.describe()}",
             f"pooling: {cfg.pooler.kind} over hidden states {list(self.probe.layers)} "
             f"-> {self.probe.pooler.output_dim(layout.hidden_size)} features",
-            f"task: {cfg.task.kind}; head: {cfg.head.kind} -> {cfg.head.num_classes} classes",
-            f"loss: cross-entropy, label smoothing {cfg.train.label_smoothing:g}; class weights "
+            f"task: {cfg.task.kind}; head: {cfg.head.kind} -> {cfg.head.num_classes} outputs",
+            f"loss: {self.task.describe_loss(cfg.train.label_smoothing)}; "
+            + ("positive weights " if self.task.target == "multilabel" else "class weights ")
             + (
                 "none"
                 if (weights := self.weights_by_name()) is None
@@ -151,10 +152,16 @@ def prepare(config: ProbeConfig, *, device: torch.device | None = None, num_proc
     torch.manual_seed(config.train.seed)
     config = absolute_paths(config)
     task = task_of(config)
-    dataset = load_data(config.data, multiclass=task.multiclass_data)
+    dataset = load_data(config.data, target=task.target)  # type: ignore[arg-type]
     task = task.bind(class_keys(dataset.label_map))
+    if config.train.monitor not in task.monitors:
+        raise ConfigError(
+            f"train.monitor={config.train.monitor}: task.kind={config.task.kind} reports "
+            f"{', '.join(task.monitors)}"
+        )
     task.check(dataset, config.head.num_classes)
-    class_weights = config.loss.resolve(dataset.label_map, dataset.train.labels)
+    task = task.fit(dataset)
+    class_weights = config.loss.resolve(dataset.label_map, dataset.train.labels, target=task.target)
     backbone = load_backbone(config.model)
     probe = Probe.from_config(config, backbone.model)
     probe.attach(
