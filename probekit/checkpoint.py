@@ -277,9 +277,7 @@ def _check_fields(meta: ProbeMeta, raw: dict[str, Any], where: Path) -> None:
     """What the schema's types cannot say: labels, the weights file name, the checksums."""
     values = sorted(meta.label_map.values())
     if values != list(range(len(values))):  # K >= 0: a regression has none; the head is checked on load
-        raise UserError(
-            f"{where}: label_map: class indices must be 0..K-1, each once; got {shown(values)}"
-        )
+        raise UserError(f"{where}: label_map: class indices must be 0..K-1, each once; got {shown(values)}")
     names = meta.label_names
     expected = label_names(meta.label_map)
     if names != expected or [type(n) for n in names] != [type(n) for n in expected]:

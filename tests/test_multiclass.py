@@ -171,7 +171,9 @@ def test_the_guard_threshold_maximises_f1_of_the_binary_view_on_val(seed: int, c
 
 # -- data ----------------------------------------------------------------------------------------
 def test_string_labels_get_a_sorted_label_map_and_names_in_the_report(three: ToyData) -> None:
-    data = load_data(DataSpec(train=str(three.path("train")), val=str(three.path("val"))), target="multiclass")
+    data = load_data(
+        DataSpec(train=str(three.path("train")), val=str(three.path("val"))), target="multiclass"
+    )
     assert data.label_map == {"bomb": 0, "none": 1, "poison": 2}
     assert (
         data.report.lines()[0]
