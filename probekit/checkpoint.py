@@ -44,6 +44,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import math
 import platform
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from probekit._version import __version__
 from probekit.errors import ConfigError, UserError
@@ -190,6 +191,19 @@ class ProbeMeta(_Open):
         | Annotated[list[Annotated[SFloat, Field(ge=0.0, le=1.0)]], Field(min_length=1, max_length=100_000)]
     )
     """One decision threshold, or one per label (multi-label)."""
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _one_threshold(cls, value: Any) -> Any:
+        """One message for a bad single threshold (not one per member of the union)."""
+        if isinstance(value, list):
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"expected a number in [0, 1] (or a list of them, one per label), got {value!r}")
+        if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"{value!r} is not a finite number in [0, 1]")
+        return value
+
     backbone: BackboneMeta
     components: list[ComponentMeta] = Field(default_factory=list)
     weights: WeightsMeta

@@ -41,7 +41,7 @@ from typing import IO, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from probekit import jsonio
-from probekit.errors import UserError, did_you_mean
+from probekit.errors import DataError, did_you_mean
 from probekit.spec import PathText
 
 __all__ = [
@@ -86,10 +86,6 @@ DEFAULT_MAX_TEXT_CHARS = 1_000_000
 _LINE_SLACK = 64 * 1024  # bytes a JSON Lines record may hold beyond 4 bytes per text character
 _CSV_FIELD_LIMIT = 131072  # the csv module's default bound on one field, in characters
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")  # universal newlines, as text mode reads them
-
-
-class DataError(UserError):
-    """A data file or data setting probekit cannot use; one line naming file:line (or row) and field."""
 
 
 class TextValueError(DataError, ValueError):

@@ -25,6 +25,11 @@ class UserError(ProbekitError):
     exit_code = EXIT_BAD_INPUT
 
 
+class DataError(UserError):
+    """A data file or data setting probekit cannot use; one line naming file:line (or row) and field
+    (also importable as ``probekit.data.DataError``)."""
+
+
 class ConfigError(UserError):
     """A config or spec that does not validate."""
 

@@ -23,7 +23,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from probekit.errors import did_you_mean
+from probekit.errors import DataError, did_you_mean
 
 if TYPE_CHECKING:
     from probekit.data import DataSpec, _Source
@@ -36,8 +36,6 @@ _FALSE = {"0", "false"}
 
 
 def _error(message: str) -> Exception:
-    from probekit.data import DataError
-
     return DataError(message)
 
 

@@ -423,7 +423,7 @@ FIELD_EDITS: dict[str, tuple[Callable[[dict[str, Any]], None], tuple[str, ...]]]
     "threshold infinite": (_set("threshold", value=float("inf")), ("probe.json: threshold:", "finite")),
     "threshold above 1": (_set("threshold", value=1.5), ("probe.json: threshold:", "1.5")),
     "threshold below 0": (_set("threshold", value=-0.1), ("probe.json: threshold:",)),
-    "one label name": (_set("label_names", value=[0]), ("probe.json: label_names:", "two")),
+    "one label name": (_set("label_names", value=[0]), ("probe.json: label_names:",)),
     "label names not the map's": (_set("label_names", value=[0, 2]), ("probe.json: label_names:",)),
     "label names of another type": (_set("label_names", value=["0", "1"]), ("probe.json: label_names:",)),
     "label names not a list": (_set("label_names", value="01"), ("probe.json: label_names:",)),
@@ -431,7 +431,7 @@ FIELD_EDITS: dict[str, tuple[Callable[[dict[str, Any]], None], tuple[str, ...]]]
     "config a list": (_set("config", value=[]), ("probe.json: config:",)),
     "weights a string": (_set("weights", value="probe.safetensors"), ("probe.json: weights:",)),
     "label map with a gap": (_set("label_map", value={"0": 0, "1": 2}), ("probe.json: label_map:", "0..K-1")),
-    "label map of one class": (_set("label_map", value={"0": 0}), ("probe.json: label_map:",)),
+    "label map of one class": (_set("label_map", value={"0": 0}), ("probe.json: label_names:",)),
     "label map negative": (_set("label_map", value={"0": -1, "1": 0}), ("probe.json: label_map",)),
     "label map of strings": (_set("label_map", value={"0": "0", "1": "1"}), ("probe.json: label_map",)),
     "format_version 3": (

@@ -118,9 +118,9 @@ class Task(ABC):
     def epoch_line(self, metrics: Mapping[str, float]) -> str:
         """The metrics part of an epoch's log line."""
 
-    @abstractmethod
     def monitor(self, metric: str, scores: Scores, metrics: Mapping[str, float]) -> float:
         """The value of ``train.monitor`` for a split (``loss`` or one of its metrics)."""
+        return scores.loss if metric == "loss" else float(metrics[metric])
 
     @abstractmethod
     def choose_threshold(self, scores: Scores) -> Threshold:
@@ -171,3 +171,16 @@ def weighted_cross_entropy(
         return F.cross_entropy(logits, labels, label_smoothing=smoothing, reduction="sum")
     rows = F.cross_entropy(logits, labels, label_smoothing=smoothing, reduction="none")
     return (rows * weights.to(rows.dtype)[labels]).sum()
+
+
+class CrossEntropyTask(Task):
+    """A task with one softmax over classes: `weighted_cross_entropy` and the argmax's hits
+    (binary and multi-class)."""
+
+    def loss(
+        self, logits: Tensor, labels: Tensor, *, smoothing: float = 0.0, weights: Tensor | None = None
+    ) -> Tensor:
+        return weighted_cross_entropy(logits, labels, smoothing=smoothing, weights=weights)
+
+    def correct(self, logits: Tensor, labels: Tensor) -> int:
+        return int((logits.argmax(dim=-1) == labels).sum())

@@ -18,7 +18,7 @@ from torch import Tensor
 from probekit.errors import UserError
 from probekit.registry import TASKS
 from probekit.spec import TaskSpec
-from probekit.tasks.base import Scores, Task, weighted_cross_entropy
+from probekit.tasks.base import CrossEntropyTask, Scores
 
 if TYPE_CHECKING:
     from probekit.config import ThresholdSpec
@@ -28,7 +28,7 @@ EPOCH_EXCLUDED = ("threshold", "n", "positives")
 """Keys of `compute_metrics` that ``metrics.jsonl`` leaves out (constant within a run)."""
 
 
-class BinaryTask(Task):
+class BinaryTask(CrossEntropyTask):
     """Binary classification; see the module notes."""
 
     kind = "binary"
@@ -44,14 +44,6 @@ class BinaryTask(Task):
                 "task.kind=binary needs 2 (for more, set task.kind=multiclass and head.num_classes)"
             )
 
-    def loss(
-        self, logits: Tensor, labels: Tensor, *, smoothing: float = 0.0, weights: Tensor | None = None
-    ) -> Tensor:
-        return weighted_cross_entropy(logits, labels, smoothing=smoothing, weights=weights)
-
-    def correct(self, logits: Tensor, labels: Tensor) -> int:
-        return int((logits.argmax(dim=-1) == labels).sum())
-
     def scores(self, logits: Tensor) -> Tensor:
         return torch.softmax(logits, dim=-1)[:, 1]
 
@@ -65,9 +57,6 @@ class BinaryTask(Task):
 
     def epoch_line(self, metrics: Mapping[str, float]) -> str:
         return f"acc {metrics['accuracy']:.4f} auroc {metrics['auroc']:.4f}"
-
-    def monitor(self, metric: str, scores: Scores, metrics: Mapping[str, float]) -> float:
-        return scores.loss if metric == "loss" else metrics[metric]
 
     def choose_threshold(self, scores: Scores) -> float:
         return self.threshold.choose(scores.labels, scores.scores)

@@ -28,7 +28,7 @@ from torch import Tensor
 from probekit.errors import ConfigError, UserError, did_you_mean
 from probekit.registry import TASKS
 from probekit.spec import TaskSpec, label_key
-from probekit.tasks.base import Scores, Task, weighted_cross_entropy
+from probekit.tasks.base import CrossEntropyTask, Scores
 
 if TYPE_CHECKING:
     from probekit.config import ThresholdSpec
@@ -38,7 +38,7 @@ EPOCH_EXCLUDED = ("n", "binary_threshold", "binary_n", "binary_positives")
 """Headline keys that ``metrics.jsonl`` leaves out (constant within a run)."""
 
 
-class MulticlassTask(Task):
+class MulticlassTask(CrossEntropyTask):
     """Multi-class classification; see the module notes."""
 
     kind = "multiclass"
@@ -87,14 +87,6 @@ class MulticlassTask(Task):
                     "chooses its threshold on val, which needs rows of it and of the other classes"
                 )
 
-    def loss(
-        self, logits: Tensor, labels: Tensor, *, smoothing: float = 0.0, weights: Tensor | None = None
-    ) -> Tensor:
-        return weighted_cross_entropy(logits, labels, smoothing=smoothing, weights=weights)
-
-    def correct(self, logits: Tensor, labels: Tensor) -> int:
-        return int((logits.argmax(dim=-1) == labels).sum())
-
     def scores(self, logits: Tensor) -> Tensor:
         return torch.softmax(logits, dim=-1)
 
@@ -125,9 +117,6 @@ class MulticlassTask(Task):
         if "binary_auroc" in metrics:
             line += f" vs-{self.negative_class} auroc {metrics['binary_auroc']:.4f}"
         return line
-
-    def monitor(self, metric: str, scores: Scores, metrics: Mapping[str, float]) -> float:
-        return scores.loss if metric == "loss" else float(metrics[metric])
 
     def choose_threshold(self, scores: Scores) -> float:
         if self.negative is None:

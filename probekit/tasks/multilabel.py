@@ -129,9 +129,6 @@ class MultilabelTask(Task):
             f"subset-acc {metrics['subset_accuracy']:.4f}"
         )
 
-    def monitor(self, metric: str, scores: Scores, metrics: Mapping[str, float]) -> float:
-        return scores.loss if metric == "loss" else float(metrics[metric])
-
     def choose_threshold(self, scores: Scores) -> Any:
         from probekit.multilabel_metrics import choose_thresholds
 

@@ -124,9 +124,6 @@ class RegressionTask(Task):
     def epoch_line(self, metrics: Mapping[str, float]) -> str:
         return f"mae {metrics['mae']:.4f} rmse {metrics['rmse']:.4f} r2 {metrics['r2']:.4f}"
 
-    def monitor(self, metric: str, scores: Scores, metrics: Mapping[str, float]) -> float:
-        return scores.loss if metric == "loss" else float(metrics[metric])
-
     def choose_threshold(self, scores: Scores) -> float:
         return 0.5  # unused: a regression has no decision threshold
 
