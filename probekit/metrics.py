@@ -116,17 +116,30 @@ def calibration_bins(labels: npt.ArrayLike, probs: npt.ArrayLike, bins: int = EC
         raise UserError(f"bins must be at least 1; got {bins}")
     y, p = binary_inputs(labels, probs)
     predicted = (p >= 0.5).astype(np.int64)
-    confidence = np.maximum(p, 1.0 - p)
-    correct = (predicted == y).astype(np.float64)
+    return confidence_bins(np.maximum(p, 1.0 - p), predicted == y, bins)
+
+
+def confidence_bins(
+    confidence: npt.NDArray[np.float64], correct: npt.NDArray[np.bool_], bins: int = ECE_BINS
+) -> CalibrationBins:
+    """Rows binned by their ``confidence`` in ``[0, 1]``, with whether each was ``correct``: the
+    bins of `calibration_bins` (binary) and of the top-label calibration of multi-class probes."""
     edges = np.linspace(0.0, 1.0, bins + 1)
     index = np.clip(np.digitize(confidence, edges, right=True) - 1, 0, bins - 1)
     counts = np.bincount(index, minlength=bins).astype(np.int64)
     sum_conf = np.bincount(index, weights=confidence, minlength=bins)
-    sum_correct = np.bincount(index, weights=correct, minlength=bins)
+    sum_correct = np.bincount(index, weights=np.asarray(correct, dtype=np.float64), minlength=bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_conf = np.where(counts > 0, sum_conf / counts, np.nan)
         accuracy = np.where(counts > 0, sum_correct / counts, np.nan)
     return CalibrationBins(edges, counts, mean_conf, accuracy)
+
+
+def binned_ece(stats: CalibrationBins) -> float:
+    """``sum over bins b of (n_b / n) * |accuracy_b - confidence_b|`` of binned rows."""
+    filled = stats.counts > 0
+    weights = stats.counts[filled] / stats.counts.sum()
+    return float(np.sum(weights * np.abs(stats.accuracy[filled] - stats.confidence[filled])))
 
 
 def expected_calibration_error(labels: npt.ArrayLike, probs: npt.ArrayLike, bins: int = ECE_BINS) -> float:
@@ -150,11 +163,7 @@ def expected_calibration_error(labels: npt.ArrayLike, probs: npt.ArrayLike, bins
     Raises:
         UserError: bad inputs (see `binary_inputs`) or `bins < 1`.
     """
-    stats = calibration_bins(labels, probs, bins)
-    filled = stats.counts > 0
-    weights = stats.counts[filled] / stats.counts.sum()
-    gaps = np.abs(stats.accuracy[filled] - stats.confidence[filled])
-    return float(np.sum(weights * gaps))
+    return binned_ece(calibration_bins(labels, probs, bins))
 
 
 def _recall_at_fpr(fpr: npt.NDArray[np.float64], tpr: npt.NDArray[np.float64], max_fpr: float) -> float:

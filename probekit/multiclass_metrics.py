@@ -31,7 +31,7 @@ from sklearn.metrics import (  # type: ignore[import-untyped]
 )
 
 from probekit.errors import UserError
-from probekit.metrics import ECE_BINS, compute_metrics
+from probekit.metrics import ECE_BINS, binned_ece, compute_metrics, confidence_bins
 
 ROW_SUM_TOLERANCE = 1e-4
 """How far (absolute) a row of probabilities may sum from 1 (float32 softmax outputs pass)."""
@@ -138,16 +138,7 @@ def derived_binary(
 def _top_label_ece(y: npt.NDArray[np.int64], p: npt.NDArray[np.float64], bins: int = ECE_BINS) -> float:
     """Top-label ECE: rows binned by confidence, ``sum over bins b of (n_b / n) * |accuracy_b -
     confidence_b|``."""
-    confidence = p.max(axis=1)
-    correct = (p.argmax(axis=1) == y).astype(np.float64)
-    # the bins of probekit.metrics.calibration_bins: equal widths, closed on the right
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    index = np.clip(np.digitize(confidence, edges, right=True) - 1, 0, bins - 1)
-    counts = np.bincount(index, minlength=bins)
-    sum_correct = np.bincount(index, weights=correct, minlength=bins)
-    sum_conf = np.bincount(index, weights=confidence, minlength=bins)
-    # (n_b / n) * |accuracy_b - confidence_b| = |sum of correct_b - sum of confidence_b| / n
-    return float(np.abs(sum_correct - sum_conf)[counts > 0].sum() / y.size)
+    return binned_ece(confidence_bins(p.max(axis=1), p.argmax(axis=1) == y, bins))
 
 
 def _per_class_ranking(

@@ -29,7 +29,7 @@ from sklearn.metrics import (  # type: ignore[import-untyped]
 )
 
 from probekit.errors import UserError
-from probekit.metrics import ECE_BINS, CalibrationBins
+from probekit.metrics import ECE_BINS, CalibrationBins, binned_ece, confidence_bins
 from probekit.plots import (
     _POINT,
     _TRAIN,
@@ -60,47 +60,24 @@ _MISSING = "0.45"  # colour of the mark of a missing value
 def multiclass_inputs(
     labels: npt.ArrayLike, probs: npt.ArrayLike, class_names: Sequence[str] | None = None
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
-    """Check and convert multi-class labels and probabilities to numpy arrays.
-
-    Args:
-        labels: one class index per example, ints in `0..K-1`.
-        probs: `(N, K)` class probabilities, finite and in `[0, 1]` (row sums are not checked).
-        class_names: when given, the `K` distinct display names of the classes.
-
-    Returns:
-        `(labels, probs)` as a 1-D `int64` and a 2-D `float64` array.
+    """`probekit.multiclass_metrics.multiclass_inputs` (labels and probabilities checked and
+    converted), and, when given, ``class_names`` checked to be the `K` distinct display names.
 
     Raises:
-        UserError: empty input, wrong shapes, fewer than two classes, labels out of range,
-            probabilities not finite or outside `[0, 1]`, or class names that do not match `K`.
+        UserError: what `probekit.multiclass_metrics.multiclass_inputs` refuses, or class names
+            that do not match `K` or repeat.
     """
-    y = np.asarray(labels)
-    p = np.asarray(probs, dtype=np.float64)
-    if y.ndim != 1 or p.ndim != 2:
-        raise UserError(f"labels must be 1-D and probs 2-D (N, K); got shapes {y.shape} and {p.shape}")
-    if y.shape[0] != p.shape[0]:
-        raise UserError(f"labels and probs differ in length: {y.shape[0]} and {p.shape[0]}")
-    if y.size == 0:
-        raise UserError("no examples to plot: labels and probs are empty")
+    from probekit.multiclass_metrics import multiclass_inputs as checked
+
+    y, p = checked(labels, probs)
     k = p.shape[1]
-    if k < 2:
-        raise UserError(f"probs must have at least two classes (columns); got {k}")
-    integral = y.dtype.kind in "iub" or (y.dtype.kind == "f" and bool(np.all(np.mod(y, 1) == 0)))
-    if not integral:
-        raise UserError(f"labels must be class indices (integers); got dtype {y.dtype}")
-    if y.min() < 0 or y.max() >= k:
-        raise UserError(f"labels must lie in 0..{k - 1}; found values in [{y.min()}, {y.max()}]")
-    if not np.isfinite(p).all():
-        raise UserError(f"probs hold {int((~np.isfinite(p)).sum())} non-finite values (nan or inf)")
-    if p.min() < 0.0 or p.max() > 1.0:
-        raise UserError(f"probs must lie in [0, 1]; found values in [{p.min()}, {p.max()}]")
     if class_names is not None:
         names = [str(name) for name in class_names]
         if len(names) != k:
             raise UserError(f"class_names must name {k} classes (the columns of probs); got {len(names)}")
         if len(set(names)) != k:
             raise UserError(f"class_names must be distinct; got {names}")
-    return y.astype(np.int64), p
+    return y, p
 
 
 def _cell_fontsize(k: int) -> float:
@@ -278,26 +255,13 @@ def top_label_bins(labels: npt.ArrayLike, probs: npt.ArrayLike, bins: int = ECE_
     if bins < 1:
         raise UserError(f"bins must be at least 1; got {bins}")
     y, p = multiclass_inputs(labels, probs)
-    confidence = p.max(axis=1)
-    correct = (np.argmax(p, axis=1) == y).astype(np.float64)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    index = np.clip(np.digitize(confidence, edges, right=True) - 1, 0, bins - 1)
-    counts = np.bincount(index, minlength=bins).astype(np.int64)
-    sum_conf = np.bincount(index, weights=confidence, minlength=bins)
-    sum_correct = np.bincount(index, weights=correct, minlength=bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_conf = np.where(counts > 0, sum_conf / counts, np.nan)
-        accuracy = np.where(counts > 0, sum_correct / counts, np.nan)
-    return CalibrationBins(edges, counts, mean_conf, accuracy)
+    return confidence_bins(p.max(axis=1), np.argmax(p, axis=1) == y, bins)
 
 
 def top_label_ece(labels: npt.ArrayLike, probs: npt.ArrayLike, bins: int = ECE_BINS) -> float:
     """Top-label expected calibration error over the bins of `top_label_bins`:
     `sum over bins of (n_b / n) * |accuracy_b - confidence_b|`, in `[0, 1]`."""
-    stats = top_label_bins(labels, probs, bins)
-    filled = stats.counts > 0
-    weights = stats.counts[filled] / stats.counts.sum()
-    return float(np.sum(weights * np.abs(stats.accuracy[filled] - stats.confidence[filled])))
+    return binned_ece(top_label_bins(labels, probs, bins))
 
 
 def plot_reliability(
