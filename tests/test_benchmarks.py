@@ -5,15 +5,17 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import random
 import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
-from .engine_fixtures import BAD, ToyData, bert_dir, make_rows, toy_data, write_jsonl
+from .engine_fixtures import BAD, NEUTRAL, ToyData, bert_dir, make_rows, toy_data, write_jsonl
 
 __all__ = ["bert_dir", "toy_data"]
 
@@ -181,3 +183,199 @@ def test_results_report_on_multiclass_data(bert_dir: Path, tmp_path: Path) -> No
         assert re.search(rf"^\| {name} \| {count} \|( \d\.\d{{3}} \|){{6}}$", table, re.M), name
     assert "| true \\ predicted | bomb | poison | safe |" in table
     assert "Sweep, every candidate:" in table
+
+
+def test_results_report_detects_multilabel_and_regression() -> None:
+    """--task auto: list labels are multi-label, numbers that are not all integers a regression."""
+    detect = load_results_module().detect_task
+    assert detect([["bomb"], [], ["bomb", "poison"]], "auto") == "multilabel"
+    assert detect([0.5, 1.0, 2], "auto") == "regression"
+    assert detect([0.0, 1.0], "auto") == "binary"
+    assert detect([1, 2, 3], "auto") == "multiclass"
+    assert detect([1, 2, 3], "regression") == "regression"
+
+
+def test_results_report_refuses_label_fields_with_another_task(tmp_path: Path) -> None:
+    write_three_classes(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        load_results_module().main(["--data", str(tmp_path), "--label-fields", "a,b", "--task", "binary"])
+    assert exit_info.value.code == 2
+
+
+FLAGS = ("poison", "bomb", "tea")
+"""The labels of the multi-label data: 1 when the text holds the word."""
+
+
+def write_flags(folder: Path) -> dict[str, list[dict[str, Any]]]:
+    """96 / 48 / 48 rows with a 0/1 column per `FLAGS` word, about a fifth of the ``bomb`` and
+    ``tea`` cells null (unknown)."""
+    rng = random.Random(7)
+    neutral = [word for word in NEUTRAL if word not in FLAGS]
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    while len(rows) < 192:
+        words = rng.choices(neutral, k=rng.randint(2, 5))
+        cells = {flag: int(rng.random() < 0.4) for flag in FLAGS}
+        for flag in FLAGS:
+            if cells[flag]:
+                words.insert(rng.randint(0, len(words)), flag)
+        text = " ".join(words)
+        if text in seen:
+            continue
+        seen.add(text)
+        row: dict[str, Any] = {"text": text, **cells}
+        for flag in FLAGS[1:]:
+            if rng.random() < 0.2:
+                row[flag] = None
+        rows.append(row)
+    splits = {"train": rows[:96], "val": rows[96:144], "test": rows[144:]}
+    for name, split_rows in splits.items():
+        write_jsonl(folder / f"{name}.jsonl", split_rows)
+    return splits
+
+
+def run_results(*args: str) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [sys.executable, str(RESULTS), *args], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def best_or_self(outcome: dict[str, Any]) -> dict[str, Any]:
+    """A method's outcome, or the best candidate of a sweep."""
+    if "candidates" in outcome:
+        return next(c for c in outcome["candidates"] if c["name"] == outcome["best"])
+    return outcome
+
+
+def in_unit(value: Any) -> bool:
+    return value is None or 0.0 <= value <= 1.0
+
+
+def test_results_report_on_multilabel_data(bert_dir: Path, tmp_path: Path) -> None:
+    """Three labels in 0/1/null columns (--label-fields): TF-IDF per label, the sweep and a safety8k
+    multi-label run (one epoch on the tiny BERT), judged by multilabel_metrics with unknown cells
+    left out; the summary and per-label tables."""
+    splits = write_flags(tmp_path / "data")
+    out = tmp_path / "out"
+    done = run_results(
+        *("--data", str(tmp_path / "data"), "--out", str(out), "--model", str(bert_dir)),
+        *("--epochs", "1", "--label-fields", ",".join(FLAGS)),
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "multilabel" and results["label_names"] == list(FLAGS)
+    assert list(results["methods"]) == ["tfidf", "sweep", "probe"] and results["best"] in results["methods"]
+    pooled = ("f1", "f1_micro", "auroc", "auprc", "recall_at_1pct_fpr", "subset_accuracy", "hamming_loss")
+    for method, outcome in results["methods"].items():
+        for split in ("val", "test"):
+            metrics = best_or_self(outcome)["metrics"][split]
+            assert all(in_unit(metrics[key]) for key in pooled), (method, split)
+            assert metrics["n"] == len(splits[split]) and 0.5 < metrics["known_fraction"] < 1.0
+            assert list(metrics["per_label"]) == list(FLAGS)
+            known = sum(row["bomb"] is not None for row in splits[split])
+            assert metrics["per_label"]["bomb"]["known"] == known < len(splits[split])
+    tfidf = results["methods"]["tfidf"]
+    assert tfidf["C"] in (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0) and len(tfidf["threshold"]) == 3
+    assert tfidf["metrics"]["test"]["f1"] >= 0.9  # each label is a word: TF-IDF gets it
+    probe = results["methods"]["probe"]
+    assert {"task.kind=multilabel", "head.num_classes=3", "loss.class_weights=balanced"} <= set(probe["set"])
+    report = json.loads((Path(probe["run"]) / "report.json").read_text())
+    assert probe["metrics"]["test"]["f1"] == report["metrics"]["test"]["f1"]
+    assert (out / "layers.png").is_file()
+    table = (out / "results.md").read_text()
+    assert done.stdout == table
+    assert (
+        "| method | split | macro F1 | micro F1 | macro AUROC | macro AUPRC | macro R@1%FPR | "
+        "subset acc | Hamming loss | known |" in table
+    )
+    assert "| TF-IDF + logistic regression per label | test |" in table
+    assert "| safety8k probe (task.kind=multilabel) | val |" in table
+    assert (
+        "| label | known | + | tfidf F1 | tfidf AUPRC | sweep F1 | sweep AUPRC | probe F1 | probe AUPRC |"
+        in table
+    )
+    for flag in FLAGS:
+        known = sum(row[flag] is not None for row in splits["test"])
+        positive = sum(row[flag] == 1 for row in splits["test"])
+        assert re.search(rf"^\| {flag} \| {known} \| {positive} \|( \d\.\d{{3}} \|){{6}}$", table, re.M), flag
+    assert "Sweep, every candidate:" in table
+
+
+def test_results_report_reads_label_lists(tmp_path: Path) -> None:
+    """Labels as lists of names: --task auto makes it multi-label, the names sorted (TF-IDF only)."""
+    rows = make_rows(192, seed=4)
+    for row in rows:
+        row["label"] = sorted(word for word in row["text"].split() if word in BAD)
+    for name, part in (("train", rows[:96]), ("val", rows[96:144]), ("test", rows[144:])):
+        write_jsonl(tmp_path / "data" / f"{name}.jsonl", part)
+    out = tmp_path / "out"
+    run_results("--data", str(tmp_path / "data"), "--out", str(out), "--methods", "tfidf")
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "multilabel" and results["label_names"] == ["bomb", "poison"]
+    test = results["methods"]["tfidf"]["metrics"]["test"]
+    assert test["known_fraction"] == 1.0 and test["f1"] >= 0.9
+
+
+def write_scores(folder: Path) -> dict[str, list[dict[str, Any]]]:
+    """96 / 48 / 48 rows whose number grows by 5 with each ``bomb`` in the text, plus noise in [0, 1)."""
+    rng = random.Random(8)
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    while len(rows) < 192:
+        words = rng.choices(NEUTRAL, k=rng.randint(2, 5))
+        count = rng.randint(0, 3)
+        for _ in range(count):
+            words.insert(rng.randint(0, len(words)), "bomb")
+        text = " ".join(words)
+        if text not in seen:
+            seen.add(text)
+            rows.append({"text": text, "label": 10 + 5 * count + rng.random()})
+    splits = {"train": rows[:96], "val": rows[96:144], "test": rows[144:]}
+    for name, split_rows in splits.items():
+        write_jsonl(folder / f"{name}.jsonl", split_rows)
+    return splits
+
+
+def test_results_report_on_regression_data(bert_dir: Path, tmp_path: Path) -> None:
+    """Numbers: --task auto makes a regression; TF-IDF + ridge, the sweep and a safety8k
+    regression run, judged by regression_metrics; the table and the plot of the best method."""
+    splits = write_scores(tmp_path / "data")
+    out = tmp_path / "out"
+    done = run_results(
+        *("--data", str(tmp_path / "data"), "--out", str(out), "--model", str(bert_dir), "--epochs", "1")
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "regression" and "label_names" not in results
+    assert list(results["methods"]) == ["tfidf", "sweep", "probe"] and results["best"] in results["methods"]
+    for method, outcome in results["methods"].items():
+        for split in ("val", "test"):
+            metrics = best_or_self(outcome)["metrics"][split]
+            assert 0.0 <= metrics["mae"] <= metrics["rmse"], (method, split)
+            assert metrics["r2"] is None or metrics["r2"] <= 1.0
+            for key in ("pearson", "spearman"):
+                assert metrics[key] is None or -1.0 <= metrics[key] <= 1.0, (method, split, key)
+            assert metrics["n"] == len(splits[split])
+    tfidf = results["methods"]["tfidf"]
+    assert tfidf["alpha"] in (0.01, 0.1, 1.0, 10.0, 100.0)
+    assert tfidf["metrics"]["test"]["pearson"] >= 0.8  # the number follows a word: TF-IDF gets it
+    probe = results["methods"]["probe"]
+    assert {"task.kind=regression", "head.num_classes=1", "train.monitor=mae"} <= set(probe["set"])
+    report = json.loads((Path(probe["run"]) / "report.json").read_text())
+    assert probe["metrics"]["test"]["mae"] == report["metrics"]["test"]["mae"]
+    plotted = results["plotted"]
+    assert plotted in ("tfidf", "probe")
+    assert (out / f"regression_{plotted}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "results.md").read_text()
+    assert done.stdout == table
+    assert "| method | split | MAE | RMSE | R² | Pearson | Spearman |" in table
+    assert "| TF-IDF + ridge regression | test |" in table
+    assert "| safety8k probe (task.kind=regression) | val |" in table
+    assert f"regression_{plotted}.png" in table and "Sweep, every candidate:" in table
+    # the probe's plot comes from its saved run's predictions
+    alone: dict[str, Any] = {"methods": {"probe": probe}}
+    texts = [row["text"] for row in splits["test"]]
+    targets = np.asarray([row["label"] for row in splits["test"]])
+    load_results_module().plot_best_regression(alone, texts, targets, {}, tmp_path)
+    assert alone["plotted"] == "probe"
+    assert (tmp_path / "regression_probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -152,13 +152,13 @@ def prepare(config: ProbeConfig, *, device: torch.device | None = None, num_proc
     torch.manual_seed(config.train.seed)
     config = absolute_paths(config)
     task = task_of(config)
-    dataset = load_data(config.data, target=task.target)  # type: ignore[arg-type]
-    task = task.bind(class_keys(dataset.label_map))
     if config.train.monitor not in task.monitors:
         raise ConfigError(
             f"train.monitor={config.train.monitor}: task.kind={config.task.kind} reports "
             f"{', '.join(task.monitors)}"
         )
+    dataset = load_data(config.data, target=task.target)  # type: ignore[arg-type]
+    task = task.bind(class_keys(dataset.label_map))
     task.check(dataset, config.head.num_classes)
     task = task.fit(dataset)
     class_weights = config.loss.resolve(dataset.label_map, dataset.train.labels, target=task.target)
