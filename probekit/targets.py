@@ -66,7 +66,10 @@ def _names(value: Any, where: str, field: str, csv: bool) -> list[str]:
             "or one column per label with data.label_fields for unknown values"
         )
     if not isinstance(value, list) or not all(isinstance(name, str) and name for name in value):
-        raise _error(f"{where}: field {field!r}: expected a list of label names, got {_short(value)}")
+        raise _error(
+            f"{where}: field {field!r}: expected a list of label names, got {_short(value)} (or set "
+            "data.label_fields to the columns that hold one label each)"
+        )
     return list(value)
 
 

@@ -272,6 +272,7 @@ def _finish(done: Fit, callbacks: Sequence[Callback]) -> tuple[RunResult, dict[s
     others = {"test": lambda: scored("test")} if "test" in plan.encoded else {}
     finished = finish(plan.task, val, others)
     plan.probe.attach(threshold=finished.threshold)
+    plan.probe.eval()
     result = RunResult(
         run_dir=Path(),  # set by train() (the summary file leaves it out)
         best_epoch=early.best_epoch,
@@ -281,5 +282,6 @@ def _finish(done: Fit, callbacks: Sequence[Callback]) -> tuple[RunResult, dict[s
         metrics=finished.metrics,
         history=state.history,
         task=plan.task,
+        probe=plan.probe,
     )
     return result, finished.scores

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -15,6 +15,9 @@ from probekit.checkpoint import class_keys, save_checkpoint
 from probekit.config import dump_config
 from probekit.tasks.base import Scores, Task, Threshold, show_threshold
 from probekit.training.plan import TrainPlan
+
+if TYPE_CHECKING:
+    from probekit.probe import Probe
 
 
 @dataclass
@@ -30,6 +33,9 @@ class RunResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     task: Task | None = field(default=None, repr=False)
+    probe: Probe | None = field(default=None, repr=False)
+    """The trained probe (best epoch's weights, threshold, label names, tokenizer and task
+    attached, in eval mode, on the device it trained on): ``result.probe.predict("text")``."""
 
     def _threshold(self) -> str:
         rule = self.task.threshold_rule_id() if self.task is not None else ""

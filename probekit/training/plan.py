@@ -85,6 +85,18 @@ class TrainPlan:
             return f"probekit's shipped demo dataset ({self.dataset.train.source})"
         return ", ".join(dict.fromkeys(s.source for s in self.dataset.splits()))
 
+    def warmup_warnings(self) -> list[str]:
+        """A warning when the learning-rate warmup takes the whole run, or most of it."""
+        warmup, total = self.warmup_steps, self.total_steps
+        if warmup >= total:
+            return [
+                f"warning: warmup covers the whole run ({warmup} of {total} optimiser steps): the learning "
+                "rate never reaches its peak; train more epochs or shorten scheduler.warmup_*"
+            ]
+        if 2 * warmup > total:
+            return [f"warning: warmup takes {warmup} of {total} optimiser steps, more than half the run"]
+        return []
+
     def describe(self) -> list[str]:
         """The resolved plan, one line per fact, as ``--dry-run`` prints it."""
         cfg, layout, data = self.config, self.probe.layout, self.dataset
@@ -127,6 +139,7 @@ class TrainPlan:
             f"stopping: best val {cfg.train.monitor}, patience {cfg.train.patience} epochs; "
             f"threshold: {self.task.threshold_rule()}",
         ]
+        lines += self.warmup_warnings()
         if self.precision.mixed:
             lines.append(
                 f"  frozen modules held in {self.precision}; trainable parameters in fp32 with autocast"

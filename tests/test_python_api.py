@@ -1,0 +1,77 @@
+"""The Python API as a notebook uses it: typed overrides, the trained probe on the result, and the
+warnings a short run deserves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import probekit
+from probekit import Probe
+from probekit.config import compose_config
+from probekit.errors import ConfigError
+from probekit.training import train
+from tests.engine_fixtures import FAST, ToyData, bert_dir, make_config, toy_data  # noqa: F401  (fixtures)
+
+
+def test_typed_overrides_equal_the_same_set_assignments() -> None:
+    typed = probekit.preset(
+        "safety8k",
+        train={"epochs": 3, "cache": {"enabled": False}},
+        optimizer={"lr_head": 1e-3},
+        data={"label_map": {"safe": 0, "unsafe": 1}},
+    )
+    dotted = compose_config(
+        preset="safety8k",
+        assignments=[
+            "train.epochs=3",
+            "train.cache.enabled=false",
+            "optimizer.lr_head=0.001",
+            'data.label_map={"safe": 0, "unsafe": 1}',
+        ],
+    )
+    assert typed == dotted
+    assert typed.replace(train={"epochs": 5}).train.epochs == 5 and typed.train.epochs == 3  # frozen
+
+
+def test_a_new_kind_replaces_the_block_and_mappings_are_replaced_whole() -> None:
+    config = probekit.preset("safety8k", head={"kind": "linear", "dropout": 0.1})
+    assert config.head.model_dump() == {"kind": "linear", "num_classes": 2, "dropout": 0.1}  # no mlp fields
+    weighted = config.replace(loss={"class_weights": {"a": 2.0}}).replace(loss={"class_weights": {"b": 3.0}})
+    assert weighted.loss.class_weights == {"b": 3.0}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"train": {"epoch": 3}}, "train.epoch: unknown field 'epoch'; did you mean 'epochs'?"),
+        ({"trian": {"epochs": 3}}, "trian: unknown field 'trian'; did you mean 'train'?"),
+        ({"train": {"epochs": 0}}, "train.epochs: Input should be greater than or equal to 1"),
+        ({"head": {"kind": "mpl"}}, "head"),
+    ],
+)
+def test_typed_overrides_are_validated_like_set(
+    overrides: dict[str, dict[str, object]], expected: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        probekit.preset("safety8k", **overrides)
+    assert expected in str(caught.value)
+
+
+def test_the_result_carries_the_trained_probe(bert_dir: Path, toy_data: ToyData, tmp_path: Path) -> None:  # noqa: F811
+    result = train(make_config(bert_dir, toy_data), out=tmp_path / "run", log=lambda _l: None, progress=False)
+    assert isinstance(result.probe, Probe) and not result.probe.training
+    texts = toy_data.texts("test")[:6]
+    reloaded = Probe.from_pretrained(tmp_path / "run")
+    assert result.probe.predict_proba(texts) == pytest.approx(reloaded.predict_proba(texts), abs=1e-6)
+    assert result.probe.predict(texts[0]) == reloaded.predict(texts[0])
+
+
+def test_a_run_that_is_all_warmup_says_so(bert_dir: Path, toy_data: ToyData) -> None:  # noqa: F811
+    from probekit.training import prepare
+
+    short = prepare(make_config(bert_dir, toy_data, "train.epochs=1"))
+    assert any(line.startswith("warning: warmup covers the whole run (3 of 3") for line in short.describe())
+    longer = prepare(make_config(bert_dir, toy_data, "train.epochs=4"))
+    assert not any(line.startswith("warning: warmup") for line in longer.describe())
