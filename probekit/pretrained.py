@@ -166,3 +166,51 @@ def load_probe(run_dir: str | Path, trust_remote_code: bool = False, *, cls: typ
     """
     probe, _ = load_run(run_dir, trust_remote_code, cls=cls)
     return probe
+
+
+def save_probe(probe: Probe, folder: Path, *, overwrite: bool = False) -> Path:
+    """`probekit.probe.Probe.save_pretrained`: the probe's checkpoint into ``folder``."""
+    from probekit.checkpoint import save_checkpoint
+
+    config = probe.probe_config
+    if config is None:
+        raise UserError(
+            "this probe was not built from a config, so it cannot be saved for from_pretrained; "
+            "build it with probekit.build(config, backbone) or Probe.from_config"
+        )
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
+        raise UserError(f"{folder}: not an empty folder; pass overwrite=True to replace its checkpoint")
+    task = probe._task()
+    outputs = config.head.num_classes
+    names = list(probe.label_names) or (list(range(outputs)) if task.num_outputs(outputs) == outputs else [])
+    label_map = {_label_key(name): index for index, name in enumerate(names)}
+    data = config.model_dump(mode="json")
+    source = getattr(getattr(probe.backbone, "config", None), "name_or_path", "") or config.model.name
+    data["model"]["name"] = str(source)
+    data["model"]["max_length"] = probe.max_length
+    data["task"].update(task.stored())
+    layout = probe.layout
+    save_checkpoint(
+        probe,
+        folder,
+        config=data,
+        label_map=label_map,
+        label_names=names,
+        threshold=probe.threshold,
+        backbone={
+            "name": str(source),
+            "revision": config.model.revision,
+            "provenance": "saved with Probe.save_pretrained",
+            "model_type": layout.model_type,
+            "num_blocks": layout.num_blocks,
+            "hidden_size": layout.hidden_size,
+        },
+    )
+    return folder
+
+
+def _label_key(name: Any) -> str:
+    """A label value as the label map keys it (``true``/``false``, digits, or the name)."""
+    if isinstance(name, bool):
+        return "true" if name else "false"
+    return str(name)

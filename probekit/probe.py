@@ -100,6 +100,8 @@ class Probe(nn.Module):
         self.threshold: float | list[float] = 0.5
         self.label_names: list[Any] = []
         self.task: Task | None = None
+        self.probe_config: ProbeConfig | None = None
+        """The config the probe was built from (`from_config`), which `save_pretrained` stores."""
         self.attach(
             tokenizer=tokenizer,
             max_length=max_length,
@@ -117,7 +119,25 @@ class Probe(nn.Module):
 
         attached.setdefault("max_length", config.model.max_length)
         attached.setdefault("task", task_of(config))
-        return cls(backbone, config.pooler, config.head, config.freezer, **attached)
+        probe = cls(backbone, config.pooler, config.head, config.freezer, **attached)
+        probe.probe_config = config
+        return probe
+
+    def save_pretrained(self, folder: str | Path, *, overwrite: bool = False) -> Path:
+        """Write this probe where `from_pretrained` reads it back: its trainable weights
+        (safetensors), its config, label names, threshold and task (``probe.json`` with its
+        checksums). Works for a probe built from a config in your own code (`probekit.build`,
+        ``Probe.from_config``), trained by `probekit.train` or by your own loop. The backbone is
+        not copied: ``probe.json`` names where it loads from (the backbone's own
+        ``name_or_path`` when it has one, else ``config.model.name``). Returns the folder.
+
+        Raises:
+            UserError: a probe not built from a config, or a non-empty ``folder`` without
+                ``overwrite``.
+        """
+        from probekit.pretrained import save_probe
+
+        return save_probe(self, Path(folder), overwrite=overwrite)
 
     def attach(
         self,

@@ -75,3 +75,32 @@ def test_a_run_that_is_all_warmup_says_so(bert_dir: Path, toy_data: ToyData) -> 
     assert any(line.startswith("warning: warmup covers the whole run (3 of 3") for line in short.describe())
     longer = prepare(make_config(bert_dir, toy_data, "train.epochs=4"))
     assert not any(line.startswith("warning: warmup") for line in longer.describe())
+
+
+def test_a_probe_built_in_your_own_code_saves_and_loads(bert_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    from transformers import AutoModel, AutoTokenizer
+
+    config = probekit.preset("safety8k", model={"max_length": 16})
+    probe = probekit.build(config, AutoModel.from_pretrained(bert_dir))
+    probe.attach(
+        tokenizer=AutoTokenizer.from_pretrained(bert_dir), label_names=["safe", "unsafe"], threshold=0.4
+    )
+    probe.eval()
+    folder = probe.save_pretrained(tmp_path / "mine")
+    again = Probe.from_pretrained(folder)
+    texts = ["the cat sat", "a bomb in the park"]
+    assert again.predict_proba(texts) == pytest.approx(probe.predict_proba(texts), abs=1e-6)
+    assert again.predict(texts[1]) == probe.predict(texts[1]) and again.threshold == 0.4
+    with pytest.raises(probekit.errors.UserError, match="not an empty folder; pass overwrite=True"):
+        probe.save_pretrained(folder)
+    probe.save_pretrained(folder, overwrite=True)
+
+
+def test_the_trained_probe_saves_and_loads(bert_dir: Path, toy_data: ToyData, tmp_path: Path) -> None:  # noqa: F811
+    result = train(make_config(bert_dir, toy_data), out=tmp_path / "run", log=lambda _l: None, progress=False)
+    assert result.probe is not None
+    result.probe.save_pretrained(tmp_path / "copy")
+    texts = toy_data.texts("test")[:5]
+    assert Probe.from_pretrained(tmp_path / "copy").predict(texts) == Probe.from_pretrained(
+        tmp_path / "run"
+    ).predict(texts)
