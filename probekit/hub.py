@@ -117,6 +117,13 @@ def load_backbone(spec: ModelSpec) -> LoadedBackbone:
                 "(or pass --trust-remote-code) only if you trust that code"
             ) from None
         raise UserError(f"model.name: cannot load {spec.name!r} ({provenance}): {first}") from None
+    _ready(model, tokenizer, spec)
+    return LoadedBackbone(model, tokenizer, spec.name, location, spec.revision, provenance)
+
+
+def _ready(model: Any, tokenizer: Any, spec: ModelSpec) -> None:
+    """The tokenizer padded as ``spec`` says (eos as pad when it has no pad token), the model in
+    eval mode, and ``model.max_length`` within its position embeddings."""
     tokenizer.padding_side = spec.padding_side
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -129,7 +136,39 @@ def load_backbone(spec: ModelSpec) -> LoadedBackbone:
             f"model.max_length: {spec.max_length} tokens, but {spec.name} has position embeddings for "
             f"{limit}; set model.max_length to at most {limit}"
         )
-    return LoadedBackbone(model, tokenizer, spec.name, location, spec.revision, provenance)
+
+
+def given_backbone(model: Any, tokenizer: Any, spec: ModelSpec) -> LoadedBackbone:
+    """A model and tokenizer the caller already loaded (``probekit.train(config, model=...,
+    tokenizer=...)``), used as they are: nothing is loaded or copied. Its ``name_or_path`` is
+    where a saved run reloads it from.
+
+    Raises:
+        UserError: a model that is not a torch module, a missing tokenizer, or parameters that
+            are not float32 (load it with ``dtype=torch.float32``; half-precision backbones
+            come with the ``model.dtype`` setting).
+    """
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise UserError(
+            f"model=: expected a loaded transformers model (a torch module), got {type(model).__name__}"
+        )
+    if tokenizer is None or not callable(tokenizer):
+        raise UserError(
+            "tokenizer=: pass the model's tokenizer with the model (AutoTokenizer.from_pretrained)"
+        )
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+    if dtypes != ["float32"]:
+        raise UserError(
+            f"model=: its parameters are {', '.join(dtypes)}; pass a float32 model "
+            "(AutoModel.from_pretrained(..., dtype=torch.float32)) for now"
+        )
+    _ready(model, tokenizer, spec)
+    name = str(getattr(getattr(model, "config", None), "name_or_path", "") or spec.name)
+    return LoadedBackbone(
+        model, tokenizer, name, name, None, f"passed in ({type(model).__name__}, as loaded)"
+    )
 
 
 def position_limit(model: Any) -> int | None:

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported by name)
 """The Python API as a notebook uses it: typed overrides, the trained probe on the result, and the
 warnings a short run deserves."""
 
@@ -104,3 +105,42 @@ def test_the_trained_probe_saves_and_loads(bert_dir: Path, toy_data: ToyData, tm
     assert Probe.from_pretrained(tmp_path / "copy").predict(texts) == Probe.from_pretrained(
         tmp_path / "run"
     ).predict(texts)
+
+
+def test_train_a_model_you_loaded_yourself(bert_dir: Path, toy_data: ToyData, tmp_path: Path) -> None:  # noqa: F811
+    """Neither loaded nor copied: the probe trains the very module passed, and the run reloads."""
+    from transformers import AutoModel, AutoTokenizer
+
+    model, tokenizer = AutoModel.from_pretrained(bert_dir), AutoTokenizer.from_pretrained(bert_dir)
+    config = make_config(bert_dir, toy_data).replace(model={"name": "not-used-when-a-model-is-given"})
+    result = train(
+        config, out=tmp_path / "run", model=model, tokenizer=tokenizer, log=lambda _l: None, progress=False
+    )
+    assert result.probe is not None and result.probe.backbone is model
+    texts = toy_data.texts("test")[:4]
+    assert Probe.from_pretrained(tmp_path / "run").predict_proba(texts) == pytest.approx(
+        result.probe.predict_proba(texts), abs=1e-6
+    )
+    # The passed model's own name is recorded, so the run reloads it.
+    assert str(bert_dir) in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_a_half_precision_model_is_refused_in_one_line(
+    bert_dir: Path, toy_data: ToyData, tmp_path: Path
+) -> None:
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(bert_dir, dtype=torch.bfloat16)
+    with pytest.raises(
+        probekit.errors.UserError, match="model=: its parameters are bfloat16; pass a float32 model"
+    ):
+        train(
+            make_config(bert_dir, toy_data),
+            out=tmp_path / "run",
+            model=model,
+            tokenizer=AutoTokenizer.from_pretrained(bert_dir),
+            log=lambda _l: None,
+            progress=False,
+        )
+    assert not (tmp_path / "run").exists()

@@ -23,6 +23,7 @@ import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from probekit.batching import inference_loader
 from probekit.checkpoint import trainable_state
@@ -83,6 +84,8 @@ def train(
     resume: bool = False,
     allow_spec_change: bool = False,
     protect: Mapping[str, str | Path] | None = None,
+    model: Any = None,
+    tokenizer: Any = None,
 ) -> RunResult:
     """Train the probe ``config`` describes and write its run folder; return the results.
 
@@ -103,12 +106,20 @@ def train(
         allow_spec_change: with ``resume``, accept a config that differs from the stopped run's.
         protect: more paths ``out`` must not be, hold or lie inside (by description), besides the
             data, model and cache folders of ``config``; the CLI passes its ``--config`` file.
+        model: a backbone you already loaded (a float32 transformers model), trained as it is:
+            probekit neither loads nor copies it. Its ``name_or_path`` becomes ``model.name``
+            (where the saved run reloads it from). Give its ``tokenizer`` with it.
+        tokenizer: the tokenizer of ``model``.
 
     Raises:
         UserError: bad input, or an ``out`` that could destroy the user's files or is being
             written by another process (`probekit.rundir.check_out`, `probekit.rundir.RunLock`).
     """
     started = time.perf_counter()
+    if model is not None:
+        name = getattr(getattr(model, "config", None), "name_or_path", "")
+        if name:
+            config = config.replace(model={"name": str(name)})
     if resume and out is None:
         raise UserError("--resume needs --out: the run folder whose unfinished run to continue")
     out_dir = Path(out) if out is not None else default_run_dir(name)
@@ -136,7 +147,9 @@ def train(
         else:
             partial = folder.create() if folder is not None else out_dir  # only the main one writes
         try:
-            plan = prepare(config, device=ctx.device, num_processes=ctx.group.size)
+            plan = prepare(
+                config, device=ctx.device, num_processes=ctx.group.size, model=model, tokenizer=tokenizer
+            )
             if saved is not None:
                 check_same_data(saved.state, plan, ctx.log)
                 check_same_batches(saved.state, plan)

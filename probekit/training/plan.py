@@ -24,7 +24,7 @@ from probekit.config import ProbeConfig, task_of
 from probekit.data import Dataset, load_data
 from probekit.distributed import resolve_batch, steps_per_epoch
 from probekit.errors import ConfigError, UserError
-from probekit.hub import LoadedBackbone, load_backbone
+from probekit.hub import LoadedBackbone, given_backbone, load_backbone
 from probekit.optim import ParamGroup, param_groups
 from probekit.probe import Probe
 from probekit.tasks.base import Task
@@ -160,8 +160,16 @@ class TrainPlan:
         return lines
 
 
-def prepare(config: ProbeConfig, *, device: torch.device | None = None, num_processes: int = 1) -> TrainPlan:
-    """Load data and backbone, build the probe and its groups, count steps; no training."""
+def prepare(
+    config: ProbeConfig,
+    *,
+    device: torch.device | None = None,
+    num_processes: int = 1,
+    model: Any = None,
+    tokenizer: Any = None,
+) -> TrainPlan:
+    """Load data and backbone (or use the ``model`` and ``tokenizer`` given, as they are), build
+    the probe and its groups, count steps; no training."""
     torch.manual_seed(config.train.seed)
     config = absolute_paths(config)
     task = task_of(config)
@@ -175,7 +183,9 @@ def prepare(config: ProbeConfig, *, device: torch.device | None = None, num_proc
     task.check(dataset, config.head.num_classes)
     task = task.fit(dataset)
     class_weights = config.loss.resolve(dataset.label_map, dataset.train.labels, target=task.target)
-    backbone = load_backbone(config.model)
+    backbone = (
+        load_backbone(config.model) if model is None else given_backbone(model, tokenizer, config.model)
+    )
     probe = Probe.from_config(config, backbone.model)
     probe.attach(
         tokenizer=backbone.tokenizer,
