@@ -60,7 +60,7 @@ def test_typed_overrides_are_validated_like_set(
     assert expected in str(caught.value)
 
 
-def test_the_result_carries_the_trained_probe(bert_dir: Path, toy_data: ToyData, tmp_path: Path) -> None:  # noqa: F811
+def test_the_result_carries_the_trained_probe(bert_dir: Path, toy_data: ToyData, tmp_path: Path) -> None:
     result = train(make_config(bert_dir, toy_data), out=tmp_path / "run", log=lambda _l: None, progress=False)
     assert isinstance(result.probe, Probe) and not result.probe.training
     texts = toy_data.texts("test")[:6]
@@ -69,7 +69,7 @@ def test_the_result_carries_the_trained_probe(bert_dir: Path, toy_data: ToyData,
     assert result.probe.predict(texts[0]) == reloaded.predict(texts[0])
 
 
-def test_a_run_that_is_all_warmup_says_so(bert_dir: Path, toy_data: ToyData) -> None:  # noqa: F811
+def test_a_run_that_is_all_warmup_says_so(bert_dir: Path, toy_data: ToyData) -> None:
     from probekit.training import prepare
 
     short = prepare(make_config(bert_dir, toy_data, "train.epochs=1"))
@@ -78,7 +78,7 @@ def test_a_run_that_is_all_warmup_says_so(bert_dir: Path, toy_data: ToyData) -> 
     assert not any(line.startswith("warning: warmup") for line in longer.describe())
 
 
-def test_a_probe_built_in_your_own_code_saves_and_loads(bert_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_a_probe_built_in_your_own_code_saves_and_loads(bert_dir: Path, tmp_path: Path) -> None:
     from transformers import AutoModel, AutoTokenizer
 
     config = probekit.preset("safety8k", model={"max_length": 16})
@@ -97,7 +97,7 @@ def test_a_probe_built_in_your_own_code_saves_and_loads(bert_dir: Path, tmp_path
     probe.save_pretrained(folder, overwrite=True)
 
 
-def test_the_trained_probe_saves_and_loads(bert_dir: Path, toy_data: ToyData, tmp_path: Path) -> None:  # noqa: F811
+def test_the_trained_probe_saves_and_loads(bert_dir: Path, toy_data: ToyData, tmp_path: Path) -> None:
     result = train(make_config(bert_dir, toy_data), out=tmp_path / "run", log=lambda _l: None, progress=False)
     assert result.probe is not None
     result.probe.save_pretrained(tmp_path / "copy")
@@ -107,7 +107,7 @@ def test_the_trained_probe_saves_and_loads(bert_dir: Path, toy_data: ToyData, tm
     ).predict(texts)
 
 
-def test_train_a_model_you_loaded_yourself(bert_dir: Path, toy_data: ToyData, tmp_path: Path) -> None:  # noqa: F811
+def test_train_a_model_you_loaded_yourself(bert_dir: Path, toy_data: ToyData, tmp_path: Path) -> None:
     """Neither loaded nor copied: the probe trains the very module passed, and the run reloads."""
     from transformers import AutoModel, AutoTokenizer
 
