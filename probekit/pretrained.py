@@ -185,7 +185,7 @@ def save_probe(probe: Probe, folder: Path, *, overwrite: bool = False) -> Path:
     names = list(probe.label_names) or (list(range(outputs)) if task.num_outputs(outputs) == outputs else [])
     label_map = {_label_key(name): index for index, name in enumerate(names)}
     data = config.model_dump(mode="json")
-    source = getattr(getattr(probe.backbone, "config", None), "name_or_path", "") or config.model.name
+    source = _backbone_source(probe, config)
     data["model"]["name"] = str(source)
     data["model"]["max_length"] = probe.max_length
     data["task"].update(task.stored())
@@ -207,6 +207,24 @@ def save_probe(probe: Probe, folder: Path, *, overwrite: bool = False) -> Path:
         },
     )
     return folder
+
+
+def _backbone_source(probe: Probe, config: Any) -> str:
+    """Where a saved probe's backbone reloads from: ``config.model.name`` when the backbone came
+    from there (a hub id or the embedded MiniLM stay portable), else its own ``name_or_path``."""
+    from probekit.hub import resolve_location
+
+    own = str(getattr(getattr(probe.backbone, "config", None), "name_or_path", "") or "")
+    if not own:
+        return str(config.model.name)
+    try:
+        location, _ = resolve_location(config.model)
+    except UserError:
+        return own
+    same = (
+        own == config.model.name or Path(own).expanduser().resolve() == Path(location).expanduser().resolve()
+    )
+    return str(config.model.name) if same else own
 
 
 def _label_key(name: Any) -> str:
