@@ -480,9 +480,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _leave_now(code: int) -> None:
     """End a launched training process without the interpreter's teardown. A process group with
-    a dead or frozen peer can abort the process (SIGABRT) while it is torn down. The run folder is
-    already closed and the error printed, so nothing is lost by skipping the teardown. Only under
-    a launcher: ``main`` called in-process by other code returns."""
+    a dead or frozen peer can abort the process (SIGABRT) while it is torn down, and a stopped run
+    can be ended by a late SIGINT there. The run folder is already closed and the error printed,
+    so nothing is lost by skipping the teardown. Only from the command's own entry points:
+    ``main`` called in-process by other code returns."""
     import os
 
     logging.shutdown()
@@ -515,5 +516,13 @@ def _terminate(signum: int, frame: Any) -> None:
 
 
 def run() -> None:
-    """Console-script entry point."""
-    sys.exit(main())
+    """Console-script entry point. A run stopped by Ctrl-C or SIGTERM has closed its folder and
+    printed its line by now; it ends without the interpreter's teardown, where a signal that
+    landed inside native code (a torch op) can still surface and end the process by SIGINT
+    instead of the exit code just promised."""
+    from probekit.errors import EXIT_INTERRUPTED, EXIT_TERMINATED
+
+    code = main()
+    if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+        _leave_now(code)
+    sys.exit(code)
