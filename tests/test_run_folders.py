@@ -506,7 +506,9 @@ def test_a_signal_at_any_moment_of_start_up_is_one_line(
         stdout, err = process.communicate(timeout=120)
         assert process.returncode == code, (delay, err[-2000:])
         assert stdout == "" and "Traceback" not in err, (delay, err[-2000:])
-        (line,) = [line for line in err.splitlines() if line.startswith("probekit: ")]
+        said = [line for line in err.splitlines() if line.startswith("probekit: ")]
+        assert len(said) == 1, (delay, err[-2000:])  # the whole of stderr when it is not one line
+        (line,) = said
         kept = leftovers(tmp_path)
         if "nothing was written" in line or "no run folder was written" in line:
             assert kept == [] and not out.exists(), (delay, line)
