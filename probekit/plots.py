@@ -13,7 +13,7 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +26,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve  # type: ignore[im
 from probekit.errors import UserError
 from probekit.metrics import (
     ECE_BINS,
+    CalibrationBins,
     binary_inputs,
     calibration_bins,
     compute_metrics,
@@ -298,10 +299,24 @@ def plot_calibration(
     """
     stats = calibration_bins(labels, probs, bins)
     ece = expected_calibration_error(labels, probs, bins)
-    fig = Figure(figsize=(5.5, 6))
+    fig, top, bottom, _ = reliability_figure(stats, (5.5, 6))
+    lefts = stats.edges[:-1]
+    low = float(lefts[np.searchsorted(stats.edges, 0.5, side="left") - 1]) if bins > 1 else 0.0
+    top.set_xlim(low, 1.0)
+    top.set_ylabel("Accuracy")
+    top.set_title(f"Reliability diagram (ECE = {ece:.4f}, {bins} bins)")
+    bottom.set_xlabel("Confidence of the predicted class")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def reliability_figure(stats: CalibrationBins, size: tuple[float, float]) -> tuple[Figure, Axes, Axes, Any]:
+    """A reliability diagram's figure: accuracy per confidence bin against the diagonal on top,
+    examples per bin below (their bar container returned); titles and limits are the caller's."""
+    fig = Figure(figsize=size)
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
     lefts = stats.edges[:-1]
-    width = 1.0 / bins
+    width = 1.0 / (len(stats.edges) - 1)
     filled = stats.counts > 0
     top.bar(
         lefts[filled],
@@ -322,19 +337,13 @@ def plot_calibration(
         label="mean confidence per bin",
     )
     top.plot([0, 1], [0, 1], "--", color="0.4", label="perfect calibration")
-    low = float(lefts[np.searchsorted(stats.edges, 0.5, side="left") - 1]) if bins > 1 else 0.0
-    top.set_xlim(low, 1.0)
     top.set_ylim(0.0, 1.02)
     top.grid(True, alpha=0.3)
-    top.set_ylabel("Accuracy")
-    top.set_title(f"Reliability diagram (ECE = {ece:.4f}, {bins} bins)")
     _legend(top, "upper left")
-    bottom.bar(lefts, stats.counts, width=width, align="edge", color="0.5", edgecolor="white")
-    bottom.set_xlabel("Confidence of the predicted class")
+    bars = bottom.bar(lefts, stats.counts, width=width, align="edge", color="0.5", edgecolor="white")
     bottom.set_ylabel("Examples")
     bottom.grid(True, alpha=0.3)
-    fig.tight_layout()
-    return _save(fig, path)
+    return fig, top, bottom, bars
 
 
 REPORT_PLOTS = ("curves.png", "roc.png", "pr.png", "confusion.png", "calibration.png")

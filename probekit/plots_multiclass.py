@@ -31,17 +31,15 @@ from sklearn.metrics import (  # type: ignore[import-untyped]
 from probekit.errors import UserError
 from probekit.metrics import ECE_BINS, CalibrationBins, binned_ece, confidence_bins
 from probekit.plots import (
-    _POINT,
-    _TRAIN,
     History,
     PathLike,
-    _legend,
     _note,
     _save,
     _unit_axes,
     plot_history,
     plot_pr,
     plot_roc,
+    reliability_figure,
 )
 
 PER_CLASS_METRICS = ("precision", "recall", "f1")
@@ -287,44 +285,16 @@ def plot_reliability(
     stats = top_label_bins(labels, probs, bins)
     ece = top_label_ece(labels, probs, bins)
     k = np.asarray(probs).shape[1]
-    fig = Figure(figsize=(6, 6.5))
-    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    fig, top, bottom, bars = reliability_figure(stats, (6, 6.5))
     lefts = stats.edges[:-1]
-    width = 1.0 / bins
-    filled = stats.counts > 0
-    top.bar(
-        lefts[filled],
-        stats.accuracy[filled],
-        width=width,
-        align="edge",
-        color=_TRAIN,
-        alpha=0.7,
-        edgecolor="white",
-        label="accuracy per bin",
-    )
-    top.plot(
-        stats.confidence[filled],
-        stats.accuracy[filled],
-        "o",
-        color=_POINT,
-        markersize=4,
-        label="mean confidence per bin",
-    )
-    top.plot([0, 1], [0, 1], "--", color="0.4", label="perfect calibration")
     low = float(lefts[min(int(np.searchsorted(stats.edges, 1.0 / k, side="left")) - 1, bins - 1)])
     top.set_xlim(max(low, 0.0), 1.0)
-    top.set_ylim(0.0, 1.02)
-    top.grid(True, alpha=0.3)
     top.set_ylabel("Accuracy of the top label")
     top.set_title(f"Top-label reliability (ECE = {ece:.4f}, {bins} bins, n={int(stats.counts.sum())})")
-    _legend(top, "upper left")
-    bars = bottom.bar(lefts, stats.counts, width=width, align="edge", color="0.5", edgecolor="white")
     if bins <= 20:
         bottom.bar_label(bars, [str(int(n)) if n else "" for n in stats.counts], fontsize=7, padding=1)
     bottom.set_ylim(0, max(int(stats.counts.max()), 1) * 1.3)
     bottom.set_xlabel("Confidence of the top label (largest class probability)")
-    bottom.set_ylabel("Examples")
-    bottom.grid(True, alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
 
