@@ -8,7 +8,8 @@ come from scikit-learn (`roc_auc_score`, `average_precision_score`, `roc_curve`)
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -284,14 +285,7 @@ def choose_threshold(
         UserError: bad inputs (see `binary_inputs`), an unknown rule, a missing or out-of-range
             `target_fpr` with `"target_fpr"`, or a `target_fpr` given with `"max_f1"`.
     """
-    if rule == "max_f1":
-        if target_fpr is not None:
-            raise UserError("target_fpr is only used with rule='target_fpr'")
-    elif rule == "target_fpr":
-        if target_fpr is None or not 0.0 <= target_fpr <= 1.0:
-            raise UserError(f"rule 'target_fpr' needs target_fpr in [0, 1]; got {target_fpr}")
-    else:
-        raise UserError(f"unknown threshold rule {rule!r} (known: max_f1, target_fpr)")
+    check_threshold_rule(rule, target_fpr)
     y, p = binary_inputs(labels, probs)
     if not _both_classes(y):
         return 0.5
@@ -311,3 +305,40 @@ def choose_threshold(
     distance = np.abs(best - 0.5)
     nearest = best[distance == distance.min()]
     return float(nearest.max())
+
+
+def check_threshold_rule(rule: str, target_fpr: float | None) -> None:
+    """Refuse (`UserError`) an unknown threshold rule, ``target_fpr`` with ``max_f1``, or a
+    missing or out-of-range ``target_fpr`` with ``target_fpr``."""
+    if rule == "max_f1":
+        if target_fpr is not None:
+            raise UserError("target_fpr is only used with rule='target_fpr'")
+    elif rule == "target_fpr":
+        if target_fpr is None or not 0.0 <= target_fpr <= 1.0:
+            raise UserError(f"rule 'target_fpr' needs target_fpr in [0, 1]; got {target_fpr}")
+    else:
+        raise UserError(f"unknown threshold rule {rule!r} (known: max_f1, target_fpr)")
+
+
+def distinct_names(names: Sequence[Any], count: int, noun: str) -> list[str]:
+    """``names`` as ``count`` distinct strings, one per probability column, or `UserError`
+    (``noun``: ``class`` or ``label``, as the messages name them)."""
+    if isinstance(names, str):
+        raise UserError(f"{noun}_names must be a sequence of names, not the string {names!r}")
+    found = [str(name) for name in names]
+    if len(found) != count:
+        plural = "classes" if noun == "class" else f"{noun}s"
+        raise UserError(f"got {len(found)} {noun} names for {count} {plural} (probability columns)")
+    if len(set(found)) != len(found):
+        duplicated = sorted({name for name in found if found.count(name) > 1})
+        raise UserError(f"{noun} names must be distinct; repeated: {', '.join(duplicated)}")
+    return found
+
+
+def headline(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The top-level float entries of a metrics result: what a per-epoch metrics file keeps.
+
+    Nested entries (per class or label tables, confusion matrices, names) and anything else that
+    is not a float (ints included) are left out; order is kept.
+    """
+    return {key: float(value) for key, value in metrics.items() if isinstance(value, (float, np.floating))}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -31,7 +31,13 @@ from sklearn.metrics import (  # type: ignore[import-untyped]
 )
 
 from probekit.errors import UserError
-from probekit.metrics import ECE_BINS, binned_ece, compute_metrics, confidence_bins
+from probekit.metrics import (
+    ECE_BINS,
+    binned_ece,
+    compute_metrics,
+    confidence_bins,
+    distinct_names,
+)
 
 ROW_SUM_TOLERANCE = 1e-4
 """How far (absolute) a row of probabilities may sum from 1 (float32 softmax outputs pass)."""
@@ -238,7 +244,7 @@ def multiclass_metrics(
         raise UserError(f"top_k must be an integer of at least 1; got {top_k!r}")
     y, p = multiclass_inputs(labels, probs)
     k = p.shape[1]
-    names = _check_names(class_names, k)
+    names = distinct_names(class_names, k, "class")
     neg = None if negative is None else _check_negative(negative, k)
 
     classes = list(range(k))
@@ -293,25 +299,3 @@ def multiclass_metrics(
     result["confusion_matrix"] = confusion_matrix(y, predicted, labels=classes).astype(int).tolist()
     result["class_names"] = names
     return result
-
-
-def _check_names(class_names: Sequence[str], k: int) -> list[str]:
-    """``class_names`` as ``k`` distinct strings, or `UserError`."""
-    if isinstance(class_names, str):
-        raise UserError(f"class_names must be a sequence of names, not the string {class_names!r}")
-    names = [str(name) for name in class_names]
-    if len(names) != k:
-        raise UserError(f"got {len(names)} class names for {k} classes (probability columns)")
-    if len(set(names)) != len(names):
-        duplicated = sorted({name for name in names if names.count(name) > 1})
-        raise UserError(f"class names must be distinct; repeated: {', '.join(duplicated)}")
-    return names
-
-
-def headline(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The top-level float entries of a metrics result: what a per-epoch metrics file keeps.
-
-    Nested entries (`per_class`, `confusion_matrix`, `class_names`) and anything else that is
-    not a float (ints included) are left out; order is kept.
-    """
-    return {key: float(value) for key, value in metrics.items() if isinstance(value, (float, np.floating))}

@@ -13,14 +13,20 @@ leave undefined.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from probekit.errors import UserError
-from probekit.metrics import ThresholdRule, choose_threshold, compute_metrics
+from probekit.metrics import (
+    ThresholdRule,
+    check_threshold_rule,
+    choose_threshold,
+    compute_metrics,
+    distinct_names,
+)
 
 PER_LABEL_KEYS = (
     "precision",
@@ -93,19 +99,6 @@ def multilabel_inputs(
         row, column, more = _first_cell(bad)
         raise UserError(f"probs[{row}, {column}] is {p[row, column]!r}; probs must lie in [0, 1]{more}")
     return y, p
-
-
-def _check_names(label_names: Sequence[str], count: int) -> list[str]:
-    """`label_names` as `count` distinct strings, or `UserError`."""
-    if isinstance(label_names, str):
-        raise UserError(f"label_names must be a sequence of names, not the string {label_names!r}")
-    names = [str(name) for name in label_names]
-    if len(names) != count:
-        raise UserError(f"got {len(names)} label names for {count} labels (probability columns)")
-    if len(set(names)) != len(names):
-        duplicated = sorted({name for name in names if names.count(name) > 1})
-        raise UserError(f"label names must be distinct; repeated: {', '.join(duplicated)}")
-    return names
 
 
 def _check_thresholds(thresholds: Sequence[float] | npt.ArrayLike | None, count: int) -> list[float]:
@@ -209,7 +202,7 @@ def multilabel_metrics(
     """
     y, p = multilabel_inputs(labels, probs)
     count = y.shape[1]
-    names = _check_names(label_names, count)
+    names = distinct_names(label_names, count, "label")
     cutoffs = _check_thresholds(thresholds, count)
     per_label = {name: _label_metrics(y[:, j], p[:, j], cutoffs[j]) for j, name in enumerate(names)}
     entries = list(per_label.values())
@@ -261,14 +254,7 @@ def choose_thresholds(
         UserError: bad inputs (see `multilabel_inputs`), an unknown rule, a missing or
             out-of-range `target_fpr` with `"target_fpr"`, or a `target_fpr` given with `"max_f1"`.
     """
-    if rule == "max_f1":
-        if target_fpr is not None:
-            raise UserError("target_fpr is only used with rule='target_fpr'")
-    elif rule == "target_fpr":
-        if target_fpr is None or not 0.0 <= target_fpr <= 1.0:
-            raise UserError(f"rule 'target_fpr' needs target_fpr in [0, 1]; got {target_fpr}")
-    else:
-        raise UserError(f"unknown threshold rule {rule!r} (known: max_f1, target_fpr)")
+    check_threshold_rule(rule, target_fpr)
     y, p = multilabel_inputs(labels, probs)
     chosen: list[float] = []
     for j in range(y.shape[1]):
@@ -279,12 +265,3 @@ def choose_thresholds(
         else:
             chosen.append(0.5)
     return chosen
-
-
-def headline(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The top-level float entries of a metrics result: what a per-epoch metrics file keeps.
-
-    Nested entries (`per_label`, `label_names`) and anything else that is not a float (ints
-    included) are left out; order is kept.
-    """
-    return {key: float(value) for key, value in metrics.items() if isinstance(value, (float, np.floating))}

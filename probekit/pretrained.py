@@ -21,6 +21,7 @@ from probekit.config import task_of
 from probekit.errors import UserError
 from probekit.hub import ModelSpec
 from probekit.runfiles import escape_note, inside, load_safetensors, printable, shown
+from probekit.spec import label_key
 
 if TYPE_CHECKING:
     from probekit.probe import Probe
@@ -183,7 +184,7 @@ def save_probe(probe: Probe, folder: Path, *, overwrite: bool = False) -> Path:
     task = probe._task()
     outputs = config.head.num_classes
     names = list(probe.label_names) or (list(range(outputs)) if task.num_outputs(outputs) == outputs else [])
-    label_map = {_label_key(name): index for index, name in enumerate(names)}
+    label_map = {str(label_key(name)): index for index, name in enumerate(names)}
     data = config.model_dump(mode="json")
     source = _backbone_source(probe, config)
     data["model"]["name"] = str(source)
@@ -225,10 +226,3 @@ def _backbone_source(probe: Probe, config: Any) -> str:
         own == config.model.name or Path(own).expanduser().resolve() == Path(location).expanduser().resolve()
     )
     return str(config.model.name) if same else own
-
-
-def _label_key(name: Any) -> str:
-    """A label value as the label map keys it (``true``/``false``, digits, or the name)."""
-    if isinstance(name, bool):
-        return "true" if name else "false"
-    return str(name)

@@ -22,11 +22,10 @@ from sklearn.metrics import (
 from sklearn.preprocessing import label_binarize
 
 from probekit.errors import UserError
-from probekit.metrics import ECE_BINS, compute_metrics, expected_calibration_error
+from probekit.metrics import ECE_BINS, compute_metrics, expected_calibration_error, headline
 from probekit.multiclass_metrics import (
     PER_CLASS_KEYS,
     derived_binary,
-    headline,
     multiclass_inputs,
     multiclass_metrics,
 )

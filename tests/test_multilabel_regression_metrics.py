@@ -28,10 +28,10 @@ from sklearn.metrics import (
 )
 
 from probekit.errors import UserError
+from probekit.metrics import headline
 from probekit.multilabel_metrics import (
     PER_LABEL_KEYS,
     choose_thresholds,
-    headline,
     multilabel_inputs,
     multilabel_metrics,
 )

@@ -12,6 +12,8 @@ import numpy as np
 import torch.nn.functional as F
 from torch import Tensor
 
+from probekit.errors import UserError
+
 if TYPE_CHECKING:
     from probekit.data import Dataset
 
@@ -25,6 +27,15 @@ def show_threshold(threshold: Threshold) -> str:
     if isinstance(threshold, list):
         return f"per label {min(threshold):.2f} .. {max(threshold):.2f}" if threshold else "none"
     return f"{threshold:.4f}"
+
+
+def refuse_non_finite(scores: np.ndarray, what: str) -> None:
+    """`probekit.errors.UserError` naming the first text whose score (a row of ``scores``) is not
+    finite: ``predict`` never passes a nan on as an answer (a nan would fail every threshold)."""
+    finite = np.isfinite(scores) if scores.ndim == 1 else np.isfinite(scores).all(axis=1)
+    if not finite.all():
+        bad = int(np.flatnonzero(~finite)[0])
+        raise UserError(f"texts[{bad}]: the probe gave {what} (are its weights damaged?)")
 
 
 @dataclass(frozen=True)

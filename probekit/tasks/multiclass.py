@@ -28,7 +28,7 @@ from torch import Tensor
 from probekit.errors import ConfigError, UserError, did_you_mean
 from probekit.registry import TASKS
 from probekit.spec import TaskSpec, label_key
-from probekit.tasks.base import CrossEntropyTask, Scores
+from probekit.tasks.base import CrossEntropyTask, Scores, refuse_non_finite
 
 if TYPE_CHECKING:
     from probekit.config import ThresholdSpec
@@ -108,7 +108,7 @@ class MulticlassTask(CrossEntropyTask):
         )
 
     def epoch_metrics(self, scores: Scores) -> dict[str, float]:
-        from probekit.multiclass_metrics import headline
+        from probekit.metrics import headline
 
         return {k: v for k, v in headline(self.metrics(scores)).items() if k not in EPOCH_EXCLUDED}
 
@@ -157,11 +157,7 @@ class MulticlassTask(CrossEntropyTask):
             raise UserError(
                 f"the probe gives {probs.shape[1]} probabilities per text for {len(names)} labels"
             )
-        if not np.isfinite(probs).all():
-            bad = int(np.flatnonzero(~np.isfinite(probs).all(axis=1))[0])
-            raise UserError(
-                f"texts[{bad}]: the probe gave non-finite probabilities (are its weights damaged?)"
-            )
+        refuse_non_finite(probs, "non-finite probabilities")
         rows: list[dict[str, Any]] = []
         for text, row in zip(texts, probs, strict=True):
             out: dict[str, Any] = {

@@ -29,7 +29,7 @@ from torch import Tensor
 from probekit.errors import UserError
 from probekit.registry import TASKS
 from probekit.spec import TaskSpec
-from probekit.tasks.base import Scores, Task
+from probekit.tasks.base import Scores, Task, refuse_non_finite
 
 if TYPE_CHECKING:
     from probekit.config import ThresholdSpec
@@ -119,7 +119,7 @@ class MultilabelTask(Task):
         )
 
     def epoch_metrics(self, scores: Scores) -> dict[str, float]:
-        from probekit.multilabel_metrics import headline
+        from probekit.metrics import headline
 
         return {k: v for k, v in headline(self.metrics(scores)).items() if k not in EPOCH_EXCLUDED}
 
@@ -156,11 +156,7 @@ class MultilabelTask(Task):
         width = probs.shape[1]
         names = [str(name) for name in label_names] if len(label_names) == width else self._names(width)
         cuts = self._thresholds(threshold, width)
-        if not np.isfinite(probs).all():
-            bad = int(np.flatnonzero(~np.isfinite(probs).all(axis=1))[0])
-            raise UserError(
-                f"texts[{bad}]: the probe gave non-finite probabilities (are its weights damaged?)"
-            )
+        refuse_non_finite(probs, "non-finite probabilities")
         return [
             {
                 "text": text,

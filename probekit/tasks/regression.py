@@ -15,7 +15,6 @@ of their target.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -28,7 +27,7 @@ from torch import Tensor
 from probekit.errors import UserError
 from probekit.registry import TASKS
 from probekit.spec import TaskSpec
-from probekit.tasks.base import Scores, Task
+from probekit.tasks.base import Scores, Task, refuse_non_finite
 
 if TYPE_CHECKING:
     from probekit.config import ThresholdSpec
@@ -143,12 +142,9 @@ class RegressionTask(Task):
     def predictions(
         self, texts: Sequence[str], scores: Sequence[Any], threshold: Any, label_names: Sequence[Any]
     ) -> list[dict[str, Any]]:
-        out = []
-        for i, (text, value) in enumerate(zip(texts, scores, strict=True)):
-            if not math.isfinite(float(value)):
-                raise UserError(f"texts[{i}]: the probe gave a non-finite value (are its weights damaged?)")
-            out.append({"text": text, "value": float(value)})
-        return out
+        values = np.asarray(scores, dtype=np.float64).reshape(len(texts))
+        refuse_non_finite(values, "a non-finite value")
+        return [{"text": text, "value": float(value)} for text, value in zip(texts, values, strict=True)]
 
     def write_plots(
         self,
