@@ -265,6 +265,13 @@ def quiet(_line: str) -> None:
     """A ``log`` for `probekit.engine.train` that drops the lines."""
 
 
+def quiet_train(config: ProbeConfig, out: Path, **kwargs: Any) -> Any:
+    """``probekit.train`` quietly, without progress bars; returns its `RunResult`."""
+    from probekit.training import train
+
+    return train(config, out=out, log=quiet, progress=False, **kwargs)
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 

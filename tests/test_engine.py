@@ -46,7 +46,7 @@ from tests.engine_fixtures import (
     leftovers,
     make_config,
     names,
-    quiet,
+    quiet_train,
     read_jsonl,
     write_toy_data,
 )
@@ -98,7 +98,7 @@ REPORT_KEYS = {
 
 def run(config: ProbeConfig, out: Path, **kwargs: Any) -> RunResult:
     """``train`` quietly, without progress bars."""
-    return train(config, out=out, log=quiet, progress=False, **kwargs)
+    return quiet_train(config, out, **kwargs)  # type: ignore[no-any-return]
 
 
 # -- the recipe reaches the optimiser -----------------------------------------------------------

@@ -26,12 +26,12 @@ from probekit.errors import ConfigError, UserError
 from probekit.multiclass_metrics import multiclass_metrics
 from probekit.tasks.base import Scores, weighted_cross_entropy
 from probekit.tasks.multiclass import MulticlassTask
-from probekit.training import RunResult, train
 from tests.engine_fixtures import (  # noqa: F401  (fixtures)
     FAST,
     NEUTRAL,
     ToyData,
     bert_dir,
+    quiet_train,
     run_cli,
     write_jsonl,
 )
@@ -77,10 +77,6 @@ def config_for(model: Path, data: ToyData, *extra: str, test: bool = True) -> An
         preset="safety8k",
         assignments=[f"model.name={model}", *data.assignments(test=test), *FAST, *MULTICLASS, *extra],
     )
-
-
-def quiet_train(config: Any, out: Path, **kwargs: Any) -> RunResult:
-    return train(config, out=out, log=lambda _l: None, progress=False, **kwargs)
 
 
 # -- the loss ------------------------------------------------------------------------------------

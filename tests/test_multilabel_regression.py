@@ -24,12 +24,12 @@ from probekit.errors import UserError
 from probekit.multilabel_metrics import multilabel_metrics
 from probekit.tasks.base import Scores
 from probekit.tasks.multilabel import MultilabelTask, masked_bce
-from probekit.training import RunResult, train
 from tests.engine_fixtures import (  # noqa: F401  (fixtures)
     FAST,
     NEUTRAL,
     ToyData,
     bert_dir,
+    quiet_train,
     run_cli,
     write_jsonl,
 )
@@ -103,10 +103,6 @@ def config_for(model: Path, data: ToyData, task: tuple[str, ...], *extra: str, t
         preset="safety8k",
         assignments=[f"model.name={model}", *data.assignments(test=test), *FAST, *task, *extra],
     )
-
-
-def quiet_train(config: Any, out: Path, **kwargs: Any) -> RunResult:
-    return train(config, out=out, log=lambda _l: None, progress=False, **kwargs)
 
 
 # -- the masked loss -----------------------------------------------------------------------------
