@@ -252,6 +252,14 @@ class DataSpec(BaseModel):
         "`probekit predict` reads for a run trained with it.",
     )
 
+    in_memory: str | None = Field(
+        default=None,
+        max_length=1000,
+        description="Set by `probekit.train(config, data=...)` when the data came as Python objects: "
+        "what they were (e.g. `DataFrame, 600 rows`). Such a config reloads its data only when given "
+        "them again; unset for files.",
+    )
+
     @field_validator("label_map")
     @classmethod
     def _check_label_map(cls, value: dict[str, int] | None) -> dict[str, int] | None:
@@ -292,6 +300,9 @@ class DataSpec(BaseModel):
         given = [name for name in ("train", "val", "test") if getattr(self, name) is not None]
         if self.path is not None and given:
             raise ValueError(f"give either path or {'/'.join(given)}, not both")
+        if self.in_memory is not None and (self.path is not None or given):
+            files = "path" if self.path is not None else "/".join(given)
+            raise ValueError(f"in_memory (data given as Python objects) and {files} (files) are both set")
         if given and (self.train is None or self.val is None):
             missing = [name for name in ("train", "val") if getattr(self, name) is None]
             raise ValueError(
@@ -735,24 +746,35 @@ def stored_data_spec(data: Any, label: str = "the run's config") -> DataSpec:
 # -- records -> texts and labels -----------------------------------------------------------------
 @dataclass
 class _Source:
-    """The checked texts and raw labels of one file, with their line (or row) numbers."""
+    """The checked texts and raw labels of one file (or in-memory object), with their line (or
+    row) numbers."""
 
-    path: Path
+    path: Path | str
+    """The file, or what names an in-memory object in messages (``data['train']``)."""
     fmt: str
+    """``jsonl``, ``csv``, ``parquet``, or ``memory`` (rows numbered from 0, as Python counts)."""
     numbers: list[int]
     texts: list[str]
     labels: list[Any]
 
     def where(self, index: int) -> str:
         number = self.numbers[index]
-        return f"{self.path}: row {number}" if self.fmt == "parquet" else f"{self.path}:{number}"
+        return f"{self.path}: row {number}" if self.fmt in ("parquet", "memory") else f"{self.path}:{number}"
 
 
 def _read_source(path: Path, spec: DataSpec) -> _Source:
     check_data_file(path)
     fmt = _resolve_format(path, spec.format)
     records = read_records(path, fmt, max_text_chars=spec.max_text_chars)
-    source = _Source(path, fmt, [], [], [])
+    return source_from_records(path, fmt, records, spec)
+
+
+def source_from_records(
+    origin: Path | str, fmt: str, records: Iterable[tuple[int, dict[str, Any]]], spec: DataSpec
+) -> _Source:
+    """Check ``(number, record)`` pairs with ``spec``'s fields: every record holds the text and
+    label field(s), and its text passes `field_text`; errors name ``origin`` and the number."""
+    source = _Source(origin, fmt, [], [], [])
     text_field, label_field = spec.text_field, spec.label_field
     for number, record in records:
         source.numbers.append(number)
@@ -785,6 +807,8 @@ def _read_source(path: Path, spec: DataSpec) -> _Source:
             label = _csv_label(label, spec.label_map)
         source.texts.append(text)
         source.labels.append(label)
+    if not source.texts:
+        raise DataError(f"{origin}: no rows; every split needs at least one")
     return source
 
 
@@ -1027,11 +1051,15 @@ Target = Literal["binary", "multiclass", "multilabel", "regression"]
 """What a task reads from the labels (`load_data`)."""
 
 
-def load_data(spec: DataSpec, *, target: Target = "binary") -> Dataset:
+def load_data(spec: DataSpec, *, target: Target = "binary", data: Any = None) -> Dataset:
     """Read, check and split the data a `DataSpec` points at.
 
     Args:
         spec: where the data is and how to read and split it.
+        data: the data as Python objects instead of files (`probekit.memory`): records, columns,
+            ``(texts, labels)``, a pandas DataFrame or a Hugging Face ``datasets.Dataset``, or a
+            mapping of split name (``train``, ``val``/``validation``, ``test``) to one of these. One
+            object is split like one file. ``spec``'s fields, label map and split settings apply.
         target: what the labels are. ``binary`` (the strict rules: string labels need
             ``data.label_map``, as which class is positive is never guessed; every class needs
             rows in train and val, where the threshold is chosen). ``multiclass``: string labels
@@ -1047,59 +1075,90 @@ def load_data(spec: DataSpec, *, target: Target = "binary") -> Dataset:
         file's order. ``test`` is ``None`` when no test file is given or the split left it empty.
 
     Raises:
-        DataError: one line naming ``file:line`` (or ``file: row N``), the field and what was
-            found: unreadable files, bad records, labels that do not map to classes, a single class
-            in the data, or a class with no rows in train or val.
+        DataError: one line naming ``file:line`` (``file: row N`` for parquet, ``data['train']:
+            row N`` for Python objects, counted from 0), the field and what was found: unreadable
+            files, bad records, labels that do not map to classes, a single class in the data, or
+            a class with no rows in train or val.
     """
+    if data is not None:
+        from probekit import memory
+
+        return _from_sources(_memory_sources(memory.records(data, spec), spec), spec, target)
+    if spec.in_memory is not None:
+        raise DataError(
+            f"data.in_memory: this config's data came as Python objects ({spec.in_memory}); give "
+            "them again (probekit.train(config, data=...)) or set data.path to files"
+        )
     if spec.train is not None and spec.val is not None:
         files = {"train": Path(spec.train), "val": Path(spec.val)}
         if spec.test is not None:
             files["test"] = Path(spec.test)
-        return _load_files(files, spec, target)
+        return _from_sources({name: _read_source(path, spec) for name, path in files.items()}, spec, target)
     if spec.path is None:
-        return _load_split(_demo_path(), spec, target)
+        return _split_source(_read_source(_demo_path(), spec), spec, target)
     path = Path(spec.path)
     try:
         is_dir = path.is_dir()
     except OSError:
         is_dir = False
     if is_dir:
-        return _load_files(_folder_files(path, spec), spec, target)
-    return _load_split(path, spec, target)
+        from probekit import memory
+
+        if memory.is_saved_dataset(path):
+            return _from_sources(
+                _memory_sources(memory.saved_dataset_records(path, spec), spec), spec, target
+            )
+        files = _folder_files(path, spec)
+        return _from_sources({name: _read_source(file, spec) for name, file in files.items()}, spec, target)
+    return _split_source(_read_source(path, spec), spec, target)
 
 
-def _load_files(files: dict[str, Path], spec: DataSpec, target: Target = "binary") -> Dataset:
-    sources = [_read_source(path, spec) for path in files.values()]
+def _memory_sources(
+    named: dict[str, tuple[str, Any]] | tuple[str, Any], spec: DataSpec
+) -> dict[str, _Source] | _Source:
+    """Checked sources of `probekit.memory`'s named records (rows counted from 0)."""
+    if isinstance(named, tuple):
+        return source_from_records(named[0], "memory", named[1], spec)
+    return {split: source_from_records(name, "memory", rows, spec) for split, (name, rows) in named.items()}
+
+
+def _from_sources(
+    sources: dict[str, _Source] | _Source, spec: DataSpec, target: Target = "binary"
+) -> Dataset:
+    """Splits from named sources (``train``, ``val``, optionally ``test``), or one source split."""
+    if isinstance(sources, _Source):
+        return _split_source(sources, spec, target)
+    files = list(sources)
     if target in ("multilabel", "regression"):
-        rows, label_map = _targets(sources, spec, target)
+        rows, label_map = _targets(list(sources.values()), spec, target)
         splits = {
             name: Split(name, tuple(source.texts), tuple(values), str(source.path))
-            for name, source, values in zip(files, sources, rows, strict=True)
+            for (name, source), values in zip(sources.items(), rows, strict=True)
         }
-        _check_train(splits["train"].labels, label_map, target, str(sources[0].path))
+        _check_train(splits["train"].labels, label_map, target, str(sources["train"].path))
         return _dataset(splits, label_map, target)
     multiclass = target == "multiclass"
-    labels, label_map = _resolve_labels(sources, spec, infer=multiclass)
-    _check_two_classes(sources, labels, label_map, spec)
+    labels, label_map = _resolve_labels(list(sources.values()), spec, infer=multiclass)
+    _check_two_classes(list(sources.values()), labels, label_map, spec)
     splits = {
         name: Split(name, tuple(source.texts), tuple(indices), str(source.path))
-        for name, source, indices in zip(files, sources, labels, strict=True)
+        for (name, source), indices in zip(sources.items(), labels, strict=True)
     }
     num_classes = max(label_map.values()) + 1
-    for name, source in zip(("train", "val")[: 1 if multiclass else 2], sources, strict=False):
+    for name in files[: 1 if multiclass else 2]:
         counts = Counter(splits[name].labels)
         for index in range(num_classes):
             if not counts[index]:
                 raise DataError(
-                    f"{source.path}: field {spec.label_field!r}: {name} has no rows of class "
+                    f"{sources[name].path}: field {spec.label_field!r}: {name} has no rows of class "
                     f"{_class_name(label_map, index)}; every class needs rows in train"
                     + ("" if multiclass else " and val")
                 )
     return _dataset(splits, label_map)
 
 
-def _load_split(path: Path, spec: DataSpec, target: Target = "binary") -> Dataset:
-    source = _read_source(path, spec)
+def _split_source(source: _Source, spec: DataSpec, target: Target = "binary") -> Dataset:
+    path = source.path
     if spec.val_fraction == 0:
         raise DataError(f"{path}: data.val_fraction is 0, but splitting one file needs a validation share")
     origin = f"{path} (split seed {spec.split_seed})"

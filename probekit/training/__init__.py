@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from probekit import memory
 from probekit.batching import inference_loader
 from probekit.checkpoint import trainable_state
 from probekit.config import ProbeConfig
@@ -86,6 +87,7 @@ def train(
     protect: Mapping[str, str | Path] | None = None,
     model: Any = None,
     tokenizer: Any = None,
+    data: Any = None,
 ) -> RunResult:
     """Train the probe ``config`` describes and write its run folder; return the results.
 
@@ -110,12 +112,19 @@ def train(
             probekit neither loads nor copies it. Its ``name_or_path`` becomes ``model.name``
             (where the saved run reloads it from). Give its ``tokenizer`` with it.
         tokenizer: the tokenizer of ``model``.
+        data: the data, instead of ``config.data``'s files: a path (file or folder), a mapping of
+            split name to paths, or Python objects (`probekit.memory`: records, columns,
+            ``(texts, labels)``, a pandas DataFrame, a ``datasets.Dataset``, or a mapping of
+            split name to one of these). Objects are checked like files (errors name the row);
+            the stored config says what they were (``data.in_memory``), and ``resume`` needs
+            them again (the data's fingerprint is checked).
 
     Raises:
         UserError: bad input, or an ``out`` that could destroy the user's files or is being
             written by another process (`probekit.rundir.check_out`, `probekit.rundir.RunLock`).
     """
     started = time.perf_counter()
+    config, objects = memory.bind(config, data)
     if model is not None:
         name = getattr(getattr(model, "config", None), "name_or_path", "")
         if name:
@@ -148,7 +157,12 @@ def train(
             partial = folder.create() if folder is not None else out_dir  # only the main one writes
         try:
             plan = prepare(
-                config, device=ctx.device, num_processes=ctx.group.size, model=model, tokenizer=tokenizer
+                config,
+                device=ctx.device,
+                num_processes=ctx.group.size,
+                model=model,
+                tokenizer=tokenizer,
+                data=objects,
             )
             if saved is not None:
                 check_same_data(saved.state, plan, ctx.log)

@@ -167,9 +167,11 @@ def prepare(
     num_processes: int = 1,
     model: Any = None,
     tokenizer: Any = None,
+    data: Any = None,
 ) -> TrainPlan:
-    """Load data and backbone (or use the ``model`` and ``tokenizer`` given, as they are), build
-    the probe and its groups, count steps; no training."""
+    """Load data (or read the Python objects ``data``, `probekit.memory`) and backbone (or use
+    the ``model`` and ``tokenizer`` given, as they are), build the probe and its groups, count
+    steps; no training."""
     torch.manual_seed(config.train.seed)
     config = absolute_paths(config)
     task = task_of(config)
@@ -178,7 +180,7 @@ def prepare(
             f"train.monitor={config.train.monitor}: task.kind={config.task.kind} reports "
             f"{', '.join(task.monitors)}"
         )
-    dataset = load_data(config.data, target=task.target)  # type: ignore[arg-type]
+    dataset = load_data(config.data, target=task.target, data=data)  # type: ignore[arg-type]
     task = task.bind(class_keys(dataset.label_map))
     task.check(dataset, config.head.num_classes)
     task = task.fit(dataset)
