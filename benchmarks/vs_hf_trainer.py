@@ -194,9 +194,9 @@ def run_probekit(args: argparse.Namespace, data: Path) -> dict[str, Any]:
     import torch
 
     import probekit
+    from probekit import hub
     from probekit.config import compose_config
     from probekit.hub import LoadedBackbone
-    from probekit.training import plan as training_plan
 
     scenario = SCENARIOS[args.scenario]
     sets = [
@@ -222,7 +222,7 @@ def run_probekit(args: argparse.Namespace, data: Path) -> dict[str, Any]:
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
             model = LlamaModel(config)
         loaded = LoadedBackbone(model, tokenizer, "random-llama", "memory", None, "random weights")
-        training_plan.load_backbone = lambda _spec: loaded  # the backbone is built in code, not loaded
+        hub.load_backbone = lambda _spec, *_args: loaded  # the backbone is built in code, not loaded
         sets += ["model.name=random-llama", "train.cache.max_memory_gb=32"]
     else:
         sets += ["train.cpu=true"]

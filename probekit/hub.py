@@ -8,12 +8,13 @@ Remote code is never run unless the spec sets ``trust_remote_code``.
 from __future__ import annotations
 
 import importlib.metadata
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from probekit.errors import UserError
 from probekit.spec import PathText
@@ -26,6 +27,54 @@ def _no_parent_steps(value: str) -> str:
     if ".." in value:
         raise ValueError("a revision cannot contain '..'")
     return value
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+DEVICE = re.compile(r"(cpu|mps|cuda(:[0-9]{1,2})?)")
+MODULE_PATH = re.compile(r"[A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+
+
+def _device_map(value: Any) -> Any:
+    """``model.device_map``: a strategy or device name, or module name -> device (a name, a GPU
+    index, or ``disk``); one message for anything else."""
+    if value is None:
+        return value
+    if isinstance(value, str):
+        if value in DEVICE_MAPS or DEVICE.fullmatch(value):
+            return value
+    elif isinstance(value, dict):
+        bad = [
+            f"{key!r}: {device!r}"
+            for key, device in value.items()
+            if not (isinstance(key, str) and len(key) <= 300 and MODULE_PATH.fullmatch(key))
+            or not (
+                (isinstance(device, int) and not isinstance(device, bool) and 0 <= device < 64)
+                or (isinstance(device, str) and (device == "disk" or DEVICE.fullmatch(device)))
+            )
+        ]
+        if not bad:
+            return value
+        raise ValueError(
+            f"module names (letters, digits, _ and .) to a device (cpu, mps, cuda[:N], disk or a GPU "
+            f"index); got {', '.join(bad[:3])}"
+        )
+    raise ValueError(
+        f"expected {', '.join(DEVICE_MAPS)}, cpu, mps, cuda[:N], or a mapping of module name to "
+        f"device; got {value!r}"
+    )
+
+
+class QuantizationSpec(BaseModel):
+    """bitsandbytes quantisation of the frozen blocks (``BitsAndBytesConfig``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bits: Literal[4, 8] = Field(description="8-bit (LLM.int8) or 4-bit weights.")
+    quant_type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type.")
+    double_quant: bool = Field(default=True, description="4-bit: quantise the quantisation constants too.")
+    compute_dtype: Literal["bf16", "fp16", "fp32"] = Field(
+        default="bf16", description="4-bit: the dtype the dequantised matmuls run in."
+    )
 
 
 class ModelSpec(BaseModel):
@@ -48,6 +97,26 @@ class ModelSpec(BaseModel):
         "embeddings cover; checked when it loads).",
     )
     padding_side: Literal["right", "left"] = "right"
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto",
+        description="The dtype frozen blocks load in: auto (the dtype they compute in: bf16 under "
+        "bf16 mixed precision, else fp32), fp32, bf16 or fp16 (needs train.precision of that dtype). "
+        "Trainable parts are always fp32 master weights.",
+    )
+    device_map: Annotated[str | dict[str, str | int] | None, BeforeValidator(_device_map)] = Field(
+        default=None,
+        description="Passed to transformers' from_pretrained: auto, balanced, sequential, cpu, "
+        "cuda[:N], mps, or a mapping of module name to device (training needs one device).",
+    )
+    low_cpu_mem_usage: bool = Field(
+        default=True,
+        description="Passed to transformers' from_pretrained (transformers 5 always loads this way).",
+    )
+    quantization: QuantizationSpec | None = Field(
+        default=None,
+        description="Load the frozen blocks quantised with bitsandbytes (CUDA only); trainable "
+        "blocks, pooler and head never are.",
+    )
 
 
 @dataclass(frozen=True)
@@ -86,8 +155,12 @@ def resolve_location(spec: ModelSpec) -> tuple[str, str]:
     return spec.name, f"Hugging Face hub id {spec.name}" + (f"@{spec.revision}" if spec.revision else "")
 
 
-def load_backbone(spec: ModelSpec) -> LoadedBackbone:
-    """Load the bare model and tokenizer ``spec`` names.
+def load_backbone(
+    spec: ModelSpec, dtype: torch.dtype = torch.float32, quantization: Any = None
+) -> LoadedBackbone:
+    """Load the bare model and tokenizer ``spec`` names, its weights in ``dtype`` (straight from
+    the checkpoint: half precision never builds fp32 weights first) with ``spec.device_map``, and
+    ``quantization`` (a transformers quantisation config, `probekit.loading.quantization_config`).
 
     Raises:
         UserError: the model cannot be found or loaded, or needs remote code that was not allowed.
@@ -103,9 +176,14 @@ def load_backbone(spec: ModelSpec) -> LoadedBackbone:
         # or model code could run.
         AutoConfig.from_pretrained(location, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-        # float32 master weights whatever dtype the checkpoint was saved in: mixed precision is
-        # autocast on top (train.precision), never bf16 parameters by accident.
-        model = AutoModel.from_pretrained(location, dtype=torch.float32, **kwargs)
+        # The dtype the caller chose (`probekit.loading.load_dtype`), whatever dtype the checkpoint
+        # was saved in: never bf16 parameters by accident.
+        options: dict[str, Any] = {"dtype": dtype, "low_cpu_mem_usage": spec.low_cpu_mem_usage}
+        if spec.device_map is not None:
+            options["device_map"] = spec.device_map
+        if quantization is not None:
+            options["quantization_config"] = quantization
+        model = AutoModel.from_pretrained(location, **options, **kwargs)
     except Exception as exc:  # only transformers' loading runs here
         # A broken model folder or hub entry (a config.json with values of the wrong type,
         # missing weights) fails in many ways inside transformers and huggingface_hub, each with
@@ -144,9 +222,8 @@ def given_backbone(model: Any, tokenizer: Any, spec: ModelSpec) -> LoadedBackbon
     where a saved run reloads it from.
 
     Raises:
-        UserError: a model that is not a torch module, a missing tokenizer, or parameters that
-            are not float32 (load it with ``dtype=torch.float32``; half-precision backbones
-            come with the ``model.dtype`` setting).
+        UserError: a model that is not a torch module, or a missing tokenizer. (A model in half
+            precision is checked against the run's precision by `probekit.loading`.)
     """
     from torch import nn
 
@@ -157,12 +234,6 @@ def given_backbone(model: Any, tokenizer: Any, spec: ModelSpec) -> LoadedBackbon
     if tokenizer is None or not callable(tokenizer):
         raise UserError(
             "tokenizer=: pass the model's tokenizer with the model (AutoTokenizer.from_pretrained)"
-        )
-    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
-    if dtypes != ["float32"]:
-        raise UserError(
-            f"model=: its parameters are {', '.join(dtypes)}; pass a float32 model "
-            "(AutoModel.from_pretrained(..., dtype=torch.float32)) for now"
         )
     _ready(model, tokenizer, spec)
     name = str(getattr(getattr(model, "config", None), "name_or_path", "") or spec.name)

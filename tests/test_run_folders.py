@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+import probekit.hub
 import probekit.training.plan
 from probekit.errors import InterruptedRunError, TerminatedError
 from probekit.rundir import RunLock
@@ -354,7 +355,7 @@ def test_ctrl_c_before_training_says_so_and_leaves_nothing(
     def interrupted(*args: Any, **kwargs: Any) -> Any:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(probekit.training.plan, "load_backbone", interrupted)
+    monkeypatch.setattr(probekit.hub, "load_backbone", interrupted)
     code, stdout, err = run_cli(capsys, *train_args(model, data, "--out", tmp_path / "run"))
     assert code == 130 and "Traceback" not in stdout + err
     assert err.strip() == "probekit: error: interrupted by Ctrl-C; no run folder was written"
@@ -423,7 +424,7 @@ def test_sigterm_during_start_up_is_not_swallowed_by_library_code(
             print(f"hub error: {exc!r}")
         raise AssertionError("SIGTERM was swallowed")
 
-    monkeypatch.setattr(probekit.training.plan, "load_backbone", loading)
+    monkeypatch.setattr(probekit.hub, "load_backbone", loading)
     code, stdout, err = run_cli(capsys, *train_args(model, data, "--out", tmp_path / "run"))
     assert code == 143 and stdout == ""
     assert err.strip() == "probekit: error: terminated by SIGTERM; no run folder was written"

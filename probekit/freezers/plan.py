@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from probekit.backbone import Layout
+from probekit.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,13 @@ class FreezePlan:
         if names != self.frozen | self.trainable:
             raise ValueError("this plan was resolved against a different backbone")
         for name, param in backbone.named_parameters():
+            if name in self.trainable and not param.is_floating_point():
+                kind = str(param.dtype).removeprefix("torch.")
+                raise UserError(
+                    f"freezer: backbone parameter {name} is quantised ({kind}) "
+                    "but the freezing plan trains it; only frozen blocks may be quantised: freeze its "
+                    "block or load the backbone unquantised"
+                )
             param.requires_grad_(name in self.trainable)
 
     def describe(self) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from probekit import memplan
 from probekit.batching import BucketBatchSampler, Encoded, encode, padding_fraction
 from probekit.cache import CachePlan, plan_cache, storage_dtype
 from probekit.checkpoint import class_keys, label_names
@@ -24,11 +25,20 @@ from probekit.config import ProbeConfig, task_of
 from probekit.data import Dataset, load_data
 from probekit.distributed import resolve_batch, steps_per_epoch
 from probekit.errors import ConfigError, UserError
-from probekit.hub import LoadedBackbone, given_backbone, load_backbone
+from probekit.hub import LoadedBackbone
+from probekit.loading import backbone_for, keep_fp32
 from probekit.optim import ParamGroup, param_groups
 from probekit.probe import Probe
 from probekit.tasks.base import Task
 from probekit.training.context import Precision, default_device
+
+LR_RANGES = {
+    "head": (1e-4, 1e-1, "a pooler and head"),
+    "body": (5e-6, 1e-4, "fine-tuned transformer blocks"),
+}
+"""AdamW learning rates known to work, per part: a small head on frozen features trains at
+1e-4..1e-1 (linear probes and MLP heads); fine-tuned transformer blocks at 5e-6..1e-4 (BERT's
+paper searched 2e-5..5e-5; decoder fine-tuning uses 1e-5..1e-4). Ten times outside is a warning."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,8 @@ class TrainPlan:
     run must train on the same data."""
     class_weights: tuple[float, ...] | None = None
     """The loss weight of each class by index (``loss.class_weights`` resolved on train), or None."""
+    weights_note: str | None = None
+    """How the backbone's weights are held, when not all in fp32 (`probekit.loading.keep_fp32`)."""
 
     def weights_by_name(self) -> dict[str, float] | None:
         """The resolved class weights by label name, as the plan prints and the report stores them."""
@@ -81,6 +93,8 @@ class TrainPlan:
     def data_origin(self) -> str:
         """Where the rows came from, naming the shipped demo dataset when it is used."""
         spec = self.config.data
+        if spec.in_memory is not None:
+            return f"Python objects ({spec.in_memory})"
         if spec.path is None and spec.train is None:
             return f"probekit's shipped demo dataset ({self.dataset.train.source})"
         return ", ".join(dict.fromkeys(s.source for s in self.dataset.splits()))
@@ -96,6 +110,25 @@ class TrainPlan:
         if 2 * warmup > total:
             return [f"warning: warmup takes {warmup} of {total} optimiser steps, more than half the run"]
         return []
+
+    def learning_rate_warnings(self) -> list[str]:
+        """A warning for each trained part whose AdamW learning rate is ten times or more outside
+        the range known to work for it (`LR_RANGES`)."""
+        if self.config.optimizer.kind != "adamw":
+            return []
+        warnings = []
+        for part, (low, high, what) in LR_RANGES.items():
+            rates = {g.lr for g in self.groups if g.name.startswith(f"{part}/")}
+            for lr in sorted(rates):
+                if low / 10 * (1 - 1e-9) <= lr <= high * 10 * (1 + 1e-9):  # ten times is not yet far
+                    continue
+                side = "below" if lr < low else "above"
+                warnings.append(
+                    f"warning: optimizer.lr_{part}={lr:g} is far {side} the range known to work for {what} "
+                    f"({low:g} to {high:g} with AdamW): "
+                    + ("training may barely move" if side == "below" else "training may diverge")
+                )
+        return warnings
 
     def describe(self) -> list[str]:
         """The resolved plan, one line per fact, as ``--dry-run`` prints it."""
@@ -139,7 +172,9 @@ class TrainPlan:
             f"stopping: best val {cfg.train.monitor}, patience {cfg.train.patience} epochs; "
             f"threshold: {self.task.threshold_rule()}",
         ]
-        lines += self.warmup_warnings()
+        lines += self.warmup_warnings() + self.learning_rate_warnings()
+        if self.weights_note:
+            lines.append(f"  {self.weights_note}")
         if self.precision.mixed:
             lines.append(
                 f"  frozen modules held in {self.precision}; trainable parameters in fp32 with autocast"
@@ -157,7 +192,7 @@ class TrainPlan:
         truncated = {name: enc.truncated for name, enc in self.encoded.items() if enc.truncated}
         if truncated:
             lines.append(f"truncated to {cfg.model.max_length} tokens: {truncated} rows")
-        return lines
+        return lines + memplan.describe(self)
 
 
 def prepare(
@@ -185,10 +220,12 @@ def prepare(
     task.check(dataset, config.head.num_classes)
     task = task.fit(dataset)
     class_weights = config.loss.resolve(dataset.label_map, dataset.train.labels, target=task.target)
-    backbone = (
-        load_backbone(config.model) if model is None else given_backbone(model, tokenizer, config.model)
-    )
+    spec = config.train
+    device = device if device is not None else default_device(spec.cpu)
+    precision = Precision.resolve(spec.precision, device)
+    backbone, dtype = backbone_for(config, precision, model, tokenizer)
     probe = Probe.from_config(config, backbone.model)
+    weights_note = keep_fp32(probe, backbone, dtype, from_checkpoint=model is None)
     probe.attach(
         tokenizer=backbone.tokenizer,
         max_length=config.model.max_length,
@@ -201,11 +238,8 @@ def prepare(
     encoded = {
         split.name: encode(backbone.tokenizer, split, config.model.max_length) for split in dataset.splits()
     }
-    spec = config.train
     per_device, accumulation = resolve_batch(spec.batch_size, spec.grad_accum, num_processes)
     per_epoch = steps_per_epoch(math.ceil(len(dataset.train) / per_device), accumulation, num_processes)
-    device = device if device is not None else default_device(spec.cpu)
-    precision = Precision.resolve(spec.precision, device)
     hold_frozen_in(probe, precision)
     cache_plan, cache_reason = (
         plan_cache(probe) if spec.cache.enabled else (None, "switched off (train.cache.enabled)")
@@ -240,6 +274,7 @@ def prepare(
         padding=(padding[0], padding[1]),
         data_fingerprint=fingerprint(dataset),
         class_weights=class_weights,
+        weights_note=weights_note,
     )
 
 
