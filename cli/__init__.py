@@ -399,10 +399,18 @@ def predict_command(
         typer.Option("--input", help="One text per line, or JSONL/CSV with the run's text field."),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Texts per batch.", min=1, max=1_000_000)] = 64,
+    per_token: Annotated[
+        bool,
+        typer.Option(
+            "--per-token",
+            help="Per token, the score of the text cut after it (causal decoder backbones; one pass).",
+        ),
+    ] = False,
     trust_remote_code: TrustOption = False,
 ) -> None:
-    """Classify texts; write one JSON object per text to stdout (binary: text, probability,
-    label; multi-class: text, label, probabilities, and score and flagged with a negative class)."""
+    """Classify texts; write one JSON object per text to stdout (binary: text, label, probability,
+    confidence, probabilities; multi-class: text, label, confidence, probabilities, and score and
+    flagged with a negative class; --per-token: text, tokens, scores, first_flagged)."""
     from probekit import jsonio
     from probekit.checkpoint import read_meta
     from probekit.data import check_text, stored_data_spec, stream_text_lines
@@ -430,7 +438,7 @@ def predict_command(
     else:
         items = stream_text_lines(sys.stdin, "<stdin>", max_chars)
     probe = Probe.from_pretrained(run, trust_remote_code=trust_remote_code)
-    for row in probe.predict(items, batch_size=batch_size):
+    for row in probe.predict(items, batch_size=batch_size, per_token=per_token):
         typer.echo(jsonio.dumps(row, ensure_ascii=False))
 
 

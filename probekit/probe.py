@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -211,7 +212,9 @@ class Probe(nn.Module):
         boundary = max(cached)
         blocks = self.layout.blocks(self.backbone)
         arity = self._block_arity(input_ids)
-        dtype = next(blocks[boundary - 1].parameters()).dtype
+        # the dtype the block computes in: its first floating parameter (a quantised block
+        # also holds int8/uint8 weights)
+        dtype = next(p.dtype for p in blocks[boundary - 1].parameters() if p.is_floating_point())
         originals = [blocks[i] for i in range(boundary)]
         try:
             for i in range(boundary):
@@ -366,24 +369,54 @@ class Probe(nn.Module):
         return self.tokenizer
 
     @overload
+    def predict_proba(
+        self,
+        texts: str | Sequence[str],
+        batch_size: int = 64,
+        max_tokens: int | None = 4096,
+        *,
+        as_array: Literal[True],
+    ) -> np.ndarray: ...
+
+    @overload
     def predict_proba(  # type: ignore[overload-overlap]  # a str is also a Sequence[str]: it comes first
-        self, texts: str, batch_size: int = 64, max_tokens: int | None = 4096
+        self,
+        texts: str,
+        batch_size: int = 64,
+        max_tokens: int | None = 4096,
+        *,
+        as_array: Literal[False] = False,
     ) -> float: ...
 
     @overload
     def predict_proba(
-        self, texts: Sequence[str], batch_size: int = 64, max_tokens: int | None = 4096
+        self,
+        texts: Sequence[str],
+        batch_size: int = 64,
+        max_tokens: int | None = 4096,
+        *,
+        as_array: Literal[False] = False,
     ) -> list[float]: ...
 
     def predict_proba(
-        self, texts: str | Sequence[str], batch_size: int = 64, max_tokens: int | None = 4096
-    ) -> float | list[float]:
+        self,
+        texts: str | Sequence[str],
+        batch_size: int = 64,
+        max_tokens: int | None = 4096,
+        *,
+        as_array: bool = False,
+    ) -> float | list[float] | np.ndarray:
         """The task's score per text (a binary probe: the probability of the positive class, index
         1; a multi-class probe: the list of its class probabilities, by class index): one for one
         string, a list for a sequence of strings; in batches sorted by length of at most
         ``batch_size`` texts and ``max_tokens`` padded tokens, through the one inference path
         (`probekit.inference.predict`). Texts are truncated to ``max_length`` tokens (a long
         text is tokenised through a prefix only, `probekit.tokens.encode_texts`).
+
+        With ``as_array=True`` the result is a NumPy array shaped as scikit-learn's
+        ``predict_proba``, one row per text (a single string is one row): ``(rows, classes)``
+        class probabilities in label-index order (a binary probe: negative, positive), ``(rows,
+        labels)`` for a multi-label probe, ``(rows,)`` values for a regression probe.
 
         Raises:
             probekit.data.TextTypeError: (a `TypeError`) bytes, or an item that is not a string
@@ -398,11 +431,15 @@ class Probe(nn.Module):
 
         tokenizer = self._require_tokenizer()
         items, single = check_texts(texts)
+        task = self._task()
         if not items:
-            return []
+            if not as_array:
+                return []
+            # no rows: the shape a batch's scores have, from empty logits
+            logits = torch.zeros(0, task.num_outputs(len(self.label_names)))
+            return task.probability_matrix(task.scores(logits).numpy().astype(np.float64))
         ids, _ = encode_texts(tokenizer, items, self.max_length)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        task = self._task()
         blank = task.blank_label(task.num_outputs(len(self.label_names)))
         loader = inference_loader(
             Encoded(ids, [blank] * len(ids), 0),
@@ -411,40 +448,85 @@ class Probe(nn.Module):
             padding_side=getattr(tokenizer, "padding_side", "right"),
             max_tokens=max_tokens,
         )
+        device = next(self.head.parameters()).device
         was_training = self.training
         try:
-            scores = predict(self, loader, Runner(next(self.head.parameters()).device), task)
+            scores = predict(self, loader, Runner(device, self._autocast(device)), task)
         finally:
             self.train(was_training)
+        if as_array:
+            return task.probability_matrix(np.asarray(scores.scores, dtype=np.float64))
         # 1-D scores: a float per text; a multi-class probe: its list of class probabilities
         probs: list[Any] = scores.scores.tolist()
         return probs[0] if single else probs
 
     @overload
     def predict(  # type: ignore[overload-overlap]  # a str is also a Sequence[str]: it comes first
-        self, texts: str, batch_size: int = 64, max_tokens: int | None = 4096
+        self, texts: str, batch_size: int = 64, max_tokens: int | None = 4096, *, per_token: bool = False
     ) -> dict[str, Any]: ...
 
     @overload
     def predict(
-        self, texts: Sequence[str], batch_size: int = 64, max_tokens: int | None = 4096
+        self,
+        texts: Sequence[str],
+        batch_size: int = 64,
+        max_tokens: int | None = 4096,
+        *,
+        per_token: bool = False,
     ) -> list[dict[str, Any]]: ...
 
     def predict(
-        self, texts: str | Sequence[str], batch_size: int = 64, max_tokens: int | None = 4096
+        self,
+        texts: str | Sequence[str],
+        batch_size: int = 64,
+        max_tokens: int | None = 4096,
+        *,
+        per_token: bool = False,
     ) -> dict[str, Any] | list[dict[str, Any]]:
-        """What the task says of each text: for a binary probe ``{"text", "probability", "label"}``
-        (positive when probability >= threshold); for a multi-class one ``{"text", "label",
-        "probabilities"}`` (the argmax label, every class's probability by label name) and, with a
+        """What the task says of each text: for a binary probe ``{"text", "label", "probability",
+        "confidence", "probabilities"}`` (positive when ``probability``, the positive class's,
+        reaches the threshold; ``confidence`` is the predicted label's probability and
+        ``probabilities`` both classes' by label); for a multi-class one ``{"text", "label",
+        "confidence", "probabilities"}`` (the argmax label, its probability, every class's
+        probability by label name) and, with a
         ``negative_class``, ``"score"`` (1 - its probability) and ``"flagged"`` (score >=
         threshold). One dict for one string, a list of them for a sequence of strings. Raises as
-        `predict_proba`."""
+        `predict_proba`.
+
+        With ``per_token=True`` (a causal decoder backbone), each dict holds the text's
+        ``tokens`` and, per token, the score the probe gives the text cut after it (``scores``),
+        all from one forward pass, and for a binary probe ``first_flagged``: see
+        `probekit.streaming.token_predictions`. A bidirectional backbone is refused in one line."""
         from probekit.data import check_texts
 
         items, single = check_texts(texts)
+        if per_token:
+            from probekit.streaming import token_predictions
+
+            if not items:
+                return []
+            device = next(self.head.parameters()).device
+            was_training = self.training
+            try:
+                self.eval()
+                rows = token_predictions(self, items, batch_size, device, self._autocast(device))
+            finally:
+                self.train(was_training)
+            return rows[0] if single else rows
         probs = self.predict_proba(items, batch_size, max_tokens)
         rows = self._task().predictions(items, probs, self.threshold, self.label_names)
         return rows[0] if single else rows
+
+    def _autocast(self, device: torch.device) -> Any:
+        """Autocast to the dtype frozen blocks are held in (bf16/fp16 after a mixed-precision run
+        or with ``model.dtype``), so they feed the fp32 parts; a no-op for an fp32 backbone."""
+        from contextlib import nullcontext
+        from functools import partial
+
+        half = [p.dtype for p in self.backbone.parameters() if p.dtype in (torch.bfloat16, torch.float16)]
+        if not half:
+            return nullcontext
+        return partial(torch.autocast, device.type, dtype=half[0])
 
     def _task(self) -> Task:
         """The probe's task; a binary one with the default threshold rule when none was given."""

@@ -187,7 +187,7 @@ def test_eval_json_prints_one_object_and_writes_it(
 # -- predict --------------------------------------------------------------------------------------
 def predictions(out: str) -> list[dict[str, object]]:
     rows = [json.loads(line) for line in out.splitlines()]
-    assert all(set(row) == {"text", "probability", "label"} for row in rows)
+    assert all(set(row) == {"text", "label", "probability", "confidence", "probabilities"} for row in rows)
     return rows
 
 

@@ -85,7 +85,7 @@ def test_a_finished_run_of_the_previous_version_loads_and_predicts(tmp_path: Pat
     assert probe.threshold == meta["threshold"] and probe.label_names == [0, 1]
     assert probe.task is not None and probe.task.kind == "binary"
     rows = probe.predict(["the cat sat", "poison the river"])
-    assert [set(row) for row in rows] == [{"text", "probability", "label"}] * 2
+    assert [set(row) for row in rows] == [{"text", "label", "probability", "confidence", "probabilities"}] * 2
 
 
 def test_a_stopped_run_of_the_previous_version_resumes_bit_identical(

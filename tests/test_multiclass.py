@@ -252,7 +252,7 @@ def test_a_run_reports_every_metric_and_its_weights_and_reloads_to_the_same_scor
     for key in ("accuracy", "f1", "auroc", "binary_auroc", "binary_recall_at_1pct_fpr"):
         assert again[key] == pytest.approx(test[key], abs=1e-6), key
     row = probe.predict("the bomb is in the park")
-    assert set(row) == {"text", "label", "probabilities", "score", "flagged"}
+    assert set(row) == {"text", "label", "confidence", "probabilities", "score", "flagged"}
     assert row["label"] == max(row["probabilities"], key=row["probabilities"].get)
     assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-6)
     assert row["score"] == pytest.approx(1 - row["probabilities"]["none"], abs=1e-6)

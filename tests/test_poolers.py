@@ -16,7 +16,15 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 import probekit
-from probekit.poolers import ClsSpec, LastTokenSpec, MaskedMeanSpec, MaxSpec, MultiLayerSpec
+from probekit.poolers import (
+    ClsSpec,
+    EmaSpec,
+    LastTokenSpec,
+    MaskedMeanSpec,
+    MaxSpec,
+    MultiLayerSpec,
+    RollingMaxSpec,
+)
 from probekit.poolers.base import Pooler
 from probekit.poolers.masked_mean import MaskedMean
 from probekit.registry import POOLERS
@@ -30,6 +38,7 @@ from probekit.testing import (
     check_padding_invariance,
     check_permutation_invariance,
     check_pooler,
+    check_running,
     random_case,
 )
 from probekit.testing.strategies import padding_fills, pooler_cases
@@ -49,12 +58,16 @@ def example_specs(kind: str) -> list[PoolerSpec]:
                 itertools.cycle([(-3, -2, -1), (0, 2), (-1,)]),
             )
         ]
+    if kind == "ema":
+        return [EmaSpec(), EmaSpec(alpha=0.5), EmaSpec(alpha=1.0)]
+    if kind == "rolling_max":
+        return [RollingMaxSpec(window=1), RollingMaxSpec(window=3)]
     return [POOLERS.get(kind)()]
 
 
 SPECS = [spec for kind in POOLERS.kinds() for spec in example_specs(kind)]
 IDS = [f"{s.kind}-{i}" for i, s in enumerate(SPECS)]
-BUILTIN = {"masked_mean", "cls", "last_token", "max", "multilayer"}
+BUILTIN = {"masked_mean", "cls", "last_token", "max", "multilayer", "ema", "rolling_max"}
 
 
 def cases(spec: PoolerSpec, min_length: int = 1) -> Any:
@@ -114,6 +127,14 @@ def test_all_masked_rows_pool_to_zeros(spec: PoolerSpec, data: st.DataObject) ->
     check_all_masked(spec, data.draw(cases(spec)), expect="zeros")
 
 
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+@settings(max_examples=10)
+@given(data=st.data())
+def test_running_pools_every_prefix(spec: PoolerSpec, data: st.DataObject) -> None:
+    """What streaming per-token scores rest on, for every registered kind."""
+    check_running(spec, data.draw(cases(spec)))
+
+
 def test_permutation_invariance_is_declared_where_it_holds() -> None:
     assert MaskedMeanSpec().is_permutation_invariant() and MaxSpec().is_permutation_invariant()
     assert not ClsSpec().is_permutation_invariant() and not LastTokenSpec().is_permutation_invariant()
@@ -138,6 +159,12 @@ MASK = torch.tensor([[1, 1, 0], [0, 1, 1]])  # row 0 right-padded, row 1 left-pa
         (MaxSpec(), [[3.0, 2.0], [8.0, 8.0]]),
         (ClsSpec(), [[1.0, 2.0], [8.0, 8.0]]),
         (LastTokenSpec(), [[3.0, -4.0], [2.0, 0.0]]),
+        # e = x1, then 0.5 x + 0.5 e: row 0 (1, 2) -> (3, -4): (2, -1); row 1 (8, 8) -> (2, 0): (5, 4)
+        (EmaSpec(alpha=0.5), [[2.0, -1.0], [5.0, 4.0]]),
+        (EmaSpec(alpha=1.0), [[3.0, -4.0], [2.0, 0.0]]),  # alpha 1: the last token
+        (RollingMaxSpec(window=1), [[3.0, 2.0], [8.0, 8.0]]),  # window 1: max
+        # windows of 2: row 0 means (1, 2), (2, -1) -> max (2, 2); row 1 (8, 8), (5, 4) -> (8, 8)
+        (RollingMaxSpec(window=2), [[2.0, 2.0], [8.0, 8.0]]),
     ],
     ids=lambda v: getattr(v, "kind", ""),
 )
@@ -202,9 +229,17 @@ class _Broken(Pooler):
         if self.flaw == "leaks_first_token_when_empty":
             valid = torch.where(keep, hidden, 0.0).sum(dim=1)
             return torch.where(keep.any(dim=1), valid, hidden[:, 0])
+        if self.flaw == "running_off_by_one":  # forward is fine; running lags a position
+            return torch.where(keep, hidden, 0.0).sum(dim=1)
         if self.flaw == "gradient_leak":  # the last position, padding or not, nudges the output
             return torch.where(keep, hidden, 0.0).sum(dim=1) + 1e-12 * hidden[:, -1]
         raise AssertionError(self.flaw)
+
+    def running(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        steps = super().running(hidden, mask)
+        if self.flaw == "running_off_by_one":
+            return torch.cat([torch.zeros_like(steps[:, :1]), steps[:, :-1]], dim=1)
+        return steps
 
     def output_dim(self, hidden_size: int) -> int:
         return hidden_size
@@ -236,6 +271,7 @@ CASE: PoolerCase = random_case(seed=3, batch=3, tokens=5, hidden_size=4, num_lay
         ("gradient_leak", check_masked_gradient, {}),
         ("nan_when_empty", check_all_masked, {}),
         ("leaks_first_token_when_empty", check_all_masked, {}),
+        ("running_off_by_one", check_running, {}),
     ],
 )
 def test_each_check_fails_on_a_pooler_that_breaks_it(flaw: str, check: Any, kwargs: dict[str, Any]) -> None:

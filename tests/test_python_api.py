@@ -78,6 +78,25 @@ def test_a_run_that_is_all_warmup_says_so(bert_dir: Path, toy_data: ToyData) -> 
     assert not any(line.startswith("warning: warmup") for line in longer.describe())
 
 
+def test_a_learning_rate_far_outside_the_known_range_is_a_warning(bert_dir: Path, toy_data: ToyData) -> None:
+    from probekit.training import prepare
+
+    def warnings(*assignments: str) -> list[str]:
+        lines = prepare(make_config(bert_dir, toy_data, "train.epochs=4", *assignments)).describe()
+        return [line for line in lines if line.startswith("warning: optimizer.")]
+
+    assert warnings() == []  # the preset's own rates
+    assert warnings("optimizer.lr_head=1.0", "optimizer.lr_body=5e-7") == []  # ten times: not yet
+    assert warnings("optimizer.lr_head=5", "optimizer.lr_body=1e-8") == [
+        "warning: optimizer.lr_head=5 is far above the range known to work for a pooler and head "
+        "(0.0001 to 0.1 with AdamW): training may diverge",
+        "warning: optimizer.lr_body=1e-08 is far below the range known to work for fine-tuned "
+        "transformer blocks (5e-06 to 0.0001 with AdamW): training may barely move",
+    ]
+    # A part that does not train is not warned about.
+    assert warnings("freezer.kind=all", "optimizer.lr_body=1") == []
+
+
 def test_a_probe_built_in_your_own_code_saves_and_loads(bert_dir: Path, tmp_path: Path) -> None:
     from transformers import AutoModel, AutoTokenizer
 
@@ -125,7 +144,7 @@ def test_train_a_model_you_loaded_yourself(bert_dir: Path, toy_data: ToyData, tm
     assert str(bert_dir) in (tmp_path / "run" / "config.yaml").read_text()
 
 
-def test_a_half_precision_model_is_refused_in_one_line(
+def test_a_half_precision_model_without_autocast_is_refused_in_one_line(
     bert_dir: Path, toy_data: ToyData, tmp_path: Path
 ) -> None:
     import torch
@@ -133,7 +152,8 @@ def test_a_half_precision_model_is_refused_in_one_line(
 
     model = AutoModel.from_pretrained(bert_dir, dtype=torch.bfloat16)
     with pytest.raises(
-        probekit.errors.UserError, match="model=: its parameters are bfloat16; pass a float32 model"
+        probekit.errors.UserError,
+        match=r"^model=: its weights are bf16 but this run computes in fp32; set train.precision=bf16",
     ):
         train(
             make_config(bert_dir, toy_data),

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from probekit.poolers.base import Pooler, as_bool_mask, gather_token
+from probekit.poolers.base import Pooler, as_bool_mask, gather_token, gather_tokens
 from probekit.registry import POOLERS
 from probekit.spec import BuildContext, TokenPoolerSpec
 
@@ -20,6 +20,12 @@ class LastToken(Pooler):
         positions = torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
         last = torch.where(keep, positions, -1).amax(dim=1)
         return gather_token(hidden, last, keep.any(dim=1))
+
+    def running(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        keep = as_bool_mask(mask, hidden)
+        positions = torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
+        last = torch.cummax(torch.where(keep, positions, -1), dim=1).values  # last real so far
+        return gather_tokens(hidden, last, last.ge(0))
 
     def output_dim(self, hidden_size: int) -> int:
         return hidden_size

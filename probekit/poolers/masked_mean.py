@@ -8,7 +8,7 @@ import torch
 from einops import reduce
 from torch import Tensor
 
-from probekit.poolers.base import Pooler, as_bool_mask
+from probekit.poolers.base import Pooler, as_bool_mask, running_count
 from probekit.registry import POOLERS
 from probekit.spec import BuildContext, TokenPoolerSpec
 
@@ -24,6 +24,14 @@ class MaskedMean(Pooler):
         total = reduce(kept, "b t h -> b h", "sum")
         count = reduce(keep.to(hidden.dtype), "b t -> b", "sum").clamp(min=1.0)
         return total / count.unsqueeze(-1)
+
+    def running(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        keep = as_bool_mask(mask, hidden)
+        kept = torch.where(
+            keep.unsqueeze(-1), hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device)
+        )
+        count = running_count(keep, hidden.dtype).clamp(min=1.0)
+        return kept.cumsum(dim=1) / count.unsqueeze(-1)
 
     def output_dim(self, hidden_size: int) -> int:
         return hidden_size

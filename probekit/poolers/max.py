@@ -22,6 +22,13 @@ class MaskedMax(Pooler):
         any_real = keep.any(dim=1, keepdim=True)
         return torch.where(any_real, values, torch.zeros_like(values))
 
+    def running(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        keep = as_bool_mask(mask, hidden)
+        lowest = torch.full((), float("-inf"), dtype=hidden.dtype, device=hidden.device)
+        values = torch.cummax(torch.where(keep.unsqueeze(-1), hidden, lowest), dim=1).values
+        seen = keep.cumsum(dim=1).gt(0).unsqueeze(-1)
+        return torch.where(seen, values, torch.zeros_like(values))
+
     def output_dim(self, hidden_size: int) -> int:
         return hidden_size
 

@@ -64,6 +64,15 @@ class MultiLayerPooler(Pooler):
         pooled: Tensor = self.token_pooler(self._mix([torch.where(keep, h, zero) for h in hiddens]), mask)
         return pooled
 
+    def running(self, hiddens: Sequence[Tensor], mask: Tensor) -> Tensor:
+        if len(hiddens) != self.num_layers:
+            raise ValueError(f"expected {self.num_layers} layers of hidden states, got {len(hiddens)}")
+        if self.combine_at == "pooled":
+            return self._mix([self.token_pooler.running(h, mask) for h in hiddens])
+        keep = as_bool_mask(mask, hiddens[0]).unsqueeze(-1)
+        zero = torch.zeros((), dtype=hiddens[0].dtype, device=hiddens[0].device)
+        return self.token_pooler.running(self._mix([torch.where(keep, h, zero) for h in hiddens]), mask)
+
     def output_dim(self, hidden_size: int) -> int:
         k = self.num_layers if self.combine == "concat" else 1
         if self.combine_at == "tokens":

@@ -149,6 +149,12 @@ class Task(ABC):
     def summary_line(self, split: str, metrics: Mapping[str, Any]) -> str:
         """A split's headline metrics, for the run's summary."""
 
+    def probability_matrix(self, scores: np.ndarray) -> np.ndarray:
+        """The scores as scikit-learn's ``predict_proba`` shapes them: ``(rows, classes)`` class
+        probabilities (``(rows, labels)`` for multi-label, ``(rows,)`` values for regression).
+        The scores of a split already have that shape unless the task overrides this."""
+        return scores
+
     @abstractmethod
     def predictions(
         self, texts: Sequence[str], scores: Sequence[Any], threshold: Threshold, label_names: Sequence[Any]

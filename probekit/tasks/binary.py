@@ -3,7 +3,9 @@
 The loss is cross-entropy with label smoothing; the scores are ``softmax(logits)[:, 1]``; the
 metrics are `probekit.metrics.compute_metrics`; the threshold is chosen on validation scores by
 `probekit.config.ThresholdSpec` (max F1, or the lowest threshold within an FPR budget);
-``predict`` gives ``{"text", "probability", "label"}``.
+``predict`` gives ``{"text", "label", "probability", "confidence", "probabilities"}``: the label
+(positive when the probability reaches the threshold), the positive class's probability, the
+predicted label's probability and both classes' probabilities by label.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -74,14 +77,27 @@ class BinaryTask(CrossEntropyTask):
             f"auprc {m['auprc']:.4f}  recall@1%fpr {m['recall_at_1pct_fpr']:.4f}  ece {m['ece']:.4f}"
         )
 
+    def probability_matrix(self, scores: np.ndarray) -> np.ndarray:
+        """``(rows, 2)``: the negative class's probability, then the positive class's."""
+        return np.stack([1.0 - scores, scores], axis=1)
+
     def predictions(
         self, texts: Sequence[str], scores: Sequence[Any], threshold: Any, label_names: Sequence[Any]
     ) -> list[dict[str, Any]]:
         names = list(label_names) or [0, 1]
-        return [
-            {"text": t, "probability": p, "label": names[1] if p >= threshold else names[0]}
-            for t, p in zip(texts, scores, strict=True)
-        ]
+        rows = []
+        for text, p in zip(texts, scores, strict=True):
+            positive = p >= threshold
+            rows.append(
+                {
+                    "text": text,
+                    "label": names[1] if positive else names[0],
+                    "probability": p,
+                    "confidence": p if positive else 1.0 - p,
+                    "probabilities": {names[0]: 1.0 - p, names[1]: p},
+                }
+            )
+        return rows
 
     def write_plots(
         self,

@@ -163,6 +163,7 @@ class MulticlassTask(CrossEntropyTask):
             out: dict[str, Any] = {
                 "text": text,
                 "label": names[int(row.argmax())],
+                "confidence": float(row.max()),
                 "probabilities": {key: float(p) for key, p in zip(keys, row, strict=True)},
             }
             if self.negative is not None:

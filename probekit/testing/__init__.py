@@ -17,7 +17,9 @@ The contract: the output is ``(batch, output_dim(hidden))`` and finite; padding 
 positions), of any amount and any value, ``inf`` and ``nan`` included, changes nothing; left and
 right padding agree; permutation-invariant poolers ignore the order of valid tokens; masked
 positions get exactly zero gradient; rows with no valid token give a finite output that does not
-depend on that row's hidden states (built-ins give zeros).
+depend on that row's hidden states (built-ins give zeros); ``running`` pools every prefix as
+``forward`` would (the default does so by construction; a pooler that overrides it for speed must
+agree).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ __all__ = [
     "check_padding_invariance",
     "check_permutation_invariance",
     "check_pooler",
+    "check_running",
     "random_case",
 ]
 
@@ -239,6 +242,33 @@ def check_all_masked(
         raise AssertionError(f"{_name(spec)}: all-masked rows are not zeros")
 
 
+def check_running(spec: PoolerSpec, case: PoolerCase) -> None:
+    """``running`` gives, at every position, what ``forward`` gives on the prefix ending there
+    (right and left padding): the promise streaming per-token scores rest on."""
+    pooler = build_pooler(spec, case.hidden_size, case.seed)
+    for left in (False, True):
+        hidden = tuple(_left_align(case, h) for h in case.hidden) if left else case.hidden
+        mask = _left_align(case, case.mask()) if left else case.mask()
+        arg = tuple(hidden) if spec.multi_layer else hidden[0]
+        with torch.no_grad():
+            steps = pooler.running(arg, mask)
+            width = pooler.output_dim(case.hidden_size)
+            if tuple(steps.shape) != (case.batch, case.tokens, width):
+                raise AssertionError(
+                    f"{_name(spec)}: running gave shape {tuple(steps.shape)}, expected "
+                    f"{(case.batch, case.tokens, width)}"
+                )
+            for end in range(1, case.tokens + 1):
+                prefix = _run(spec, pooler, [h[:, :end] for h in hidden], mask[:, :end])
+                side = "left" if left else "right"
+                _assert_close(
+                    spec,
+                    f"running at position {end - 1} ({side} padding) is not the pooled prefix",
+                    steps[:, end - 1],
+                    prefix,
+                )
+
+
 CHECKS: tuple[Callable[[PoolerSpec, PoolerCase], None], ...] = (
     check_output_shape,
     check_padding_invariance,
@@ -246,6 +276,7 @@ CHECKS: tuple[Callable[[PoolerSpec, PoolerCase], None], ...] = (
     check_permutation_invariance,
     check_masked_gradient,
     check_all_masked,
+    check_running,
 )
 
 

@@ -1,0 +1,114 @@
+"""Streaming per-token scores: for every token of a text, the score the probe would give the text
+cut after that token, all from one forward pass.
+
+On a causal (decoder) backbone the hidden state at a token never depends on later tokens, so the
+probe's score of the prefix ending at token ``i`` is its pooler's running value there
+(`probekit.poolers.base.Pooler.running`) through the head: ``masked_mean`` is a running mean,
+``max`` a running max, ``last_token`` the token itself, ``ema`` and ``rolling_max`` their running
+forms, and a plugin pooler without its own ``running`` is pooled prefix by prefix. A guard can
+then stop a response mid-stream at the first token whose score crosses the threshold.
+
+`check_causal` holds every call to that promise on its first text: the running score at the
+middle token must equal the score of the text truncated there, else (a bidirectional encoder such
+as BERT, where every token sees the whole text) the call is refused in one line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from probekit.errors import UserError
+
+if TYPE_CHECKING:
+    from probekit.probe import Probe
+
+TOLERANCE = 1e-3
+"""Largest difference between a running score and the truncated text's score that still counts
+as equal (float32 sums in another order, or bf16 autocast)."""
+
+
+def running_logits(probe: Probe, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """``(b, t, outputs)``: the head's logits on the pooled prefix ending at each position."""
+    dtype = next(probe.head.parameters()).dtype
+    hidden = tuple(h.to(dtype) for h in probe.hidden_states(input_ids, attention_mask))
+    steps = probe.pooler.running(hidden if probe.pooler_spec.multi_layer else hidden[0], attention_mask)
+    b, t, width = steps.shape
+    logits: Tensor = probe.head(steps.reshape(b * t, width))
+    return logits.reshape(b, t, -1)
+
+
+def _pad(rows: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[Tensor, Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.tensor(list(row), dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
+def check_causal(probe: Probe, ids: Sequence[int], device: torch.device, autocast: Any) -> None:
+    """Refuse a backbone whose score at a token depends on later tokens (see the module notes)."""
+    if len(ids) < 2:
+        return
+    cut = len(ids) // 2  # the prefix ids[: cut]
+    full_ids, full_mask = _pad([ids], 0, False)
+    part_ids, part_mask = _pad([ids[:cut]], 0, False)
+    with torch.inference_mode(), autocast():
+        running = running_logits(probe, full_ids.to(device), full_mask.to(device))[0, cut - 1].float()
+        whole = probe(part_ids.to(device), part_mask.to(device))[0].float()
+    gap = float((running - whole).abs().max())
+    if gap > TOLERANCE * max(1.0, float(whole.abs().max())):
+        kind = getattr(getattr(probe.backbone, "config", None), "model_type", type(probe.backbone).__name__)
+        raise UserError(
+            f"per-token scores need a causal (decoder) backbone: in {kind} every token sees the tokens "
+            f"after it, so the score at a token is not the score of the text cut there (they differ by "
+            f"{gap:.3g})"
+        )
+
+
+def token_predictions(
+    probe: Probe, texts: Sequence[str], batch_size: int, device: torch.device, autocast: Any
+) -> list[dict[str, Any]]:
+    """Per text: its ``tokens`` (as the tokenizer writes them) and, per token, the task's score of
+    the text cut after it (``scores``: a binary probe's positive-class probability, a multi-class
+    probe's class probabilities...); a binary probe adds ``first_flagged``, the index of the first
+    token whose score reaches the threshold (None when none does). The last score is the text's
+    own ``predict_proba``."""
+    from probekit.tokens import encode_texts
+
+    tokenizer = probe._require_tokenizer()
+    task = probe._task()
+    ids, _ = encode_texts(tokenizer, texts, probe.max_length)
+    check_causal(probe, ids[0], device, autocast)
+    pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    scores: dict[int, Any] = {}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        batch_ids, mask = _pad([ids[i] for i in chunk], pad_id, left)
+        with torch.inference_mode(), autocast():
+            logits = running_logits(probe, batch_ids.to(device), mask.to(device)).float()
+        for j, i in enumerate(chunk):
+            real = mask[j].bool()
+            kept = logits[j][real.to(logits.device)]
+            scores[i] = task.scores(kept).cpu().tolist()
+    rows: list[dict[str, Any]] = []
+    threshold = probe.threshold
+    for i, text in enumerate(texts):
+        row: dict[str, Any] = {
+            "text": text,
+            "tokens": tokenizer.convert_ids_to_tokens(ids[i]),
+            "scores": scores[i],
+        }
+        if task.target == "binary" and isinstance(threshold, float):
+            flagged = [t for t, s in enumerate(scores[i]) if s >= threshold]
+            row["first_flagged"] = flagged[0] if flagged else None
+        rows.append(row)
+    return rows
