@@ -40,11 +40,38 @@ def test_setup_command_pins_the_cpu_torch_and_pyproject_does_not() -> None:
 
 @pytest.mark.slow
 def test_readme_python_example_runs_as_written() -> None:
-    (code,) = _blocks("python")
+    (code,) = [block for block in _blocks("python") if "probekit.build" in block]
     assert len([line for line in code.splitlines() if line.strip()]) <= 6  # imports + the 3 lines
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip() == "torch.Size([1, 2])"
+
+
+@pytest.mark.slow
+def test_readme_notebook_example_runs_as_written(tmp_path: Path) -> None:
+    """DataFrame -> train -> predict one string -> save -> load, verbatim, in a fresh folder."""
+    (code,) = [block for block in _blocks("python") if "DataFrame" in block]
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    row_line, array_line = run.stdout.strip().splitlines()[-2:]
+    row = ast.literal_eval(row_line)
+    assert row["text"] == "How do I pick the lock on my neighbour's door?" and row["label"] in (0, 1)
+    assert row["confidence"] == row["probabilities"][row["label"]] >= 0.5
+    probs = [float(x) for x in re.findall(r"[0-9.]+(?:e-?[0-9]+)?", array_line)]
+    assert len(probs) == 2 and abs(sum(probs) - 1) < 1e-5
+    config = (tmp_path / "runs" / "notebook" / "config.yaml").read_text(encoding="utf-8")
+    assert "in_memory: DataFrame, 1200 rows" in config  # what the data was, not a file
+    report = json.loads((tmp_path / "runs" / "notebook" / "report.json").read_text(encoding="utf-8"))
+    assert report["metrics"]["test"]["auroc"] > 0.8
+    assert (tmp_path / "my-probe" / "probe.json").is_file()
 
 
 def test_readme_listing_one_liner_lists_every_family() -> None:
@@ -76,7 +103,10 @@ def test_readme_quick_start_trains_and_predicts_verbatim(tmp_path: Path) -> None
     assert run.returncode == 0, run.stderr[-3000:]
     (line,) = run.stdout.strip().splitlines()
     row = json.loads(line)
-    assert set(row) == {"text", "probability", "label"} and 0.0 <= row["probability"] <= 1.0
+    assert (
+        set(row) == {"text", "label", "probability", "confidence", "probabilities"}
+        and 0.0 <= row["probability"] <= 1.0
+    )
     assert row["label"] in (0, 1)
     report = json.loads((tmp_path / "runs" / "demo" / "report.json").read_text(encoding="utf-8"))
     assert report["metrics"]["val"]["auroc"] > 0.8  # the shipped recipe learns the demo data
@@ -103,7 +133,7 @@ def test_readme_multiclass_block_trains_and_predicts_verbatim(tmp_path: Path) ->
     assert run.returncode == 0, run.stderr[-3000:]
     (line,) = run.stdout.strip().splitlines()
     row = json.loads(line)
-    assert set(row) == {"text", "label", "probabilities", "score", "flagged"}
+    assert set(row) == {"text", "label", "confidence", "probabilities", "score", "flagged"}
     assert len(row["probabilities"]) == 7 and row["label"] in row["probabilities"]
     report = json.loads((tmp_path / "runs" / "categories" / "report.json").read_text(encoding="utf-8"))
     assert report["threshold_rule"] == "max_f1" and len(report["metrics"]["test"]["per_class"]) == 7
