@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from probekit.errors import UserError
+from probekit.tokens import encode_texts, pad_rows
 
 if TYPE_CHECKING:
     from probekit.probe import Probe
@@ -41,24 +42,13 @@ def running_logits(probe: Probe, input_ids: Tensor, attention_mask: Tensor) -> T
     return logits.reshape(b, t, -1)
 
 
-def _pad(rows: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[Tensor, Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        span = slice(width - len(row), width) if left else slice(0, len(row))
-        ids[i, span] = torch.tensor(list(row), dtype=torch.long)
-        mask[i, span] = 1
-    return ids, mask
-
-
 def check_causal(probe: Probe, ids: Sequence[int], device: torch.device, autocast: Any) -> None:
     """Refuse a backbone whose score at a token depends on later tokens (see the module notes)."""
     if len(ids) < 2:
         return
     cut = len(ids) // 2  # the prefix ids[: cut]
-    full_ids, full_mask = _pad([ids], 0, False)
-    part_ids, part_mask = _pad([ids[:cut]], 0, False)
+    full_ids, full_mask = pad_rows([ids], 0, False)
+    part_ids, part_mask = pad_rows([ids[:cut]], 0, False)
     with torch.inference_mode(), autocast():
         running = running_logits(probe, full_ids.to(device), full_mask.to(device))[0, cut - 1].float()
         whole = probe(part_ids.to(device), part_mask.to(device))[0].float()
@@ -80,8 +70,6 @@ def token_predictions(
     probe's class probabilities...); a binary probe adds ``first_flagged``, the index of the first
     token whose score reaches the threshold (None when none does). The last score is the text's
     own ``predict_proba``."""
-    from probekit.tokens import encode_texts
-
     tokenizer = probe._require_tokenizer()
     task = probe._task()
     ids, _ = encode_texts(tokenizer, texts, probe.max_length)
@@ -92,7 +80,7 @@ def token_predictions(
     scores: dict[int, Any] = {}
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        batch_ids, mask = _pad([ids[i] for i in chunk], pad_id, left)
+        batch_ids, mask = pad_rows([ids[i] for i in chunk], pad_id, left)
         with torch.inference_mode(), autocast():
             logits = running_logits(probe, batch_ids.to(device), mask.to(device)).float()
         for j, i in enumerate(chunk):
