@@ -99,6 +99,7 @@ def test_a_bidirectional_backbone_is_refused_in_one_line(bert_dir: Path) -> None
         probe.predict("a bomb in the park", per_token=True)
     message = str(caught.value)
     assert message.startswith("per-token scores need a causal (decoder) backbone: in bert every token sees")
+    assert "changing the last token moved earlier hidden states by" in message
     assert "\n" not in message
 
 
