@@ -109,6 +109,16 @@ KIND_STRATEGIES: dict[tuple[str, str], Callable[[], st.SearchStrategy[dict[str, 
     ("pooler", "cls"): lambda: _token_pooler_st("cls"),
     ("pooler", "last_token"): lambda: _token_pooler_st("last_token"),
     ("pooler", "max"): lambda: _token_pooler_st("max"),
+    ("pooler", "ema"): lambda: st.fixed_dictionaries(
+        {
+            "kind": st.just("ema"),
+            "layer": layers_st,
+            "alpha": st.floats(1e-6, 1.0, allow_nan=False).filter(lambda a: a > 0),
+        }
+    ),
+    ("pooler", "rolling_max"): lambda: st.fixed_dictionaries(
+        {"kind": st.just("rolling_max"), "layer": layers_st, "window": st.integers(1, 4096)}
+    ),
     ("pooler", "multilayer"): multilayer_st,
     ("head", "linear"): lambda: st.fixed_dictionaries(
         {"kind": st.just("linear"), "num_classes": st.integers(2, 50), "dropout": dropout_st}

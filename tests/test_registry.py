@@ -44,7 +44,7 @@ def test_lookup_of_an_unknown_kind_suggests_the_closest() -> None:
         POOLERS.get("masked_maen")
     message = str(info.value)
     assert "did you mean 'masked_mean'?" in message
-    assert "cls, last_token, masked_mean, max, multilayer" in message
+    assert "cls, ema, last_token, masked_mean, max, multilayer, rolling_max" in message
 
 
 def _spec(kind: str, doc: str = "") -> type[TokenPoolerSpec]:
