@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from probekit.errors import BackboneError
@@ -39,6 +40,13 @@ KNOWN_LAYOUTS: dict[str, tuple[str, tuple[str, ...]]] = {
     **dict.fromkeys(_LLAMA_LIKE, ("layers", ("embed_tokens",))),
 }
 """``config.model_type`` -> (path of the block list, prefixes of the embedding parameters)."""
+
+
+def half_dtypes(module: nn.Module) -> list[torch.dtype]:
+    """The half-precision dtypes (bf16, fp16) ``module``'s parameters are held in, in the order
+    they first occur: empty for an fp32 (or quantised-only) module."""
+    found = dict.fromkeys(p.dtype for p in module.parameters() if p.dtype in (torch.bfloat16, torch.float16))
+    return list(found)
 
 
 def base_model(model: nn.Module) -> nn.Module:

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from probekit.backbone import half_dtypes
+from probekit.cache import DTYPES
 from probekit.errors import UserError
 
 if TYPE_CHECKING:
@@ -27,8 +29,8 @@ if TYPE_CHECKING:
     from probekit.probe import Probe
     from probekit.training.context import Precision
 
-HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
-NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+HALF = {name: DTYPES[name] for name in ("bf16", "fp16")}
+NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def load_dtype(spec: ModelSpec, precision: Precision) -> torch.dtype:
@@ -55,7 +57,7 @@ def load_dtype(spec: ModelSpec, precision: Precision) -> torch.dtype:
 
 def given_dtype_check(model: nn.Module, precision: Precision) -> None:
     """A model passed in half precision trains only under autocast of that dtype."""
-    halves = sorted({NAMES[p.dtype] for p in model.parameters() if p.dtype in HALF.values()})
+    halves = sorted(NAMES[dtype] for dtype in half_dtypes(model))
     if halves and (len(halves) > 1 or precision.dtype != HALF[halves[0]]):
         raise UserError(
             f"model=: its weights are {', '.join(halves)} but this run computes in {precision}; set "
@@ -190,7 +192,7 @@ def backbone_for(
         given = given_backbone(model, tokenizer, config.model)
         one_device(given.model, "model=")
         given_dtype_check(given.model, precision)
-        halves = [p.dtype for p in given.model.parameters() if p.dtype in HALF.values()]
+        halves = half_dtypes(given.model)
         return given, halves[0] if halves else torch.float32
     dtype = load_dtype(config.model, precision)
     quantization = None

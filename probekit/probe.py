@@ -18,6 +18,7 @@ from probekit.backbone import (
     accepts,
     base_model,
     capture,
+    half_dtypes,
     locate,
     resolve_layers,
 )
@@ -96,6 +97,7 @@ class Probe(nn.Module):
         )
         self._pooler_checked = False
         self._arity: int | None = None
+        self._causal_checked = False  # per-token scores: the backbone was found causal once
         self.tokenizer: Any = None
         self.max_length = 512
         self.threshold: float | list[float] = 0.5
@@ -523,7 +525,7 @@ class Probe(nn.Module):
         from contextlib import nullcontext
         from functools import partial
 
-        half = [p.dtype for p in self.backbone.parameters() if p.dtype in (torch.bfloat16, torch.float16)]
+        half = half_dtypes(self.backbone)
         if not half:
             return nullcontext
         return partial(torch.autocast, device.type, dtype=half[0])

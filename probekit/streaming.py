@@ -8,9 +8,10 @@ probe's score of the prefix ending at token ``i`` is its pooler's running value 
 forms, and a plugin pooler without its own ``running`` is pooled prefix by prefix. A guard can
 then stop a response mid-stream at the first token whose score crosses the threshold.
 
-`check_causal` checks every call on its first text: changing its last token must leave the
-hidden states at every earlier token unchanged, else (a bidirectional encoder such as BERT, where
-every token sees the whole text) the call is refused in one line.
+`check_causal` checks each probe once, on the first text of its first call with two or more
+tokens: changing that text's last token must leave the hidden states at every earlier token
+unchanged, else (a bidirectional encoder such as BERT, where every token sees the whole text)
+the call is refused in one line.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def check_causal(probe: Probe, ids: Sequence[int], device: torch.device, autocas
     token of ``ids`` and compare the hidden states the pooler reads at every earlier position.
     Both passes have the same shape, so on a causal backbone they agree to the last bit whatever
     the precision; on a bidirectional encoder every position moves."""
-    if len(ids) < 2:
+    if probe._causal_checked or len(ids) < 2:
         return
     backbone: Any = probe.backbone  # a transformers model
     vocab = int(backbone.get_input_embeddings().num_embeddings)
@@ -64,6 +65,7 @@ def check_causal(probe: Probe, ids: Sequence[int], device: torch.device, autocas
             f"after it, so the score at a token is not the score of the text cut there (changing the "
             f"last token moved earlier hidden states by {gap:.3g})"
         )
+    probe._causal_checked = True  # the backbone does not change: once per probe is enough
 
 
 def token_predictions(

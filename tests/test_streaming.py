@@ -71,7 +71,9 @@ def test_predict_per_token_streams_the_scores_of_a_text(llama_dir: Path) -> None
     tokenizer.pad_token = tokenizer.eos_token
     texts = ["we like tea and the park", "a bomb in the park", "poison"]
     probe.attach(tokenizer=tokenizer, label_names=["safe", "unsafe"], threshold=0.5).eval()
+    assert not probe._causal_checked
     rows = probe.predict(texts, per_token=True)
+    assert probe._causal_checked  # checked once; later calls do not run the two extra passes
     whole = probe.predict_proba(texts)
     for row, text, p in zip(rows, texts, whole, strict=True):
         assert row["text"] == text and len(row["tokens"]) == len(row["scores"])
