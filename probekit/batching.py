@@ -13,7 +13,7 @@ model all short texts first and all long ones last).
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from probekit.cache import CachePlan, SplitCache
     from probekit.data import Split
     from probekit.distributed import Group
+    from probekit.reading import Reader
 
 
 class BucketBatchSampler(Sampler[list[int]]):
@@ -145,6 +146,9 @@ class Encoded:
     """Per row: a class index, or a multi-label row's tuple of cells (``nan``: unknown), or a
     regression target; the latter two are batched as float tensors."""
     truncated: int
+    reads: list[list[int]] | None = None
+    """Per row, 0/1 per token: the tokens the pooler reads (``data.positions``); None: every
+    token of the attention mask."""
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -154,13 +158,12 @@ class Encoded:
         return [len(ids) for ids in self.ids]
 
 
-def encode(tokenizer: Any, split: Split, max_length: int) -> Encoded:
-    """Tokenise a split once; rows longer than ``max_length`` are truncated and counted. A long
-    text is tokenised through a prefix (`probekit.tokens.encode_texts`), never whole."""
-    from probekit.tokens import encode_texts
-
-    ids, truncated = encode_texts(tokenizer, split.texts, max_length)
-    return Encoded(ids, list(split.labels), sum(truncated))
+def encode(reader: Reader, split: Split, where: Callable[[int], str] | None = None) -> Encoded:
+    """Tokenise a split once through ``reader`` (`probekit.reading.Reader`: chat template and
+    positions); rows longer than its ``max_length`` are truncated and counted. A long plain text
+    is tokenised through a prefix (`probekit.tokens.encode_texts`), never whole."""
+    encoding = reader.encode(split.texts, where or (lambda i: f"{split.source}: {split.name} row {i}"))
+    return Encoded(encoding.ids, list(split.labels), sum(encoding.truncated), encoding.reads)
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,9 @@ class Batch:
     cached: Tensor | None = None
     features: Tensor | None = None
     filler: bool = False
+    read_mask: Tensor | None = None
+    """The tokens the pooler reads (``data.positions``), padded as the attention mask; None:
+    the attention mask's tokens."""
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -190,11 +196,14 @@ class Batch:
             labels=self.labels.to(device),
             cached=None if self.cached is None else self.cached.to(device),
             features=None if self.features is None else self.features.to(device),
+            read_mask=None if self.read_mask is None else self.read_mask.to(device),
         )
 
     def inputs(self, plan: CachePlan | None) -> dict[str, Any]:
         """The probe's keyword arguments for this batch: token ids, and the cached activations."""
         found: dict[str, Any] = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if self.read_mask is not None:
+            found["read_mask"] = self.read_mask
         if self.features is not None:
             found["features"] = self.features
         elif self.cached is not None and plan is not None:
@@ -223,12 +232,15 @@ class Collator:
         floats = bool(targets) and isinstance(targets[0], (float, tuple))
         labels = torch.tensor(targets, dtype=torch.float32 if floats else torch.long)
         index = torch.tensor(list(indices), dtype=torch.long)
+        reads = None
+        if self.encoded.reads is not None:
+            reads = pad_rows([self.encoded.reads[i] for i in indices], 0, left=self.left)[0]
         if self.cache is None:
-            return Batch(ids, mask, labels, index)
+            return Batch(ids, mask, labels, index, read_mask=reads)
         values = self.cache.batch(indices, ids.shape[1], self.left)
         if self.cache.plan.mode == "pooled":
-            return Batch(ids, mask, labels, index, features=values)
-        return Batch(ids, mask, labels, index, cached=values)
+            return Batch(ids, mask, labels, index, features=values, read_mask=reads)
+        return Batch(ids, mask, labels, index, cached=values, read_mask=reads)
 
 
 class _Indices(TorchDataset[int]):

@@ -207,10 +207,15 @@ def cache_facts(
     }
 
 
-def cache_key(facts: Mapping[str, Any], rows: Sequence[Sequence[int]]) -> tuple[str, dict[str, Any]]:
-    """The key of one split's cache: `cache_facts` plus the token ids of its rows; also returns
-    the facts it hashes (kept in the cache's metadata)."""
+def cache_key(
+    facts: Mapping[str, Any], rows: Sequence[Sequence[int]], reads: Sequence[Sequence[int]] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """The key of one split's cache: `cache_facts` plus the token ids of its rows (and, for pooled
+    features, which tokens the pooler read); also returns the facts it hashes (kept in the
+    cache's metadata)."""
     parts = {**facts, "tokens": tokens_fingerprint(rows), "rows": len(rows)}
+    if reads is not None and facts.get("mode") == "pooled":
+        parts["reads"] = tokens_fingerprint(reads)
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest(), parts
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import typing
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -710,8 +711,19 @@ def _fields_at(model: type[BaseModel], path: list[Any], data: Any) -> list[str]:
             continue
         info = current.model_fields.get(item)
         annotation = info.annotation if info is not None else None
-        current = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        current = _block_model(annotation)
     return list(current.model_fields) if current is not None else []
+
+
+def _block_model(annotation: Any) -> type[BaseModel] | None:
+    """The model class of a block field: ``Spec`` or an optional ``Spec | None`` (``data.chat``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    models = [
+        arg for arg in typing.get_args(annotation) if isinstance(arg, type) and issubclass(arg, BaseModel)
+    ]
+    others = [arg for arg in typing.get_args(annotation) if arg is not type(None) and arg not in models]
+    return models[0] if len(models) == 1 and not others else None
 
 
 def _line(node: yaml.Node | None, path: list[Any]) -> int | None:

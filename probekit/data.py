@@ -32,7 +32,7 @@ import re
 import stat
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
@@ -41,6 +41,8 @@ from typing import IO, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from probekit import jsonio
+from probekit.chat import ROLES as CHAT_ROLES
+from probekit.chat import ChatSpec, Conversation, Message, Positions
 from probekit.errors import DataError, did_you_mean
 from probekit.spec import PathText
 
@@ -252,6 +254,19 @@ class DataSpec(BaseModel):
         "`probekit predict` reads for a run trained with it.",
     )
 
+    chat: ChatSpec | None = Field(
+        default=None,
+        description="Rows are conversations rendered by a chat template (see probekit.chat); unset: "
+        "rows are plain text in text_field.",
+    )
+    positions: Positions = Field(
+        default="all",
+        description="Tokens the pooler reads: `all` (every token of the attention mask, specials "
+        "included), `prompt` or `response` (the user's or assistant's message contents), "
+        "`generation_prompt` (the tokens that open the assistant's turn), `last_prompt_token` (the "
+        "last of the prompt, generation prompt included), or `{last_n: k}`.",
+    )
+
     in_memory: str | None = Field(
         default=None,
         max_length=1000,
@@ -313,6 +328,23 @@ class DataSpec(BaseModel):
             raise ValueError(
                 f"val_fraction + test_fraction must be below 1 (train needs rows); "
                 f"got {self.val_fraction} + {self.test_fraction}"
+            )
+        if self.positions in ("prompt", "response", "generation_prompt") and self.chat is None:
+            raise ValueError(
+                f"positions {self.positions!r} reads part of a conversation; set data.chat to read rows "
+                "as conversations, or use all, last_prompt_token or last_n with plain text"
+            )
+        if self.chat is not None and self.chat.classify == "prompt" and self.positions == "response":
+            raise ValueError(
+                "positions 'response' with chat.classify 'prompt': the prompt is read without its response"
+            )
+        if (
+            self.chat is not None
+            and self.positions == "generation_prompt"
+            and not (self.chat.generation_prompt or self.chat.classify != "prompt")
+        ):
+            raise ValueError(
+                "positions 'generation_prompt' with chat.generation_prompt false: there is none to read"
             )
         if self.text_field == self.label_field:
             raise ValueError(f"text_field and label_field are both {self.text_field!r}; they must differ")
@@ -776,10 +808,11 @@ def source_from_records(
     label field(s), and its text passes `field_text`; errors name ``origin`` and the number."""
     source = _Source(origin, fmt, [], [], [])
     text_field, label_field = spec.text_field, spec.label_field
+    chat = spec.chat
     for number, record in records:
         source.numbers.append(number)
         where = source.where(len(source.numbers) - 1)
-        fields = [(text_field, "text_field")]
+        fields = [] if chat is not None else [(text_field, "text_field")]
         fields += (
             [(label_field, "label_field")]
             if spec.label_fields is None
@@ -797,7 +830,11 @@ def source_from_records(
                         else f"; set data.{setting} to the field that holds the {setting.split('_')[0]}"
                     )
                 )
-        text = field_text(record[text_field], where, text_field, spec.max_text_chars)
+        text = (
+            field_text(record[text_field], where, text_field, spec.max_text_chars)
+            if chat is None
+            else conversation_from_record(record, where, chat, spec.max_text_chars)
+        )
         if spec.label_fields is not None:
             source.texts.append(text)
             source.labels.append(tuple(record[name] for name in spec.label_fields))
@@ -822,6 +859,62 @@ def field_text(value: Any, where: str, field: str, max_chars: int | None = None)
             f"{where}: field {field!r} must be a string, got {_json_type(value)} {_short(value)}"
         )
     return check_text(value, where, max_chars, field)
+
+
+def conversation_from_record(
+    record: Mapping[str, Any], where: str, spec: ChatSpec, max_chars: int | None = None
+) -> Conversation:
+    """The conversation a data record holds: its ``messages_field`` list, or its ``prompt_field``
+    and optional ``response_field``; a `probekit.data.DataError` naming ``where`` otherwise."""
+    if spec.messages_field in record:
+        raw = record[spec.messages_field]
+        field = spec.messages_field
+        if not isinstance(raw, list) or not raw:
+            raise DataError(
+                f"{where}: field {field!r} must be a non-empty list of {{role, content}} messages, "
+                f"got {type(raw).__name__}"
+            )
+        messages = []
+        for i, item in enumerate(raw):
+            place = f"{field}[{i}]"
+            if not isinstance(item, Mapping) or "role" not in item or "content" not in item:
+                raise DataError(f"{where}: {place} must be a {{role, content}} mapping")
+            role = item["role"]
+            if role not in CHAT_ROLES:
+                raise DataError(f"{where}: {place}.role is {role!r}; expected one of {', '.join(CHAT_ROLES)}")
+            messages.append(Message(role, field_text(item["content"], where, f"{place}.content", max_chars)))
+        if not any(m.role == "user" for m in messages):
+            raise DataError(f"{where}: field {field!r} holds no user message")
+        return Conversation(messages)
+    if spec.prompt_field not in record:
+        hint = did_you_mean(spec.prompt_field, [str(k) for k in record])
+        raise DataError(
+            f"{where}: no field {spec.messages_field!r} or {spec.prompt_field!r} in this record "
+            f"(fields: {', '.join(map(repr, record))})"
+            + (f"; {hint}" if hint else "")
+            + "; data.chat reads a conversation from either (see data.chat.messages_field, prompt_field)"
+        )
+    messages = [Message("user", field_text(record[spec.prompt_field], where, spec.prompt_field, max_chars))]
+    response = record.get(spec.response_field)
+    if response is not None:
+        messages.append(Message("assistant", field_text(response, where, spec.response_field, max_chars)))
+    return Conversation(messages)
+
+
+def as_conversation(item: Any, where: str, spec: ChatSpec) -> Conversation:
+    """What `Probe.predict` takes from a chat probe's caller: a `Conversation`, a string (the user's
+    prompt), or a mapping as a data record holds one (``{"prompt", "response"}`` or
+    ``{"messages": [...]}``)."""
+    if isinstance(item, Conversation):
+        return item
+    if isinstance(item, str):
+        return Conversation([Message("user", check_text(item, where))])
+    if isinstance(item, Mapping):
+        return conversation_from_record(item, where, spec)
+    raise TextTypeError(
+        f"{where}: expected a string, a conversation mapping ({{'prompt': ..., 'response': ...}} or "
+        f"{{'messages': [...]}}), got {type(item).__name__}"
+    )
 
 
 def _csv_label(cell: Any, label_map: dict[str, int] | None) -> Any:

@@ -64,7 +64,8 @@ def forward(
     with no_grad(runner.group), runner.autocast():
         if output == "logits":
             return model(**batch.inputs(cache_plan))  # type: ignore[no-any-return]
-        return model(batch.input_ids, batch.attention_mask, output=output, layers=layers)  # type: ignore[no-any-return]
+        reads = {} if batch.read_mask is None else {"read_mask": batch.read_mask}
+        return model(batch.input_ids, batch.attention_mask, output=output, layers=layers, **reads)  # type: ignore[no-any-return]
 
 
 def predict(

@@ -28,6 +28,7 @@ from probekit.spec import BuildContext, FreezerSpec, HeadSpec, PoolerSpec
 
 if TYPE_CHECKING:
     from probekit.config import ProbeConfig
+    from probekit.reading import Reader
     from probekit.tasks.base import Task
 
 
@@ -98,6 +99,7 @@ class Probe(nn.Module):
         self._pooler_checked = False
         self._arity: int | None = None
         self._causal_checked = False  # per-token scores: the backbone was found causal once
+        self._reader: tuple[Any, Reader] | None = None
         self.tokenizer: Any = None
         self.max_length = 512
         self.threshold: float | list[float] = 0.5
@@ -255,14 +257,17 @@ class Probe(nn.Module):
         attention_mask: Tensor,
         *,
         cached: Mapping[int, Tensor] | None = None,
+        read_mask: Tensor | None = None,
         **extra: Any,
     ) -> Tensor:
-        """Pooled features ``(batch, pooler.output_dim(hidden))`` in the head's dtype."""
+        """Pooled features ``(batch, pooler.output_dim(hidden))`` in the head's dtype; the pooler
+        reads the tokens of ``read_mask`` (``data.positions``), by default the attention mask's."""
         dtype = next(self.head.parameters()).dtype
         hidden = tuple(
             h.to(dtype) for h in self.hidden_states(input_ids, attention_mask, cached=cached, **extra)
         )
-        pooled: Tensor = self.pooler(hidden if self.pooler_spec.multi_layer else hidden[0], attention_mask)
+        reads = attention_mask if read_mask is None else read_mask
+        pooled: Tensor = self.pooler(hidden if self.pooler_spec.multi_layer else hidden[0], reads)
         if not self._pooler_checked:
             self._check_pooled(pooled, input_ids.shape[0])
         return pooled
@@ -300,6 +305,7 @@ class Probe(nn.Module):
         features: Tensor | None = None,
         output: Literal["logits", "features", "hidden"] = "logits",
         layers: Sequence[int] | None = None,
+        read_mask: Tensor | None = None,
         **extra: Any,
     ) -> Tensor:
         """Class logits ``(batch, num_classes)``, or what ``output`` asks for.
@@ -312,13 +318,14 @@ class Probe(nn.Module):
         sharded probe (FSDP) gathers its parameters only when its own forward runs.
         """
         if output == "features":
-            return self.features(input_ids, attention_mask, cached=cached, **extra)
+            return self.features(input_ids, attention_mask, cached=cached, read_mask=read_mask, **extra)
         if output == "hidden":
             hidden = self.hidden_states(input_ids, attention_mask, layers=layers, cached=cached, **extra)
             return torch.stack(hidden, dim=2)
         if features is not None:
             return self.head(features.to(next(self.head.parameters()).dtype))  # type: ignore[no-any-return]
-        return self.head(self.features(input_ids, attention_mask, cached=cached, **extra))  # type: ignore[no-any-return]
+        pooled = self.features(input_ids, attention_mask, cached=cached, read_mask=read_mask, **extra)
+        return self.head(pooled)  # type: ignore[no-any-return]
 
     def embedding_modules(self) -> list[nn.Module]:
         """The backbone's embedding modules that exist (its layout names every candidate)."""
@@ -364,6 +371,30 @@ class Probe(nn.Module):
         from probekit.pretrained import load_probe
 
         return load_probe(run_dir, trust_remote_code, cls=cls)
+
+    def reader(self) -> Reader:
+        """How this probe reads its inputs (`probekit.reading.Reader`): the chat template and token
+        positions of its config's ``data`` (plain text, every token, without a config)."""
+        from probekit.reading import reader_for
+
+        data = self.probe_config.data if self.probe_config is not None else None
+        key = (id(self.tokenizer), self.max_length, data)
+        if self._reader is None or self._reader[0] != key:
+            self._reader = (key, reader_for(self._require_tokenizer(), data, self.max_length))
+        return self._reader[1]
+
+    def _items(self, texts: Any) -> tuple[list[Any], bool]:
+        """The checked inputs of `predict`: strings, or for a chat probe conversations too."""
+        from probekit.data import check_texts
+
+        reader = self.reader()
+        if reader.chat is None:
+            return check_texts(texts)
+        if isinstance(texts, (str, Mapping)):
+            return reader.inputs([texts], "text"), True
+        if isinstance(texts, (bytes, bytearray, memoryview)) or not isinstance(texts, Sequence):
+            return check_texts(texts)  # refused there, with the usual message
+        return reader.inputs(list(texts)), False
 
     def _require_tokenizer(self) -> Any:
         if self.tokenizer is None:
@@ -427,12 +458,10 @@ class Probe(nn.Module):
                 characters (``texts[1]: has only invisible characters (U+200B ZERO WIDTH SPACE)``).
         """
         from probekit.batching import Encoded, inference_loader
-        from probekit.data import check_texts
         from probekit.inference import Runner, predict
-        from probekit.tokens import encode_texts
 
         tokenizer = self._require_tokenizer()
-        items, single = check_texts(texts)
+        items, single = self._items(texts)
         task = self._task()
         if not items:
             if not as_array:
@@ -440,11 +469,12 @@ class Probe(nn.Module):
             # no rows: the shape a batch's scores have, from empty logits
             logits = torch.zeros(0, task.num_outputs(len(self.label_names)))
             return task.probability_matrix(task.scores(logits).numpy().astype(np.float64))
-        ids, _ = encode_texts(tokenizer, items, self.max_length)
+        encoding = self.reader().encode(items)
+        ids = encoding.ids
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         blank = task.blank_label(task.num_outputs(len(self.label_names)))
         loader = inference_loader(
-            Encoded(ids, [blank] * len(ids), 0),
+            Encoded(ids, [blank] * len(ids), 0, encoding.reads),
             int(pad_id),
             batch_size,
             padding_side=getattr(tokenizer, "padding_side", "right"),
@@ -499,9 +529,7 @@ class Probe(nn.Module):
         ``tokens`` and, per token, the score the probe gives the text cut after it (``scores``),
         all from one forward pass, and for a binary probe ``first_flagged``: see
         `probekit.streaming.token_predictions`. A bidirectional backbone is refused in one line."""
-        from probekit.data import check_texts
-
-        items, single = check_texts(texts)
+        items, single = self._items(texts)
         if per_token:
             from probekit.streaming import token_predictions
 

@@ -202,9 +202,14 @@ def pool_layers(
     for batch in progress_bar(loader, runner.progress, desc, total=len(loader)):
         hidden = forward(probe, batch, runner, output="hidden", layers=tuple(layers))
         ids, mask = batch.input_ids.to(runner.device), batch.attention_mask.to(runner.device)
+        reads = None if batch.read_mask is None else batch.read_mask.to(runner.device)
         with torch.inference_mode(), runner.autocast():
             pooled = torch.stack(
-                [probe.features(ids, mask, cached={read: hidden[:, :, j]}) for j in range(len(layers))], dim=1
+                [
+                    probe.features(ids, mask, cached={read: hidden[:, :, j]}, read_mask=reads)
+                    for j in range(len(layers))
+                ],
+                dim=1,
             )
         out[batch.index.numpy()] = pooled.float().cpu().numpy()
     return out

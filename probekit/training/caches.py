@@ -78,7 +78,7 @@ def build_caches(
     try:
         for name in ("train", "val"):
             encoded = plan.encoded[name]
-            key, facts = cache_key(shared, encoded.ids)
+            key, facts = cache_key(shared, encoded.ids, encoded.reads)
             collate = Collator(encoded, plan.pad_id, "right")  # the cache stores real tokens only
             share: list[Sequence[int]] = list(
                 LengthSortedBatchSampler(

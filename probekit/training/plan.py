@@ -29,6 +29,7 @@ from probekit.hub import LoadedBackbone
 from probekit.loading import backbone_for, keep_fp32
 from probekit.optim import ParamGroup, param_groups
 from probekit.probe import Probe
+from probekit.reading import describe_reading
 from probekit.tasks.base import Task
 from probekit.training.context import Precision, default_device
 
@@ -147,6 +148,7 @@ class TrainPlan:
             f"freezing: {self.probe.plan.describe()}",
             f"pooling: {cfg.pooler.kind} over hidden states {list(self.probe.layers)} "
             f"-> {self.probe.pooler.output_dim(layout.hidden_size)} features",
+            *describe_reading(self.probe.reader(), data.train.texts[0]),
             f"task: {cfg.task.kind}; head: {cfg.head.kind} -> {cfg.head.num_classes} outputs",
             f"loss: {self.task.describe_loss(cfg.train.label_smoothing)}; "
             + ("positive weights " if self.task.target == "multilabel" else "class weights ")
@@ -209,6 +211,9 @@ def prepare(
     steps; no training."""
     torch.manual_seed(config.train.seed)
     config = absolute_paths(config)
+    if config.data.chat is not None:  # the run keeps the template's text, not a path to it
+        chat = config.data.chat.resolved()
+        config = config.model_copy(update={"data": config.data.model_copy(update={"chat": chat})})
     task = task_of(config)
     if config.train.monitor not in task.monitors:
         raise ConfigError(
@@ -235,9 +240,8 @@ def prepare(
     groups = param_groups(probe, config.optimizer)
     if not groups:
         raise UserError("nothing to train: the freezing plan leaves no trainable parameter")
-    encoded = {
-        split.name: encode(backbone.tokenizer, split, config.model.max_length) for split in dataset.splits()
-    }
+    reader = probe.reader()
+    encoded = {split.name: encode(reader, split) for split in dataset.splits()}
     per_device, accumulation = resolve_batch(spec.batch_size, spec.grad_accum, num_processes)
     per_epoch = steps_per_epoch(math.ceil(len(dataset.train) / per_device), accumulation, num_processes)
     hold_frozen_in(probe, precision)
