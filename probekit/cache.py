@@ -117,8 +117,10 @@ def is_static(module: nn.Module) -> bool:
     )
 
 
-def plan_cache(probe: Probe) -> tuple[CachePlan | None, str]:
-    """The cache plan for ``probe``, or None with the reason there is nothing to cache."""
+def plan_cache(probe: Probe, *, pooled: bool = True) -> tuple[CachePlan | None, str]:
+    """The cache plan for ``probe``, or None with the reason there is nothing to cache;
+    ``pooled=False`` (token-level training reads every token) keeps per-token states instead
+    of pooled features."""
     prefix = frozen_prefix(probe)
     if prefix == 0:
         what = "block 0 trains" if probe.plan.embeddings_frozen else "the embeddings train"
@@ -135,7 +137,7 @@ def plan_cache(probe: Probe) -> tuple[CachePlan | None, str]:
         if outside or prefix < layout.num_blocks:
             reach = min(prefix, layout.num_blocks - 1)
     if reach >= top:
-        mode: Literal["pooled", "layers"] = "pooled" if is_static(probe.pooler) else "layers"
+        mode: Literal["pooled", "layers"] = "pooled" if pooled and is_static(probe.pooler) else "layers"
         return CachePlan(mode, probe.layers, 0), "every pooled layer is frozen"
     layers = tuple(sorted({reach, *(i for i in probe.layers if i < reach)}))
     return CachePlan("prefix", layers, reach), f"blocks 0-{reach - 1} and the embeddings are frozen"

@@ -152,6 +152,13 @@ class LossSpec(BaseModel):
         "weight of each named label, 1 for the others. A weight multiplies the row's whole "
         "(smoothed) loss: k on a class trains as k copies of its rows would.",
     )
+    token_level: bool = Field(
+        default=False,
+        description="Train on every token the pooler reads, each carrying its row's label (the "
+        "pooler applied to that token alone, then the head), with each row's loss the mean over its "
+        "tokens, so long rows do not outweigh short ones. Evaluation and prediction still pool the "
+        "row. Off: one loss per row.",
+    )
 
     @field_validator("class_weights", mode="before")
     @classmethod

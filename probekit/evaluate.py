@@ -48,14 +48,21 @@ def evaluate_file(
 
 def read_texts(path: str | Path, run: str | Path) -> list[str]:
     """Texts from ``--input``: data files (``.jsonl``, ``.json``, ``.ndjson``, ``.csv``, ``.parquet``)
-    give their rows' text field (the run's ``data.text_field``); any other file one text per line
-    (blank lines skipped).
+    give their rows' text field (the run's ``data.text_field``), or for a run that reads
+    conversations (``data.chat``) each row's conversation; any other file one text per line
+    (blank lines skipped; a chat run reads each as a user's prompt).
 
     Every text is checked, never coerced: a field that is not a string, an empty or invisible-only
     text, or one longer than the run's ``data.max_text_chars`` raises `DataError` naming
     ``file:line`` (``file: row N`` for parquet).
     """
-    from probekit.data import check_data_file, field_text, read_text_lines, stored_data_spec
+    from probekit.data import (
+        check_data_file,
+        conversation_from_record,
+        field_text,
+        read_text_lines,
+        stored_data_spec,
+    )
 
     path = Path(path)
     folder, meta = read_meta(run)
@@ -65,9 +72,12 @@ def read_texts(path: str | Path, run: str | Path) -> list[str]:
     if path.suffix.lower() not in FORMAT_SUFFIXES:
         return read_text_lines(path, max_chars)
     parquet = path.suffix.lower() == ".parquet"
-    texts = []
+    texts: list[str] = []
     for line, record in read_records(path, max_text_chars=max_chars):
         where = f"{path}: row {line}" if parquet else f"{path}:{line}"
+        if spec.chat is not None:
+            texts.append(conversation_from_record(record, where, spec.chat, max_chars))
+            continue
         if field not in record:
             raise DataError(f"{where}: no field {field!r} (found: {', '.join(map(str, record))})")
         texts.append(field_text(record[field], where, field, max_chars))

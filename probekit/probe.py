@@ -272,6 +272,27 @@ class Probe(nn.Module):
             self._check_pooled(pooled, input_ids.shape[0])
         return pooled
 
+    def token_logits(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        *,
+        cached: Mapping[int, Tensor] | None = None,
+        **extra: Any,
+    ) -> Tensor:
+        """``(batch, tokens, outputs)``: the head's logits on each token pooled alone (the pooler
+        given that one token), what token-level training (``loss.token_level``) scores."""
+        dtype = next(self.head.parameters()).dtype
+        hidden = tuple(
+            h.to(dtype) for h in self.hidden_states(input_ids, attention_mask, cached=cached, **extra)
+        )
+        b, t = input_ids.shape[0], input_ids.shape[1]
+        alone = tuple(h.reshape(b * t, 1, *h.shape[2:]) for h in hidden)
+        ones = torch.ones(b * t, 1, dtype=attention_mask.dtype, device=attention_mask.device)
+        pooled: Tensor = self.pooler(alone if self.pooler_spec.multi_layer else alone[0], ones)
+        logits: Tensor = self.head(pooled)
+        return logits.reshape(b, t, -1)
+
     def _check_pooled(self, pooled: Tensor, batch: int) -> None:
         """On first use, hold the pooler to its promise: ``(batch, output_dim(hidden))``."""
         expected = (batch, self.pooler.output_dim(self.context.hidden_size))
@@ -303,7 +324,7 @@ class Probe(nn.Module):
         *,
         cached: Mapping[int, Tensor] | None = None,
         features: Tensor | None = None,
-        output: Literal["logits", "features", "hidden"] = "logits",
+        output: Literal["logits", "features", "hidden", "token_logits"] = "logits",
         layers: Sequence[int] | None = None,
         read_mask: Tensor | None = None,
         **extra: Any,
@@ -319,6 +340,8 @@ class Probe(nn.Module):
         """
         if output == "features":
             return self.features(input_ids, attention_mask, cached=cached, read_mask=read_mask, **extra)
+        if output == "token_logits":
+            return self.token_logits(input_ids, attention_mask, cached=cached, **extra)
         if output == "hidden":
             hidden = self.hidden_states(input_ids, attention_mask, layers=layers, cached=cached, **extra)
             return torch.stack(hidden, dim=2)

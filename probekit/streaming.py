@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from probekit.errors import UserError
-from probekit.tokens import encode_texts, pad_rows
+from probekit.tokens import pad_rows
 
 if TYPE_CHECKING:
     from probekit.probe import Probe
@@ -33,11 +33,15 @@ TOLERANCE = 1e-4
 pass (the two passes have one shape, so a causal backbone gives exactly equal values)."""
 
 
-def running_logits(probe: Probe, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """``(b, t, outputs)``: the head's logits on the pooled prefix ending at each position."""
+def running_logits(
+    probe: Probe, input_ids: Tensor, attention_mask: Tensor, read_mask: Tensor | None = None
+) -> Tensor:
+    """``(b, t, outputs)``: the head's logits on the pooled prefix ending at each position (the
+    pooler reading the tokens of ``read_mask``, by default the attention mask's)."""
     dtype = next(probe.head.parameters()).dtype
     hidden = tuple(h.to(dtype) for h in probe.hidden_states(input_ids, attention_mask))
-    steps = probe.pooler.running(hidden if probe.pooler_spec.multi_layer else hidden[0], attention_mask)
+    reads = attention_mask if read_mask is None else read_mask
+    steps = probe.pooler.running(hidden if probe.pooler_spec.multi_layer else hidden[0], reads)
     b, t, width = steps.shape
     logits: Tensor = probe.head(steps.reshape(b * t, width))
     return logits.reshape(b, t, -1)
@@ -73,12 +77,18 @@ def token_predictions(
 ) -> list[dict[str, Any]]:
     """Per text: its ``tokens`` (as the tokenizer writes them) and, per token, the task's score of
     the text cut after it (``scores``: a binary probe's positive-class probability, a multi-class
-    probe's class probabilities...); a binary probe adds ``first_flagged``, the index of the first
-    token whose score reaches the threshold (None when none does). The last score is the text's
-    own ``predict_proba``."""
+    probe's class probabilities...); a binary probe adds ``first_flagged``, the index in
+    ``tokens`` of the first token whose score reaches the threshold (None when none does). The
+    last score is the text's own ``predict_proba``.
+
+    A probe that reads selected positions (``data.positions``, e.g. a conversation's response)
+    scores only the tokens of that span: ``tokens`` and ``scores`` hold those, and
+    ``positions`` their indices in the tokenised text (``text`` is then what the tokenizer read,
+    the conversation in its chat template)."""
     tokenizer = probe._require_tokenizer()
     task = probe._task()
-    ids, _ = encode_texts(tokenizer, texts, probe.max_length)
+    encoding = probe.reader().encode(texts)
+    ids = encoding.ids
     check_causal(probe, ids[0], device, autocast)
     pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     left = getattr(tokenizer, "padding_side", "right") == "left"
@@ -87,20 +97,25 @@ def token_predictions(
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         batch_ids, mask = pad_rows([ids[i] for i in chunk], pad_id, left)
+        reads = None
+        if encoding.reads is not None:
+            reads = pad_rows([encoding.reads[i] for i in chunk], 0, left)[0]
         with torch.inference_mode(), autocast():
-            logits = running_logits(probe, batch_ids.to(device), mask.to(device)).float()
+            logits = running_logits(
+                probe, batch_ids.to(device), mask.to(device), None if reads is None else reads.to(device)
+            ).float()
         for j, i in enumerate(chunk):
-            real = mask[j].bool()
+            real = (mask if reads is None else reads)[j].bool()
             kept = logits[j][real.to(logits.device)]
             scores[i] = task.scores(kept).cpu().tolist()
     rows: list[dict[str, Any]] = []
     threshold = probe.threshold
     for i, text in enumerate(texts):
-        row: dict[str, Any] = {
-            "text": text,
-            "tokens": tokenizer.convert_ids_to_tokens(ids[i]),
-            "scores": scores[i],
-        }
+        tokens = tokenizer.convert_ids_to_tokens(ids[i])
+        row: dict[str, Any] = {"text": text, "tokens": tokens, "scores": scores[i]}
+        if encoding.reads is not None:
+            chosen = [t for t, read in enumerate(encoding.reads[i]) if read]
+            row.update(text=encoding.texts[i], tokens=[tokens[t] for t in chosen], positions=chosen)
         if task.target == "binary" and isinstance(threshold, float):
             flagged = [t for t, s in enumerate(scores[i]) if s >= threshold]
             row["first_flagged"] = flagged[0] if flagged else None

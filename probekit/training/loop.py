@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from probekit.batching import Collator, Encoded, inference_loader, progress_bar
+from probekit.batching import Batch, Collator, Encoded, inference_loader, progress_bar
 from probekit.cache import CachePlan, SplitCache
 from probekit.distributed import gradient_sync, shard_windows
 from probekit.errors import DivergedError
@@ -170,6 +170,25 @@ def _end_fit(run: Fit) -> BaseException | None:
     return first
 
 
+def _token_level(run: Fit, batch: Batch, weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-level training (``loss.token_level``): every token the pooler reads carries its row's
+    label; a row's loss is the mean over its tokens (normalised per row), summed over rows as the
+    row-level loss is. Also returns per-row logits (the mean of its tokens') for the running
+    accuracy."""
+    inputs = batch.inputs(run.plan.cache_plan)
+    reads = inputs.pop("read_mask", batch.attention_mask).bool()
+    tokens = run.parts.model(**inputs, output="token_logits").float()
+    task, smoothing = run.plan.task, run.plan.config.train.label_smoothing
+    total = tokens.new_zeros(())
+    rows = []
+    for b in range(tokens.shape[0]):
+        chosen = tokens[b][reads[b]]
+        target = batch.labels[b : b + 1].expand(chosen.shape[0], *batch.labels.shape[1:])
+        total = total + task.loss(chosen, target, smoothing=smoothing, weights=weights) / chosen.shape[0]
+        rows.append(chosen.mean(dim=0))
+    return total, torch.stack(rows)
+
+
 def _train_epoch(run: Fit, schedule: Sequence[Any], collate: Collator) -> None:
     """The epoch's remaining micro-batches: forward, scaled backward, and at each window's end the
     agreed stop/divergence flags, clipping, the optimiser step and the window's callbacks."""
@@ -183,8 +202,11 @@ def _train_epoch(run: Fit, schedule: Sequence[Any], collate: Collator) -> None:
         # Gradients are synchronised across processes on a window's last micro-batch only.
         # Autocast here too: a sharded probe is not wrapped by Accelerate, which would add it.
         with gradient_sync(parts.model, ctx.accelerator, enabled=micro.last), ctx.autocast():
-            logits = parts.model(**batch.inputs(plan.cache_plan)).float()
-            loss_sum = task.loss(logits, batch.labels, smoothing=spec.label_smoothing, weights=weights)
+            if plan.config.loss.token_level:
+                loss_sum, logits = _token_level(run, batch, weights)
+            else:
+                logits = parts.model(**batch.inputs(plan.cache_plan)).float()
+                loss_sum = task.loss(logits, batch.labels, smoothing=spec.label_smoothing, weights=weights)
             if not torch.isfinite(loss_sum):
                 bad_loss = True
                 if not group.active:

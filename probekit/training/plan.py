@@ -246,7 +246,9 @@ def prepare(
     per_epoch = steps_per_epoch(math.ceil(len(dataset.train) / per_device), accumulation, num_processes)
     hold_frozen_in(probe, precision)
     cache_plan, cache_reason = (
-        plan_cache(probe) if spec.cache.enabled else (None, "switched off (train.cache.enabled)")
+        plan_cache(probe, pooled=not config.loss.token_level)
+        if spec.cache.enabled
+        else (None, "switched off (train.cache.enabled)")
     )
     lengths = encoded["train"].lengths
     padding = [
