@@ -406,6 +406,13 @@ def predict_command(
             help="Per token, the score of the text cut after it (causal decoder backbones; one pass).",
         ),
     ] = False,
+    plot: Annotated[
+        str | None,
+        typer.Option(
+            "--plot",
+            help="With --per-token and one text: draw its per-token scores and the threshold to this PNG.",
+        ),
+    ] = None,
     trust_remote_code: TrustOption = False,
 ) -> None:
     """Classify texts; write one JSON object per text to stdout (binary: text, label, probability,
@@ -437,8 +444,20 @@ def predict_command(
         items = read_texts(input_file, run)
     else:
         items = stream_text_lines(sys.stdin, "<stdin>", max_chars)
+    plot_file = _path(plot, "--plot")
+    if plot_file is not None and not per_token:
+        raise UserError("--plot draws per-token scores: add --per-token")
+    if plot_file is not None and plot_file.suffix.lower() != ".png":
+        raise UserError(f"--plot {plot_file}: expected a .png file")
     probe = Probe.from_pretrained(run, trust_remote_code=trust_remote_code)
-    for row in probe.predict(items, batch_size=batch_size, per_token=per_token):
+    rows = probe.predict(items, batch_size=batch_size, per_token=per_token)
+    if plot_file is not None:
+        if len(rows) != 1 or probe._task().target != "binary" or not isinstance(probe.threshold, float):
+            raise UserError("--plot draws one text's scores on a binary probe: give exactly one text")
+        from probekit.plots_extra import plot_token_scores
+
+        plot_token_scores(rows[0], probe.threshold, plot_file)
+    for row in rows:
         typer.echo(jsonio.dumps(row, ensure_ascii=False))
 
 

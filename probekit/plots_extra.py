@@ -177,3 +177,38 @@ def write_regression_plots(
         written.append(plot_history(history, out / "history.png"))
     written.append(plot_regression(y, p, out / "regression.png"))
     return written
+
+
+def plot_token_scores(
+    row: dict[str, object],
+    threshold: float,
+    path: PathLike,
+    *,
+    title: str | None = None,
+    max_tokens: int = 200,
+) -> Path:
+    """A binary probe's per-token scores (one row of ``Probe.predict(..., per_token=True)``) as a
+    step line over the tokens, with the threshold line and the first flagged token marked; the
+    tokens label the x axis (the first ``max_tokens`` of them)."""
+    tokens = [str(t) for t in row["tokens"]][:max_tokens]  # type: ignore[attr-defined]
+    scores = np.asarray(row["scores"], dtype=np.float64)[:max_tokens]
+    if scores.ndim != 1:
+        raise ValueError("plot_token_scores draws a binary probe's scores (one number per token)")
+    width = min(4.0 + 0.22 * len(tokens), 40.0)
+    fig = Figure(figsize=(width, 3.6))
+    ax = fig.add_subplot()
+    x = np.arange(len(tokens))
+    ax.step(x, scores, where="mid", color="tab:blue", label="score of the text cut here")
+    ax.axhline(threshold, color="0.35", linestyle="--", linewidth=1, label=f"threshold {threshold:.3g}")
+    first = row.get("first_flagged")
+    if isinstance(first, int) and first < len(tokens):
+        ax.plot([first], [scores[first]], "o", color=_POINT, label=f"first flagged: token {first}")
+    ax.set_xticks(x, [t.replace("Ġ", "␣").replace("Ċ", "↵") for t in tokens], rotation=90, fontsize="x-small")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlim(-0.5, len(tokens) - 0.5)
+    ax.set_ylabel("P(positive)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.set_title(title or f"per-token scores ({len(scores)} tokens)", fontsize="medium")
+    _legend(ax, "upper left")
+    fig.tight_layout()
+    return _save(fig, path)

@@ -82,12 +82,11 @@ class Renderer:
         generation = answered or self.spec.generation_prompt
         full = self._render(messages, generation=not answered and generation)
         spans: dict[str, list[tuple[int, int]]] = {"user": [], "assistant": [], "system": []}
-        before = ""
         for i, message in enumerate(messages):
-            upto = self._render(messages[: i + 1], generation=False)
-            start = len(before) if full.startswith(before) else 0
-            end = len(upto) if full.startswith(upto) else len(full)
-            span = _locate(full, message.content, start, end)
+            # Where the content starts: render the conversation up to this message with a marker
+            # for its content; what comes before the marker must begin the whole rendering.
+            marked = self._render([*messages[:i], Message(message.role, _MARK)], generation=False)
+            span = _locate(full, marked, message.content)
             if span is None:
                 raise DataError(
                     f"{where}: the chat template does not write message {i} ({message.role}) as given, "
@@ -95,7 +94,6 @@ class Renderer:
                     "content"
                 )
             spans[message.role].append(span)
-            before = upto
         bare = self._render(prompt, generation=False)
         opened = self._render(prompt, generation=True) if generation else bare
         if not full.startswith(opened):
@@ -111,14 +109,19 @@ class Renderer:
         return Rendered(full, tuple(spans["user"]), tuple(spans["assistant"]), gen, len(opened))
 
 
-def _locate(text: str, content: str, start: int, end: int) -> tuple[int, int] | None:
+_MARK = "\x00probekit-content\x00"
+"""Stands in for a message's content when locating it (no template writes it on its own)."""
+
+
+def _locate(full: str, marked: str, content: str) -> tuple[int, int] | None:
+    """The span of ``content`` in ``full``: where ``marked`` (the rendering up to that message,
+    the content replaced by `_MARK`) puts the mark, the text before it agreeing with ``full``;
+    the content written as given or stripped of surrounding whitespace (Llama 3's ``| trim``)."""
+    at = marked.find(_MARK)
+    if at < 0 or not full.startswith(marked[:at]):
+        return None
     for candidate in (content, content.strip()):
-        if not candidate:
-            continue
-        at = text.find(candidate, start, max(end, start))
-        if at < 0:
-            at = text.find(candidate, start)
-        if at >= 0:
+        if candidate and full.startswith(candidate, at):
             return at, at + len(candidate)
     return None
 
