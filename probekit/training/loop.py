@@ -176,14 +176,31 @@ def _token_level(run: Fit, batch: Batch, weights: torch.Tensor | None) -> tuple[
     row-level loss is. Also returns per-row logits (the mean of its tokens') for the running
     accuracy."""
     inputs = batch.inputs(run.plan.cache_plan)
-    reads = inputs.pop("read_mask", batch.attention_mask).bool()
+    reads = inputs.pop("read_mask", batch.attention_mask)
     tokens = run.parts.model(**inputs, output="token_logits").float()
-    task, smoothing = run.plan.task, run.plan.config.train.label_smoothing
+    smoothing = run.plan.config.train.label_smoothing
+    return token_level_loss(run.plan.task, tokens, reads, batch.labels, smoothing=smoothing, weights=weights)
+
+
+def token_level_loss(
+    task: Task,
+    tokens: torch.Tensor,
+    reads: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    smoothing: float = 0.0,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, row_logits)`` of token-level training: ``tokens`` ``(b, t, outputs)`` logits, of
+    which row ``r`` reads those where ``reads[r]`` is set; each read token gets its row's label,
+    row ``r``'s loss is the mean of its tokens' (the task's loss, smoothing and class weights
+    included), and ``loss`` is the sum over rows, as a row-level batch loss is. ``row_logits``:
+    the mean of each row's read tokens' logits."""
     total = tokens.new_zeros(())
     rows = []
-    for b in range(tokens.shape[0]):
-        chosen = tokens[b][reads[b]]
-        target = batch.labels[b : b + 1].expand(chosen.shape[0], *batch.labels.shape[1:])
+    for r in range(tokens.shape[0]):
+        chosen = tokens[r][reads[r].bool()]
+        target = labels[r : r + 1].expand(chosen.shape[0], *labels.shape[1:])
         total = total + task.loss(chosen, target, smoothing=smoothing, weights=weights) / chosen.shape[0]
         rows.append(chosen.mean(dim=0))
     return total, torch.stack(rows)
