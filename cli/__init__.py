@@ -457,6 +457,7 @@ def predict_command(
         from probekit.plots_extra import plot_token_scores
 
         plot_token_scores(rows[0], probe.threshold, plot_file)
+        typer.echo(f"probekit: per-token scores drawn to {plot_file}", err=True)
     for row in rows:
         typer.echo(jsonio.dumps(row, ensure_ascii=False))
 

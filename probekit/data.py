@@ -865,7 +865,9 @@ def conversation_from_record(
     record: Mapping[str, Any], where: str, spec: ChatSpec, max_chars: int | None = None
 ) -> Conversation:
     """The conversation a data record holds: its ``messages_field`` list, or its ``prompt_field``
-    and optional ``response_field``; a `probekit.data.DataError` naming ``where`` otherwise."""
+    and optional ``response_field``; a `probekit.data.DataError` naming ``where`` otherwise. With
+    ``classify: prompt`` the last answer is left out (the row is its prompt), so reports and
+    duplicate checks see what the probe classifies."""
     if spec.messages_field in record:
         raw = record[spec.messages_field]
         field = spec.messages_field
@@ -885,6 +887,8 @@ def conversation_from_record(
             messages.append(Message(role, field_text(item["content"], where, f"{place}.content", max_chars)))
         if not any(m.role == "user" for m in messages):
             raise DataError(f"{where}: field {field!r} holds no user message")
+        if spec.classify == "prompt" and messages[-1].role == "assistant":
+            messages.pop()  # the prompt is classified: its answer is not part of the row
         return Conversation(messages)
     if spec.prompt_field not in record:
         hint = did_you_mean(spec.prompt_field, [str(k) for k in record])
@@ -896,7 +900,7 @@ def conversation_from_record(
         )
     messages = [Message("user", field_text(record[spec.prompt_field], where, spec.prompt_field, max_chars))]
     response = record.get(spec.response_field)
-    if response is not None:
+    if response is not None and spec.classify != "prompt":
         messages.append(Message("assistant", field_text(response, where, spec.response_field, max_chars)))
     return Conversation(messages)
 

@@ -83,8 +83,9 @@ def token_predictions(
 
     A probe that reads selected positions (``data.positions``, e.g. a conversation's response)
     scores only the tokens of that span: ``tokens`` and ``scores`` hold those, and
-    ``positions`` their indices in the tokenised text (``text`` is then what the tokenizer read,
-    the conversation in its chat template)."""
+    ``positions`` their indices in the tokenised text. A chat probe's rows add ``rendered``, the
+    conversation as the tokenizer read it (in its chat template); ``text`` is the conversation's
+    readable form, as in ``predict``."""
     tokenizer = probe._require_tokenizer()
     task = probe._task()
     encoding = probe.reader().encode(texts)
@@ -115,7 +116,9 @@ def token_predictions(
         row: dict[str, Any] = {"text": text, "tokens": tokens, "scores": scores[i]}
         if encoding.reads is not None:
             chosen = [t for t, read in enumerate(encoding.reads[i]) if read]
-            row.update(text=encoding.texts[i], tokens=[tokens[t] for t in chosen], positions=chosen)
+            row.update(tokens=[tokens[t] for t in chosen], positions=chosen)
+        if probe.reader().chat is not None:
+            row["rendered"] = encoding.texts[i]
         if task.target == "binary" and isinstance(threshold, float):
             flagged = [t for t, s in enumerate(scores[i]) if s >= threshold]
             row["first_flagged"] = flagged[0] if flagged else None

@@ -266,6 +266,10 @@ def test_conversations_load_split_and_report(tmp_path: Path) -> None:
         t for s in data.splits() for t in s.texts
     )
     assert as_conversation("plan a trip", "x", ChatSpec()).messages == (Message("user", "plan a trip"),)
+    # classifying prompts, a row is its prompt: duplicates are found among prompts
+    prompts = load_data(spec.model_copy(update={"chat": ChatSpec(classify="prompt"), "positions": "prompt"}))
+    assert all(len(t.messages) == 1 for s in prompts.splits() for t in s.texts)  # type: ignore[attr-defined]
+    assert prompts.report.shared_duplicates["train/val"] > 0  # the fixture repeats its few prompts
 
 
 # -- on real decoder architectures --------------------------------------------------------------------
@@ -356,3 +360,13 @@ def test_prompt_probe_reads_strings_as_prompts() -> None:
 def test_templates_are_the_ones_the_fixture_says() -> None:
     assert tokenizer("llama3").chat_template == LLAMA3_TEMPLATE
     assert tokenizer("chatml").chat_template == CHATML_TEMPLATE
+
+
+def test_in_memory_conversations_load_as_files_do(tmp_path: Path) -> None:
+    rows = conversation_rows(40)
+    spec = DataSpec(chat=ChatSpec(classify="response"), positions="response")
+    from_objects = load_data(spec, data=rows)
+    from_file = load_data(spec.model_copy(update={"path": str(write_rows(tmp_path / "c.jsonl", rows))}))
+    for a, b in zip(from_objects.splits(), from_file.splits(), strict=True):
+        assert a.texts == b.texts and a.labels == b.labels
+        assert [t.messages for t in a.texts] == [t.messages for t in b.texts]  # type: ignore[attr-defined]

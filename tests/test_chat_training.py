@@ -97,7 +97,8 @@ def test_train_predict_eval_on_conversations(
         assert code == 0, err
         streamed = [json.loads(line) for line in out.splitlines()]
         assert [s["scores"][-1] for s in streamed] == pytest.approx(direct, abs=1e-5)
-        assert "<|im_start|>assistant" in streamed[0]["text"]
+        assert "<|im_start|>assistant" in streamed[0]["rendered"]
+        assert streamed[0]["text"] == printed[0]["text"]
         code, _, err = run_cli(capsys, "eval", run, "--data", conversations)
         assert code == 0, err
         # a response probe given a bare text: one located line, exit 2

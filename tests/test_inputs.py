@@ -23,6 +23,7 @@ from probekit.batching import encode
 from probekit.data import Split, TextTypeError, TextValueError
 from probekit.errors import UserError
 from probekit.probe import Probe
+from probekit.reading import Reader
 from probekit.tokens import encode_texts, prefix_chars
 from probekit.training import train
 from tests import engine_fixtures
@@ -189,7 +190,7 @@ def test_a_50_mb_text_is_tokenised_through_a_bounded_prefix(tokenizers: dict[str
     text = unit * (50_000_000 // len(unit))
     recording = Recording(tokenizers["bert"])
     split = Split("train", (text, "the cat"), (1, 0), "memory")
-    encoded = encode(recording, split, 16)
+    encoded = encode(Reader(recording, None, "all", 16), split)
     assert encoded.truncated == 1
     assert max(recording.lengths) <= 4 * prefix_chars(16)  # never the 50 MB
     assert sum(recording.lengths) <= 16 * prefix_chars(16)

@@ -150,7 +150,9 @@ class TrainPlan:
             f"-> {self.probe.pooler.output_dim(layout.hidden_size)} features",
             *describe_reading(self.probe.reader(), data.train.texts[0]),
             f"task: {cfg.task.kind}; head: {cfg.head.kind} -> {cfg.head.num_classes} outputs",
-            f"loss: {self.task.describe_loss(cfg.train.label_smoothing)}; "
+            f"loss: {self.task.describe_loss(cfg.train.label_smoothing)}"
+            + ("; token-level (each row: the mean over its read tokens)" if cfg.loss.token_level else "")
+            + "; "
             + ("positive weights " if self.task.target == "multilabel" else "class weights ")
             + (
                 "none"
