@@ -406,6 +406,14 @@ def predict_command(
             help="Per token, the score of the text cut after it (causal decoder backbones; one pass).",
         ),
     ] = False,
+    show_positions: Annotated[
+        bool,
+        typer.Option(
+            "--show-positions",
+            help="Print each text's tokens with the ones the probe reads marked [[...]] (data.positions); "
+            "no scores.",
+        ),
+    ] = False,
     plot: Annotated[
         str | None,
         typer.Option(
@@ -450,6 +458,16 @@ def predict_command(
     if plot_file is not None and plot_file.suffix.lower() != ".png":
         raise UserError(f"--plot {plot_file}: expected a .png file")
     probe = Probe.from_pretrained(run, trust_remote_code=trust_remote_code)
+    if show_positions:
+        from probekit.reading import show_positions as shown
+
+        reader = probe.reader()
+        for i, item in enumerate(reader.inputs(list(items))):
+            for line in shown(reader, item, where=f"texts[{i}]"):
+                typer.echo(line if line.startswith("positions") else f"  {line}")
+            if i + 1 < len(items):
+                typer.echo("")
+        return
     rows = probe.predict(items, batch_size=batch_size, per_token=per_token)
     if plot_file is not None:
         if len(rows) != 1 or probe._task().target != "binary" or not isinstance(probe.threshold, float):

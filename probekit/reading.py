@@ -283,9 +283,10 @@ class Reader:
         return read
 
 
-def show_positions(reader: Reader, item: Any, width: int = 100) -> list[str]:
-    """Lines showing one example's tokens with the ones the pooler reads in ``[[...]]``."""
-    encoding = reader.encode(reader.inputs([item], "example"), lambda i: "example")
+def show_positions(reader: Reader, item: Any, width: int = 100, where: str = "example") -> list[str]:
+    """Lines showing one example's tokens with the ones the pooler reads in ``[[...]]``; errors
+    name it ``where``."""
+    encoding = reader.encode([reader.inputs([item], where)[0]], lambda i: where)
     ids = encoding.ids[0]
     reads = encoding.reads[0] if encoding.reads is not None else [1] * len(ids)
     tokens = reader.tokenizer.convert_ids_to_tokens(ids)

@@ -99,6 +99,10 @@ def test_train_predict_eval_on_conversations(
         assert [s["scores"][-1] for s in streamed] == pytest.approx(direct, abs=1e-5)
         assert "<|im_start|>assistant" in streamed[0]["rendered"]
         assert streamed[0]["text"] == printed[0]["text"]
+        code, out, err = run_cli(capsys, "predict", run, "--input", tmp_path / "in.jsonl", "--show-positions")
+        assert code == 0, err
+        heads = [line for line in out.splitlines() if line.startswith("positions response: the pooler reads")]
+        assert len(heads) == 4 and "[[" in out and "[[<|im_start|>]]" not in out
         code, _, err = run_cli(capsys, "eval", run, "--data", conversations)
         assert code == 0, err
         # a response probe given a bare text: one located line, exit 2
@@ -287,3 +291,11 @@ def test_reader_refuses_a_slow_tokenizer() -> None:
     reader = Reader(Slow(), ChatSpec(), "prompt", 64)
     with pytest.raises(UserError, match="needs a fast tokenizer"):
         reader.encode(reader.inputs([{"prompt": "hi"}]))
+
+
+def test_the_cls_pooler_refuses_positions(
+    chat_model: Path, conversations: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [a for a in _assignments(chat_model, conversations) if a != POOLER] + ['pooler={"kind": "cls"}']
+    code, _, err = run_cli(capsys, "train", "--dry-run", *[x for a in args for x in ("--set", a)])
+    assert code == 2 and "pooler cls reads the first token whatever data.positions selects" in err

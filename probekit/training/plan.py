@@ -213,6 +213,11 @@ def prepare(
     steps; no training."""
     torch.manual_seed(config.train.seed)
     config = absolute_paths(config)
+    inner = getattr(config.pooler, "token_pooler", config.pooler)
+    if inner.kind == "cls" and config.data.positions != "all":
+        raise ConfigError(
+            "pooler cls reads the first token whatever data.positions selects; use another pooler"
+        )
     if config.data.chat is not None:  # the run keeps the template's text, not a path to it
         chat = config.data.chat.resolved()
         config = config.model_copy(update={"data": config.data.model_copy(update={"chat": chat})})
