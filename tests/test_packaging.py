@@ -21,7 +21,7 @@ def test_wheel_holds_only_probekit_at_top_level(tmp_path: Path) -> None:
         check=False,
     )
     assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
-    (wheel,) = tmp_path.glob("probekit-*.whl")
+    (wheel,) = tmp_path.glob("probekit_lm-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
