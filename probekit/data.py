@@ -526,7 +526,7 @@ def check_data_file(path: Path) -> None:
     try:
         info = path.stat()
     except (FileNotFoundError, NotADirectoryError):
-        raise DataError(f"{path}: no such file") from None
+        raise DataError(f"{path}: no such file or folder") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if stat.S_ISDIR(info.st_mode):

@@ -551,16 +551,16 @@ def test_separate_files(tmp_path: Path) -> None:
 
 def test_missing_file_and_directory(tmp_path: Path) -> None:
     missing = tmp_path / "nope.jsonl"
-    assert error(DataSpec(path=str(missing))) == f"{missing}: no such file"
+    assert error(DataSpec(path=str(missing))) == f"{missing}: no such file or folder"
     val = write_jsonl(tmp_path / "v.jsonl", rows(1, 1))
-    assert error(DataSpec(train=str(missing), val=str(val))) == f"{missing}: no such file"
+    assert error(DataSpec(train=str(missing), val=str(val))) == f"{missing}: no such file or folder"
     folder = tmp_path / "train.jsonl.d"
     folder.mkdir()
     assert error(DataSpec(train=str(folder), val=str(val), format="jsonl")) == (
         f"{folder}: is a folder; give one data file (a folder holding train.*, val.* and test.* files "
         "is for train --data)"
     )
-    assert error(DataSpec(path=str(missing / "x.jsonl"))) == f"{missing / 'x.jsonl'}: no such file"
+    assert error(DataSpec(path=str(missing / "x.jsonl"))) == f"{missing / 'x.jsonl'}: no such file or folder"
 
 
 def test_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -902,9 +902,9 @@ def test_csv_fields_up_to_max_text_chars_are_read_and_the_csv_limit_is_put_back(
 
 def test_missing_paths_and_folders_are_named_before_the_suffix(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
-    assert error(DataSpec(path=str(missing))) == f"{missing}: no such file"
+    assert error(DataSpec(path=str(missing))) == f"{missing}: no such file or folder"
     val = write_jsonl(tmp_path / "v.jsonl", rows(1, 1))
-    assert error(DataSpec(train=str(missing), val=str(val))) == f"{missing}: no such file"
+    assert error(DataSpec(train=str(missing), val=str(val))) == f"{missing}: no such file or folder"
     folder = tmp_path / "splits"
     folder.mkdir()
     message = error(DataSpec(train=str(folder), val=str(val)))
@@ -920,7 +920,7 @@ def test_read_split_names_missing_files_and_folders(tmp_path: Path) -> None:
     from probekit.data import read_split
 
     spec = DataSpec()
-    with pytest.raises(DataError, match=r"nowhere: no such file$"):
+    with pytest.raises(DataError, match=r"nowhere: no such file or folder$"):
         read_split(tmp_path / "nowhere", spec, {"0": 0, "1": 1})
     with pytest.raises(DataError, match="is a folder; give one data file"):
         read_split(tmp_path, spec, {"0": 0, "1": 1})

@@ -340,7 +340,7 @@ def test_predict_input_repeated_key_text_lines_and_paths(
     cases = [
         (repeated, (f"{repeated}:2: key 'text' appears twice in this record",)),
         (lines, (f"{lines}:3: has only invisible characters (U+2060 WORD JOINER, U+200B ZERO WIDTH SPACE)",)),
-        (tmp_path / "nowhere", (f"{tmp_path / 'nowhere'}: no such file",)),
+        (tmp_path / "nowhere", (f"{tmp_path / 'nowhere'}: no such file or folder",)),
         (folder, (f"{folder}: is a folder; give one data file",)),
     ]
     for path, names in cases:
@@ -357,7 +357,7 @@ def test_eval_names_a_folder_and_a_missing_file(
     line = check_refusal(code, out, err, ("some_folder: is a folder; give one data file", "train --data"))
     assert "cannot tell the format" not in line
     code, out, err = run_cli(capsys, "eval", run_dir, "--data", tmp_path / "nowhere")
-    check_refusal(code, out, err, (f"{tmp_path / 'nowhere'}: no such file",))
+    check_refusal(code, out, err, (f"{tmp_path / 'nowhere'}: no such file or folder",))
     assert not (run_dir / "eval" / "nowhere.json").exists()
 
 
@@ -437,7 +437,7 @@ def test_train_data_path_without_suffix_that_does_not_exist(
 ) -> None:
     argv = ["train", "--out", tmp_path / "run", "--model", bert_dir, "--set", "train.cpu=true"]
     code, out, err = run_cli(capsys, *argv, "--data", tmp_path / "nowhere")
-    check_refusal(code, out, err, (f"{tmp_path / 'nowhere'}: no such file",))
+    check_refusal(code, out, err, (f"{tmp_path / 'nowhere'}: no such file or folder",))
 
 
 @pytest.fixture(autouse=True)
