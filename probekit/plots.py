@@ -71,32 +71,62 @@ def _legend(ax: Axes, loc: _Loc = "best") -> None:
         ax.legend(loc=loc, fontsize="small")
 
 
+def _title(what: str, split: str | None, rows: int) -> str:
+    """A plot title naming the split and its rows: ``ROC curve (test, n=785)``."""
+    return f"{what} ({split}, n={rows:,})" if split else f"{what} (n={rows:,})"
+
+
 def _value(row: Mapping[str, float | None], key: str) -> float | None:
     """`row[key]` as a float; `None` when missing, `None` or not finite."""
     value = row.get(key)
     return float(value) if value is not None and math.isfinite(value) else None
 
 
-def plot_history(history: History, path: PathLike) -> Path:
-    """Loss and accuracy per epoch, train and validation, in two panels.
+def plot_history(history: History, path: PathLike, monitor: str | None = None) -> Path:
+    """Loss and accuracy per epoch, train and validation, and the learning rate.
 
     Each row of `history` is one epoch with any of the keys `epoch`, `train_loss`,
-    `train_accuracy`, `val_loss`, `val_accuracy`; a missing, `None` or non-finite value is
-    skipped, and a row without `epoch` counts as epoch `index + 1`. When rows carry
-    `best: True`, the last such epoch is marked by a vertical line in both panels.
+    `train_accuracy`, `val_loss`, `val_accuracy`, `lr_head`; a missing, `None` or non-finite
+    value is skipped, and a row without `epoch` counts as epoch `index + 1`. When rows carry
+    `best: True`, the last such epoch is marked by a vertical line in every panel. ``monitor``
+    (the run's `train.monitor`, e.g. ``auroc``), when neither loss nor accuracy, is drawn with
+    val accuracy in the second panel (its ``val_<monitor>`` values). The third panel shows the
+    head's learning rate at the end of each epoch.
 
     Args:
         history: the per-epoch rows (may be empty: the panels are drawn empty).
         path: where to write the PNG.
+        monitor: the metric that picks the best epoch.
 
     Returns:
         The path written.
     """
-    fig = Figure(figsize=(10, 4))
-    loss_ax, acc_ax = fig.subplots(1, 2)
+    fig = Figure(figsize=(14, 4))
+    loss_ax, acc_ax, lr_ax = fig.subplots(1, 3)
     given = [_value(row, "epoch") for row in history]
     epochs = [float(i + 1) if e is None else e for i, e in enumerate(given)]
     best = [e for e, row in zip(epochs, history, strict=True) if row.get("best")]
+    if monitor and monitor not in ("loss", "accuracy"):
+        points = [(e, _value(row, f"val_{monitor}")) for e, row in zip(epochs, history, strict=True)]
+        shown = [(e, v) for e, v in points if v is not None]
+        if shown:
+            xs, ys = zip(*shown, strict=True)
+            acc_ax.plot(
+                xs, ys, "-.", marker="s", markersize=3, color="tab:green", label=f"val {monitor} (monitored)"
+            )
+    lr = [(e, _value(row, "lr_head")) for e, row in zip(epochs, history, strict=True)]
+    lr_points = [(e, v) for e, v in lr if v is not None]
+    if lr_points:
+        xs, ys = zip(*lr_points, strict=True)
+        lr_ax.plot(xs, ys, marker="o", markersize=3, color="0.3", label="head learning rate")
+    else:
+        _note(lr_ax, "no values")
+    lr_ax.set_title("Learning rate (end of epoch)")
+    lr_ax.set_xlabel("Epoch")
+    lr_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    lr_ax.grid(True, alpha=0.3)
+    if best:
+        lr_ax.axvline(best[-1], color="0.3", linestyle=":")
     for ax, metric, label in ((loss_ax, "loss", "Loss"), (acc_ax, "accuracy", "Accuracy")):
         for split, color, style in (("train", _TRAIN, "-"), ("val", _VAL, "--")):
             values = [(e, _value(row, f"{split}_{metric}")) for e, row in zip(epochs, history, strict=True)]
@@ -108,10 +138,12 @@ def plot_history(history: History, path: PathLike) -> Path:
             ax.axvline(best[-1], color="0.3", linestyle=":", label=f"best epoch {best[-1]:g}")
         if not ax.lines:
             _note(ax, "no values")
-        ax.set_title(f"{label} per epoch")
+        ax.set_title(
+            f"{label} per epoch" if metric == "loss" or not monitor else "Accuracy and monitored metric"
+        )
         ax.set_xlabel("Epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(label)
+        ax.set_ylabel(label if metric == "loss" or not monitor else "Accuracy / metric")
         ax.grid(True, alpha=0.3)
         _legend(ax)
     acc_ax.set_ylim(-0.02, 1.02)
@@ -138,9 +170,15 @@ def _both_classes(y: npt.NDArray[np.int64]) -> bool:
 
 
 def plot_roc(
-    labels: npt.ArrayLike, probs: npt.ArrayLike, path: PathLike, threshold: float | None = None
+    labels: npt.ArrayLike,
+    probs: npt.ArrayLike,
+    path: PathLike,
+    threshold: float | None = None,
+    split: str | None = None,
 ) -> Path:
-    """ROC curve with its AUROC, the chance diagonal, and the operating point at `threshold`.
+    """ROC curve with its AUROC, the chance diagonal, and the operating point at `threshold`;
+    beside it the same curve over a log false-positive axis from 0.1% to 100%, where the
+    low-FPR region a guard runs in is visible, with the recall at 1% FPR marked.
 
     With only one class present the curve is undefined: the chance line and a note are drawn.
 
@@ -150,37 +188,57 @@ def plot_roc(
         path: where to write the PNG.
         threshold: the decision threshold to mark (`prob >= threshold` is positive); `None`
             marks nothing.
+        split: the split's name, for the title (which also gives the row count).
 
     Returns:
         The path written.
     """
     y, p = binary_inputs(labels, probs)
-    fig = Figure(figsize=(5.5, 5.5))
-    ax = fig.subplots()
+    fig = Figure(figsize=(11, 5.5))
+    ax, log_ax = fig.subplots(1, 2)
     ax.plot([0, 1], [0, 1], ":", color="0.5", label="chance")
+    low = 1e-3
+    log_ax.plot([low, 1], [low, 1], ":", color="0.5", label="chance")
     if _both_classes(y):
         fpr, tpr, _ = roc_curve(y, p)
         auroc = compute_metrics(y, p)["auroc"]
         ax.plot(fpr, tpr, color=_TRAIN, label=f"ROC (AUROC = {auroc:.3f})")
+        log_ax.plot(np.clip(fpr, low, 1), tpr, color=_TRAIN, drawstyle="steps-post", label="ROC")
+        at_one = float(tpr[fpr <= 0.01].max()) if np.any(fpr <= 0.01) else 0.0
+        log_ax.axvline(0.01, color="0.4", linestyle="--", linewidth=1)
+        log_ax.plot([0.01], [at_one], "s", color="tab:green", label=f"recall at 1% FPR = {at_one:.3f}")
         if threshold is not None:
             x, t, _ = _operating_point(y, p, threshold)
-            ax.plot(
-                [x], [t], "o", color=_POINT, label=f"threshold {threshold:.3g} (FPR {x:.3f}, TPR {t:.3f})"
-            )
+            label = f"threshold {threshold:.3g} (FPR {x:.3f}, TPR {t:.3f})"
+            ax.plot([x], [t], "o", color=_POINT, label=label)
+            log_ax.plot([max(x, low)], [t], "o", color=_POINT, label=f"threshold {threshold:.3g}")
     else:
         _note(ax, f"ROC {_UNDEFINED}")
+        _note(log_ax, f"ROC {_UNDEFINED}")
     _unit_axes(ax)
     ax.set_aspect("equal")
-    ax.set_title("ROC curve")
+    ax.set_title(_title("ROC curve", split, int(y.size)))
     ax.set_xlabel("False positive rate")
     ax.set_ylabel("True positive rate (recall)")
     _legend(ax, "lower right")
+    log_ax.set_xscale("log")
+    log_ax.set_xlim(low, 1)
+    log_ax.set_ylim(-0.02, 1.02)
+    log_ax.grid(True, which="both", alpha=0.3)
+    log_ax.set_title("Low false-positive rates (log scale)")
+    log_ax.set_xlabel("False positive rate (log; FPR 0 drawn at 0.1%)")
+    log_ax.set_ylabel("True positive rate (recall)")
+    _legend(log_ax, "upper left")
     fig.tight_layout()
     return _save(fig, path)
 
 
 def plot_pr(
-    labels: npt.ArrayLike, probs: npt.ArrayLike, path: PathLike, threshold: float | None = None
+    labels: npt.ArrayLike,
+    probs: npt.ArrayLike,
+    path: PathLike,
+    threshold: float | None = None,
+    split: str | None = None,
 ) -> Path:
     """Precision-recall curve with its average precision, the prevalence baseline, and the
     operating point at `threshold`.
@@ -195,6 +253,7 @@ def plot_pr(
         probs: probabilities of the positive class.
         path: where to write the PNG.
         threshold: the decision threshold to mark; `None` marks nothing.
+        split: the split's name, for the title (which also gives the row count).
 
     Returns:
         The path written.
@@ -219,7 +278,7 @@ def plot_pr(
         _note(ax, f"PR curve {_UNDEFINED}")
     _unit_axes(ax)
     ax.set_aspect("equal")
-    ax.set_title("Precision-recall curve")
+    ax.set_title(_title("Precision-recall curve", split, int(y.size)))
     ax.set_xlabel("Recall")
     ax.set_ylabel("Precision")
     _legend(ax, "lower left")
@@ -233,6 +292,7 @@ def plot_confusion(
     threshold: float,
     path: PathLike,
     class_names: Sequence[str] = ("0", "1"),
+    split: str | None = None,
 ) -> Path:
     """Confusion matrix at `threshold`: true label in rows, predicted label in columns.
 
@@ -272,13 +332,17 @@ def plot_confusion(
     ax.set_yticks([0, 1], names)
     ax.set_xlabel("Predicted label")
     ax.set_ylabel("True label")
-    ax.set_title(f"Confusion matrix (threshold {threshold:.3g})")
+    ax.set_title(_title(f"Confusion matrix at threshold {threshold:.3g}", split, int(np.size(labels))))
     fig.tight_layout()
     return _save(fig, path)
 
 
 def plot_calibration(
-    labels: npt.ArrayLike, probs: npt.ArrayLike, path: PathLike, bins: int = ECE_BINS
+    labels: npt.ArrayLike,
+    probs: npt.ArrayLike,
+    path: PathLike,
+    bins: int = ECE_BINS,
+    split: str | None = None,
 ) -> Path:
     """Reliability diagram of the predicted class, with its ECE in the title.
 
@@ -304,7 +368,8 @@ def plot_calibration(
     low = float(lefts[np.searchsorted(stats.edges, 0.5, side="left") - 1]) if bins > 1 else 0.0
     top.set_xlim(low, 1.0)
     top.set_ylabel("Accuracy")
-    top.set_title(f"Reliability diagram (ECE = {ece:.4f}, {bins} bins)")
+    where = f"{split}, " if split else ""
+    top.set_title(f"Reliability diagram ({where}n={int(np.size(labels)):,}; ECE = {ece:.4f}, {bins} bins)")
     bottom.set_xlabel("Confidence of the predicted class")
     fig.tight_layout()
     return _save(fig, path)
@@ -357,8 +422,11 @@ def write_report_plots(
     probs: npt.ArrayLike,
     threshold: float,
     class_names: Sequence[str] = ("0", "1"),
+    split: str | None = None,
+    monitor: str | None = None,
 ) -> list[Path]:
-    """Write the five report plots of a run into `run_dir` (created if missing).
+    """Write the five report plots of a run into `run_dir` (created if missing); ``split`` names
+    the evaluated split in the titles, ``monitor`` the metric `plot_history` shows.
 
     Files: `curves.png` (`plot_history`), `roc.png` and `pr.png` (marking `threshold`),
     `confusion.png` (at `threshold`) and `calibration.png`, as listed in `REPORT_PLOTS`.
@@ -378,11 +446,11 @@ def write_report_plots(
     out = Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     writers: list[Callable[[Path], Path]] = [
-        lambda path: plot_history(history, path),
-        lambda path: plot_roc(y, p, path, threshold),
-        lambda path: plot_pr(y, p, path, threshold),
-        lambda path: plot_confusion(y, p, threshold, path, class_names),
-        lambda path: plot_calibration(y, p, path),
+        lambda path: plot_history(history, path, monitor),
+        lambda path: plot_roc(y, p, path, threshold, split),
+        lambda path: plot_pr(y, p, path, threshold, split),
+        lambda path: plot_confusion(y, p, threshold, path, class_names, split),
+        lambda path: plot_calibration(y, p, path, split=split),
     ]
     return [write(out / name) for write, name in zip(writers, REPORT_PLOTS, strict=True)]
 
