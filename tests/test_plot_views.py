@@ -45,7 +45,4 @@ def test_titles_name_the_split_and_rows_and_the_roc_shows_low_fpr(figures: list[
     assert confusion[0][0].endswith("(test, n=400)")
     assert "test, n=400" in calibration[0][0]
     assert "val auroc (monitored)" in curves[1][2]
-    assert (
-        curves[2][0].startswith("Learning rate")
-        and curves[2][2] == ["head learning rate", "_child1"][:1] + curves[2][2][1:]
-    )
+    assert curves[2][0].startswith("Learning rate") and "head learning rate" in curves[2][2]
