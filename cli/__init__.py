@@ -11,6 +11,8 @@ import logging
 import math
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,7 +23,7 @@ app = typer.Typer(
     help="Train probes: classifiers that read a pretrained transformer's hidden states.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
 )
 components_app = typer.Typer(help="Registered components: poolers, heads, freezers, schedulers, presets.")
 config_app = typer.Typer(help="Configs: the JSON schema, presets, validation.")
@@ -44,6 +46,25 @@ def _root(
     ] = False,
 ) -> None:
     """Train probes: classifiers that read a pretrained transformer's hidden states."""
+
+
+# -- shell completion (probekit.completion: the config schema and the registries, no torch) ----
+def _complete_set(ctx: typer.Context, incomplete: str) -> list[str]:
+    from probekit.completion import set_items
+
+    return set_items(incomplete, ctx.params.get("assignments") or ())
+
+
+def _complete_preset(incomplete: str) -> list[str]:
+    from probekit.completion import preset_names
+
+    return preset_names(incomplete)
+
+
+def _complete_run(incomplete: str) -> list[str]:
+    from probekit.completion import run_folders
+
+    return run_folders(incomplete)
 
 
 def _discover() -> Any:
@@ -99,7 +120,10 @@ def config_schema() -> None:
 
 @config_app.command("show")
 def config_show(
-    preset: Annotated[str | None, typer.Option(help="A registered preset, e.g. safety8k.")] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(help="A registered preset, e.g. safety8k.", autocompletion=_complete_preset),
+    ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="A JSON or YAML config file.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="yaml or json.")] = "yaml",
 ) -> None:
@@ -142,7 +166,7 @@ def presets_list() -> None:
 
 @presets_app.command("show")
 def presets_show(
-    name: Annotated[str, typer.Argument(help="The preset, e.g. safety8k.")],
+    name: Annotated[str, typer.Argument(help="The preset, e.g. safety8k.", autocompletion=_complete_preset)],
     fmt: Annotated[str, typer.Option("--format", help="yaml or json.")] = "yaml",
 ) -> None:
     """Print a preset as a complete config file you can edit and pass to --config."""
@@ -154,14 +178,20 @@ def _echo_err(line: str) -> None:
 
 
 # The options that compose a config, shared by the commands that take one (see compose_config).
-PresetOption = Annotated[str | None, typer.Option(help="A registered preset (safety8k when no --config).")]
+PresetOption = Annotated[
+    str | None,
+    typer.Option(help="A registered preset (safety8k when no --config).", autocompletion=_complete_preset),
+]
 ConfigOption = Annotated[str | None, typer.Option("--config", help="A full config file (JSON/YAML).")]
 ModelOption = Annotated[str | None, typer.Option("--model", help="Hugging Face id or local folder.")]
 DataOption = Annotated[
     str | None, typer.Option("--data", help="A data file or a folder with train/val/test.")
 ]
 SetOption = Annotated[
-    list[str] | None, typer.Option("--set", help="Override any spec field: a.b=value (repeatable).")
+    list[str] | None,
+    typer.Option(
+        "--set", help="Override any spec field: a.b=value (repeatable).", autocompletion=_complete_set
+    ),
 ]
 TrustOption = Annotated[
     bool, typer.Option("--trust-remote-code", help="Allow the model's own Python code to run.")
@@ -224,7 +254,9 @@ def train_command(
     resume_text: Annotated[
         str | None,
         typer.Option(
-            "--resume", help="Continue the stopped run of this run folder from its last checkpoint."
+            "--resume",
+            help="Continue the stopped run of this run folder from its last checkpoint.",
+            autocompletion=_complete_run,
         ),
     ] = None,
     allow_spec_change: Annotated[
@@ -245,18 +277,22 @@ def train_command(
 ) -> None:
     """Train a probe: the preset or config, with --model/--data/--set applied on top."""
     from probekit.errors import UserError
-    from probekit.rundir import check_run_name, safe_run_name
-    from probekit.training import prepare, train
 
-    out, resume = _path(out_text, "--out"), _path(resume_text, "--resume")
-    config = _path(config_text, "--config")
-    if run_name is not None:
-        check_run_name(run_name)
-        if out is not None or resume is not None:
-            raise UserError("--name picks the folder under runs/; give --name or --out/--resume, not both")
-    _discover()
-    name = run_name or safe_run_name(preset or (config.stem if config else "safety8k"))
-    cfg = _compose(preset, config, model, data, assignments, trust_remote_code)
+    with _starting():  # imports (torch) and the config: a signal here leaves nothing behind
+        from probekit.rundir import check_run_name, safe_run_name
+        from probekit.training import prepare, train
+
+        out, resume = _path(out_text, "--out"), _path(resume_text, "--resume")
+        config = _path(config_text, "--config")
+        if run_name is not None:
+            check_run_name(run_name)
+            if out is not None or resume is not None:
+                raise UserError(
+                    "--name picks the folder under runs/; give --name or --out/--resume, not both"
+                )
+        _discover()
+        name = run_name or safe_run_name(preset or (config.stem if config else "safety8k"))
+        cfg = _compose(preset, config, model, data, assignments, trust_remote_code)
     if dry_run:
         count = processes or _launched_processes()
         for line in prepare(cfg, num_processes=count).describe():
@@ -327,70 +363,81 @@ def sweep_command(
 
 @app.command("eval")
 def eval_command(
-    run_text: Annotated[str, typer.Argument(metavar="RUN", help="A run folder written by probekit train.")],
+    run_text: Annotated[
+        str,
+        typer.Argument(
+            metavar="RUN", help="A run folder written by probekit train.", autocompletion=_complete_run
+        ),
+    ],
     data_text: Annotated[str, typer.Option("--data", help="A labelled JSONL, CSV or Parquet file.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    by: Annotated[
+        str | None,
+        typer.Option("--by", help="Every metric per value of this field of the rows (e.g. source)."),
+    ] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option("--threshold", help="Decide at this probability (in [0, 1]), not the run's."),
+    ] = None,
+    resamples: Annotated[
+        int, typer.Option("--resamples", help="Bootstrap resamples of the 95% intervals; 0: none.")
+    ] = 1000,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap resamples.")] = 0,
     trust_remote_code: TrustOption = False,
 ) -> None:
     """Evaluate a trained probe on a labelled file; print and write the metrics (an undefined
-    metric prints as n/a, and as null in JSON)."""
+    metric prints as n/a, and as null in JSON), with bootstrap intervals and, with --by, per
+    group; write one prediction per row next to them."""
     from probekit import jsonio
     from probekit.evaluate import evaluate_file
 
     run, data = _path(run_text, "RUN"), _path(data_text, "--data")
     assert run is not None and data is not None
-    metrics, written = evaluate_file(run, data, trust_remote_code=trust_remote_code)
+    result = evaluate_file(
+        run,
+        data,
+        trust_remote_code=trust_remote_code,
+        by=by,
+        threshold=threshold,
+        resamples=resamples,
+        seed=seed,
+    )
     if as_json:
-        typer.echo(jsonio.dumps(metrics))
+        typer.echo(jsonio.dumps(result.metrics))
         return
-    for line in _metric_lines(metrics):
+    for line in _metric_lines(result.metrics):
         typer.echo(line)
-    if written is not None:
-        typer.echo(f"written to {written}")
+    if result.written is not None:
+        typer.echo(f"written to {result.written}")
+    if result.predictions is not None:
+        typer.echo(f"predictions written to {result.predictions}")
 
 
 def _number(value: Any) -> str:
+    """A count as an integer, a finite float with four decimals, anything else ``n/a`` (as
+    `probekit.evalreport.number`)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
     return f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else "n/a"
 
 
 def _metric_lines(metrics: dict[str, Any]) -> list[str]:
-    """Metrics as text: one line per number, then a table per class (or label) and a multi-class
-    probe's confusion matrix (rows: true class, columns: predicted, in class order)."""
-    nested = {"per_class", "per_label", "confusion_matrix", "class_names", "label_names"}
-    shown = {k: v for k, v in metrics.items() if k not in nested}
-    width = max(20, *(len(key) + 1 for key in shown))
-    lines = [
-        f"{key:<{width}} {_number(value) if isinstance(value, float) else value}"
-        for key, value in shown.items()
-    ]
-    table: dict[str, dict[str, float]] = metrics.get("per_class") or metrics.get("per_label") or {}
-    if table:
-        first = max(12, *(len(name) for name in table)) + 1
-        columns = {c: max(10, len(c) + 1) for c in next(iter(table.values()))}
-        counts = {"support", "known"}
-        head = "class" if "per_class" in metrics else "label"
-        lines += ["", f"{head:<{first}}" + "".join(f"{c:>{w}}" for c, w in columns.items())]
-        for name, row in table.items():
-            cells = "".join(
-                f"{int(row[c]):>{w}}" if c in counts else f"{_number(row.get(c)):>{w}}"
-                for c, w in columns.items()
-            )
-            lines.append(f"{name:<{first}}{cells}")
-    matrix = metrics.get("confusion_matrix")
-    if matrix:
-        names = [str(n) for n in metrics.get("class_names") or range(len(matrix))]
-        first, cell = max(len(n) for n in names) + 1, max(6, *(len(n) + 1 for n in names))
-        lines += ["", "confusion matrix (rows: true, columns: predicted)"]
-        lines.append(" " * first + "".join(f"{n:>{cell}}" for n in names))
-        lines += [
-            f"{names[i]:<{first}}" + "".join(f"{c:>{cell}}" for c in row) for i, row in enumerate(matrix)
-        ]
-    return lines
+    """Metrics as text (`probekit.evalreport.report_lines`): one line per number, then a table per
+    class (or label), a multi-class probe's confusion matrix, a binary probe's confusion counts,
+    the bootstrap intervals and the metrics per group."""
+    from probekit.evalreport import report_lines
+
+    return report_lines(metrics)
 
 
 @app.command("predict")
 def predict_command(
-    run_text: Annotated[str, typer.Argument(metavar="RUN", help="A run folder written by probekit train.")],
+    run_text: Annotated[
+        str,
+        typer.Argument(
+            metavar="RUN", help="A run folder written by probekit train.", autocompletion=_complete_run
+        ),
+    ],
     texts: Annotated[
         list[str] | None, typer.Argument(help="Texts to classify (else --input or stdin).")
     ] = None,
@@ -414,6 +461,20 @@ def predict_command(
             "no scores.",
         ),
     ] = False,
+    keep: Annotated[
+        str | None,
+        typer.Option(
+            "--keep",
+            help="With --input a data file: fields copied from each row to its output (comma-separated; "
+            "a row's id always is). A name the output uses gets an input_ prefix.",
+        ),
+    ] = None,
+    output_format: Annotated[
+        str,
+        typer.Option(
+            "--format", help="jsonl (one JSON object per text) or csv (a header, then a row per text)."
+        ),
+    ] = "jsonl",
     plot: Annotated[
         str | None,
         typer.Option(
@@ -425,32 +486,50 @@ def predict_command(
 ) -> None:
     """Classify texts; write one JSON object per text to stdout (binary: text, label, probability,
     confidence, probabilities; multi-class: text, label, confidence, probabilities, and score and
-    flagged with a negative class; --per-token: text, tokens, scores, first_flagged)."""
+    flagged with a negative class; --per-token: text, tokens, scores, first_flagged), after the
+    input row's id and --keep fields; --format csv writes the same as CSV (nested values as
+    probabilities.NAME columns)."""
     from probekit import jsonio
     from probekit.checkpoint import read_meta
     from probekit.data import check_text, stored_data_spec, stream_text_lines
     from probekit.errors import UserError
-    from probekit.evaluate import read_texts
+    from probekit.evaluate import read_inputs
     from probekit.probe import Probe
 
     run, input_file = _path(run_text, "RUN"), _path(input_text, "--input")
     assert run is not None
     if texts and input_file is not None:
         raise UserError("give texts as arguments or --input, not both")
+    if output_format not in ("jsonl", "csv"):
+        raise UserError(f"--format {output_format!r}: expected jsonl or csv")
+    if output_format == "csv" and (per_token or show_positions):
+        raise UserError("--format csv writes one row per text: not with --per-token or --show-positions")
+    kept = [name.strip() for name in keep.split(",")] if keep else []
+    if any(not name for name in kept):
+        raise UserError(f"--keep {keep!r}: expected field names separated by commas")
+    if kept and input_file is None:
+        raise UserError("--keep copies fields of --input rows: give --input FILE")
     folder, meta = read_meta(run)
     # Texts are checked (never coerced) and bounded by the run's data.max_text_chars, before the
     # model loads.
     max_chars = stored_data_spec(
         (meta.get("config") or {}).get("data"), label=str(folder / "probe.json")
     ).max_text_chars
+    extras: list[dict[str, Any]] = []
     if texts:
         items = [
             check_text(text, f"text argument {i} of {len(texts)}", max_chars)
             for i, text in enumerate(texts, 1)
         ]
     elif input_file is not None:
-        items = read_texts(input_file, run)
+        items, extras = read_inputs(input_file, run, kept)
     else:
+        if sys.stdin is not None and sys.stdin.isatty():
+            typer.echo(
+                "probekit: reading texts from the terminal, one per line; end with Ctrl-D "
+                "(or give texts as arguments, or --input FILE)",
+                err=True,
+            )
         items = stream_text_lines(sys.stdin, "<stdin>", max_chars)
     plot_file = _path(plot, "--plot")
     if plot_file is not None and not per_token:
@@ -476,8 +555,44 @@ def predict_command(
 
         plot_token_scores(rows[0], probe.threshold, plot_file)
         typer.echo(f"probekit: per-token scores drawn to {plot_file}", err=True)
+    if extras:
+        rows = [_with_inputs(extra, row) for extra, row in zip(extras, rows, strict=True)]
+    if output_format == "csv":
+        typer.echo(_csv(rows), nl=False)
+        return
     for row in rows:
         typer.echo(jsonio.dumps(row, ensure_ascii=False))
+
+
+def _with_inputs(extra: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    """An output row after the input row's kept fields (a name the output uses gets ``input_``)."""
+    kept = {(f"input_{k}" if k in row else k): v for k, v in extra.items()}
+    return {**kept, **row}
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    """Rows as CSV: a header of every key in order of first appearance; a nested mapping becomes
+    ``key.name`` columns."""
+    import csv
+    import io
+
+    flat = []
+    for row in rows:
+        out: dict[str, Any] = {}
+        for key, value in row.items():
+            if isinstance(value, dict):
+                out.update({f"{key}.{name}": v for name, v in value.items()})
+            elif isinstance(value, (list, tuple)):
+                out[key] = json.dumps(value, ensure_ascii=False)
+            else:
+                out[key] = value
+        flat.append(out)
+    columns = list(dict.fromkeys(key for row in flat for key in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(flat)
+    return buffer.getvalue()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -524,6 +639,20 @@ def main(argv: list[str] | None = None) -> int:
     return code if isinstance(code, int) else 0
 
 
+@contextmanager
+def _starting() -> Iterator[None]:
+    """Ctrl-C or SIGTERM while a command imports and checks its inputs, before it writes anything:
+    one line that says so (``probekit._startup`` covers the moments before ``main``)."""
+    from probekit.errors import InterruptedRunError, Terminated, TerminatedError
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise InterruptedRunError("interrupted by Ctrl-C while starting; nothing was written") from None
+    except Terminated:
+        raise TerminatedError("terminated by SIGTERM while starting; nothing was written") from None
+
+
 def _leave_now(code: int) -> None:
     """End a launched training process without the interpreter's teardown. A process group with
     a dead or frozen peer can abort the process (SIGABRT) while it is torn down, and a stopped run
@@ -547,7 +676,7 @@ def _rank_tag() -> str:
 
 
 def _launched_processes() -> int:
-    from probekit.distributed import launched_processes
+    from probekit.blocks import launched_processes
 
     return launched_processes()
 

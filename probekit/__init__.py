@@ -19,11 +19,9 @@ from __future__ import annotations
 
 from probekit._startup import guard_start_up
 
-guard_start_up()  # only in the `probekit` command's own process, before the slow imports below
+guard_start_up()  # only in the `probekit` command's own process, before the imports below
 
 from typing import TYPE_CHECKING, Any
-
-from torch import nn
 
 import probekit.builtins  # noqa: F401  (registers the built-in components)
 from probekit._version import __version__
@@ -37,7 +35,6 @@ from probekit.config import (
     load_config,
     preset,
 )
-from probekit.probe import Probe
 from probekit.registry import (
     FREEZERS,
     HEADS,
@@ -52,6 +49,9 @@ from probekit.registry import (
 from probekit.spec import BuildContext
 
 if TYPE_CHECKING:
+    from torch import nn
+
+    from probekit.probe import Probe
     from probekit.training import RunResult, train
 
 __all__ = [
@@ -87,6 +87,8 @@ def build(config: ProbeConfig | dict[str, Any], backbone: nn.Module) -> Probe:
     ``config`` is a `ProbeConfig` (e.g. from `preset` or `load_config`) or a
     plain mapping, validated first.
     """
+    from probekit.probe import Probe
+
     if not isinstance(config, ProbeConfig):
         config = load_config(config)
     return Probe.from_config(config, backbone)
@@ -97,9 +99,10 @@ def components() -> dict[str, list[Entry[Any]]]:
     return {family: registry.entries() for family, registry in REGISTRIES.items()}
 
 
-_LAZY = {"train": "probekit.training", "RunResult": "probekit.training"}
-"""Names served on first use: importing probekit does not import the training package (nor
-Accelerate, scikit-learn or matplotlib)."""
+_LAZY = {"Probe": "probekit.probe", "train": "probekit.training", "RunResult": "probekit.training"}
+"""Names served on first use: importing probekit imports neither torch nor the training package
+(nor transformers, Accelerate, scikit-learn or matplotlib), so that the ``probekit`` command
+starts fast and configs validate without them."""
 
 
 def __getattr__(name: str) -> Any:

@@ -34,10 +34,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from probekit.spec import PathText
+from probekit.blocks import CacheSpec as CacheSpec
 
 if TYPE_CHECKING:
     from probekit.distributed import Group
@@ -45,34 +44,6 @@ if TYPE_CHECKING:
 
 CACHE_FORMAT = 1
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class CacheSpec(BaseModel):
-    """How the frozen-prefix activation cache is used (``train.cache``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    enabled: bool = Field(
-        default=True,
-        description="Cache the output of frozen bottom blocks once instead of recomputing it every "
-        "epoch (used only when the embeddings and at least one bottom block are frozen).",
-    )
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        default="auto",
-        description="Storage dtype; auto: the dtype the frozen blocks compute in (fp32 without "
-        "mixed precision), so cached and uncached training agree.",
-    )
-    dir: PathText | None = Field(
-        default=None,
-        description="Keep caches in this folder and reuse them across runs (keyed on model, layers, "
-        "tokenizer settings and data); null: the cache lives for one run.",
-    )
-    max_memory_gb: float = Field(
-        default=4.0,
-        ge=0.0,
-        le=1e6,
-        description="Caches larger than this go to a memory-mapped file instead of host memory.",
-    )
 
 
 # -- what to cache -----------------------------------------------------------------------------

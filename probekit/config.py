@@ -29,14 +29,11 @@ from pydantic import (
 )
 
 from probekit import jsonio
-from probekit.cache import CacheSpec
+from probekit.blocks import CacheSpec, DistributedSpec, ModelSpec, OptimizerSpec
 from probekit.data import DataSpec
-from probekit.distributed import DistributedSpec
 from probekit.errors import ConfigError, did_you_mean
 from probekit.freezers.all import FreezeAllSpec
 from probekit.heads.linear import LinearHeadSpec
-from probekit.hub import ModelSpec
-from probekit.optim import OptimizerSpec
 from probekit.poolers.masked_mean import MaskedMeanSpec
 from probekit.registry import FREEZERS, HEADS, POOLERS, PRESETS, SCHEDULERS, TASKS, Registry, last_report
 from probekit.schedulers.cosine import CosineSpec

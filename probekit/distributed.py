@@ -28,40 +28,18 @@ Two strategies share the model (``train.distributed.strategy``):
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field
 
+from probekit.blocks import DistributedSpec as DistributedSpec
+from probekit.blocks import launched_processes as launched_processes
 from probekit.errors import PeerLostError, ProbekitError, UserError
-
-
-class DistributedSpec(BaseModel):
-    """How several processes share the work (ignored in a single process). Each process takes its
-    share of every batch; the strategy says how the model itself is shared."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    strategy: Literal["ddp", "fsdp"] = Field(
-        default="ddp",
-        description="ddp: every process holds the whole model (fastest when it fits one device); "
-        "fsdp: parameters, gradients and optimiser state are sharded over the processes (FSDP2, "
-        "ZeRO-3), for backbones that do not fit one device.",
-    )
-
-    timeout_s: int = Field(
-        default=600,
-        ge=10,
-        le=7 * 24 * 3600,
-        description="A collective that waits longer than this for another process fails the run "
-        "(a killed or stuck process ends the job with an error instead of a hang).",
-    )
 
 
 def resolve_batch(batch_size: int, grad_accum: int, processes: int) -> tuple[int, int]:
@@ -116,11 +94,6 @@ def shard_windows(
             rows = mine[j] if real else group[0]
             out.append(Micro(tuple(rows), window, examples, 1.0 if real else 0.0, j == count - 1))
     return out
-
-
-def launched_processes() -> int:
-    """The process count a launcher (torchrun, accelerate launch) set in ``WORLD_SIZE``, or 1."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 def steps_per_epoch(num_batches: int, accumulation: int, processes: int) -> int:

@@ -2,59 +2,299 @@
 
 from __future__ import annotations
 
+import logging
+import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from probekit.checkpoint import read_meta
-from probekit.data import FORMAT_SUFFIXES, DataError, read_records, read_split
+from probekit.data import FORMAT_SUFFIXES, DataError, Split, read_records
+from probekit.errors import UserError, did_you_mean
+
+COUNT_KEYS = frozenset({"n", "positives", "binary_n", "binary_positives", "support", "known"})
+"""Metrics that count rows: integers in an evaluation's result (the metric functions give floats)."""
+
+
+class Evaluation(NamedTuple):
+    """What `evaluate_file` returns: the metrics, and where the metrics and the per-row
+    predictions were written (None where they could not be)."""
+
+    metrics: dict[str, Any]
+    written: Path | None
+    predictions: Path | None
 
 
 def evaluate_file(
-    run: str | Path, data: str | Path, trust_remote_code: bool = False
-) -> tuple[dict[str, Any], Path | None]:
-    """Metrics of the run's probe on a labelled file, at the run's threshold.
+    run: str | Path,
+    data: str | Path,
+    trust_remote_code: bool = False,
+    *,
+    by: str | None = None,
+    threshold: float | None = None,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> Evaluation:
+    """Metrics of the run's probe on a labelled file, at the run's threshold (or ``threshold``).
 
-    The file uses the run's text and label fields and label map. The run folder is untrusted
-    input and is validated whole (see `probekit.pretrained.load_probe`; ``trust_remote_code``
-    as there). The metrics are also written to ``RUN/eval/<file stem>.json``, as valid JSON (an
-    undefined metric, ``nan`` here, is written ``null``). Returns the metrics and that path, or
-    None when they could not be written there (a read-only run folder, an ``eval/`` that leads
-    out of the run folder): one warning (logger ``probekit``) says why.
+    The file is read once, with the run's text and label fields (or conversations, for a chat
+    run), format and label map. The run folder is untrusted input and is validated whole (see
+    `probekit.pretrained.load_probe`; ``trust_remote_code`` as there). The result holds the
+    task's metrics (counts as integers) and ``data``; for a binary probe ``confusion`` (``tp``,
+    ``fp``, ``fn``, ``tn`` at the threshold); with ``resamples > 0`` ``intervals`` (metric ->
+    ``[lo, hi]``, the 95% percentile bootstrap over rows with ``seed``, `probekit.bootstrap`;
+    null where undefined) and ``bootstrap`` (its settings); with ``by`` ``groups``: every metric
+    per value of that field of the raw records and the worst groups (`probekit.groups`).
+
+    The metrics are written to ``RUN/eval/<file stem>.json`` as valid JSON (an undefined metric,
+    ``nan`` here, is written ``null``), and one row per input row to ``RUN/eval/<file
+    stem>.predictions.jsonl`` (`prediction_rows`). Either path is None when it could not be
+    written (a read-only run folder, an ``eval/`` that leads out of the run folder): one warning
+    (logger ``probekit``) says why.
+
+    Raises:
+        UserError: as `probekit eval` reports it: a bad file, run or option (``--by`` naming no
+            field of the file, a ``--threshold`` outside [0, 1] or on a probe without one, a
+            negative ``--resamples``).
     """
+    from probekit import jsonio
     from probekit.checkpoint import read_run
+    from probekit.config import task_of
+    from probekit.groups import group_values, per_group, ranking_metric, worst
     from probekit.pretrained import load_run
     from probekit.probe import Probe
     from probekit.runfiles import save_json_inside
     from probekit.tasks.base import Scores
 
     described = read_run(run)
-    path = Path(data)
-    from probekit.config import task_of
-
-    target = task_of(described.config).target
-    split = read_split(path, described.config.data, described.meta.label_map, target=target)  # type: ignore[arg-type]
+    path, spec = Path(data), described.config.data
+    task = task_of(described.config)
+    _check_options(task, threshold, resamples, seed)
+    records = read_records(path, spec.format, max_text_chars=spec.max_text_chars)
+    groups = None if by is None else group_values(path, records, by)
+    split = _split(path, records, spec, described.meta.label_map, task.target)
     probe, _ = load_run(run, trust_remote_code, cls=Probe)
+    assert probe.task is not None
     scores = np.asarray(probe.predict_proba(split.texts), dtype=np.float64)
     labels = np.asarray(
-        split.labels, dtype=np.float64 if target in ("multilabel", "regression") else np.int64
+        split.labels, dtype=np.float64 if task.target in ("multilabel", "regression") else np.int64
     )
-    assert probe.task is not None
-    metrics: dict[str, Any] = probe.task.metrics(Scores(labels, scores, 0.0), probe.threshold)
+    used = probe.threshold if threshold is None else threshold
+    bound = probe.task
+
+    def measure(rows: np.ndarray) -> dict[str, Any]:
+        found = _counted(bound.metrics(Scores(labels[rows], scores[rows], 0.0), used))
+        if bound.target == "binary":
+            found["confusion"] = confusion(labels[rows], scores[rows], float(used))  # type: ignore[arg-type]
+        return found
+
+    metrics = measure(np.arange(len(labels)))
+    confusion_counts = metrics.pop("confusion", None)
     metrics["data"] = str(path)
-    return metrics, save_json_inside(Path(run), "eval", f"{path.stem}.json", metrics, "metrics")
+    if confusion_counts is not None:
+        metrics["confusion"] = confusion_counts
+    if resamples:
+        metrics.update(_intervals(bound, labels, scores, metrics, resamples, seed))
+    if groups is not None:
+        by_group = per_group(groups, measure)
+        metric = ranking_metric(described.config.train.monitor, metrics)
+        assert by is not None
+        metrics["groups"] = {
+            "field": by,
+            "metric": metric,
+            "worst": worst(by_group, metric),
+            "by_value": by_group,
+        }
+    written = save_json_inside(Path(run), "eval", f"{path.stem}.json", metrics, "metrics")
+    if written is None:  # the same reason keeps the predictions out: one warning is enough
+        return Evaluation(metrics, None, None)
+    rows = prediction_rows(probe, split.texts, scores, split.labels, used, [_row_id(r) for r in records])
+    lines = "".join(jsonio.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    return Evaluation(metrics, written, _save_predictions(Path(run), f"{path.stem}.predictions.jsonl", lines))
+
+
+def _check_options(task: Any, threshold: float | None, resamples: int, seed: int) -> None:
+    if threshold is not None:
+        guarded = task.target == "multiclass" and getattr(task, "negative_class", None) is not None
+        if task.target != "binary" and not guarded:
+            raise UserError(
+                f"--threshold {threshold:g}: a {task.kind} probe has no probability threshold to override "
+                "(a binary probe has one; a multi-class one with task.negative_class too)"
+            )
+        if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+            raise UserError(f"--threshold {threshold:g}: expected a probability in [0, 1]")
+    if resamples < 0 or resamples > MAX_RESAMPLES:
+        raise UserError(f"--resamples {resamples}: expected 0 (no intervals) to {MAX_RESAMPLES}")
+    if not 0 <= seed < 2**32:
+        raise UserError(f"--seed {seed}: expected an integer in 0 .. 2^32-1")
+
+
+MAX_RESAMPLES = 100_000
+"""The most bootstrap resamples ``--resamples`` takes."""
+
+
+def _split(
+    path: Path, records: list[tuple[int, dict[str, Any]]], spec: Any, label_map: dict[str, int], target: str
+) -> Split:
+    """The split those records give, read exactly as `probekit.data.read_split` reads the file."""
+    from probekit.data import _resolve_format, _resolve_labels, _targets, source_from_records
+
+    fmt = _resolve_format(path, spec.format)
+    if target in ("multilabel", "regression"):
+        fixed = (
+            spec
+            if spec.label_fields is not None or not label_map
+            else spec.model_copy(update={"label_map": dict(label_map)})
+        )
+        source = source_from_records(path, fmt, records, fixed)
+        (values,), _ = _targets([source], fixed, target)  # type: ignore[arg-type]
+    else:
+        fixed = spec.model_copy(update={"label_map": dict(label_map)})
+        source = source_from_records(path, fmt, records, fixed)
+        (values,), _ = _resolve_labels([source], fixed)
+    return Split("eval", tuple(source.texts), tuple(values), str(path))
+
+
+def _counted(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` with every count (`COUNT_KEYS`, at any depth) an integer."""
+    return {
+        key: int(value)
+        if key in COUNT_KEYS and isinstance(value, float) and math.isfinite(value)
+        else _counted(value)
+        if isinstance(value, dict)
+        else value
+        for key, value in metrics.items()
+    }
+
+
+def confusion(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, int]:
+    """Binary counts at ``threshold`` (flagged when the score reaches it): tp, fp, fn, tn."""
+    flagged, positive = scores >= threshold, labels == 1
+    return {
+        "tp": int(np.sum(flagged & positive)),
+        "fp": int(np.sum(flagged & ~positive)),
+        "fn": int(np.sum(~flagged & positive)),
+        "tn": int(np.sum(~flagged & ~positive)),
+    }
+
+
+def _intervals(
+    task: Any, labels: np.ndarray, scores: np.ndarray, metrics: dict[str, Any], resamples: int, seed: int
+) -> dict[str, Any]:
+    """``intervals`` and ``bootstrap`` of a binary probe (its ranking metrics), of a multi-class
+    one (its guard view's, with ``task.negative_class``; else its macro AUROC); none otherwise."""
+    from probekit.bootstrap import (
+        BINARY_KEYS,
+        LEVEL,
+        binary_resamples,
+        macro_auroc_resamples,
+        percentile_interval,
+    )
+
+    if task.target == "binary":
+        prefix, view = "", (labels, scores)
+    elif task.target == "multiclass" and getattr(task, "negative", None) is not None:
+        from probekit.multiclass_metrics import derived_binary
+
+        prefix, view = "binary_", derived_binary(labels, scores, task.negative)
+    elif task.target == "multiclass":
+        values = macro_auroc_resamples(labels, scores, resamples, seed)
+        intervals = {"auroc": percentile_interval(values, metrics["auroc"])}
+        return {"intervals": intervals, "bootstrap": {"resamples": resamples, "seed": seed, "level": LEVEL}}
+    else:
+        return {}
+    drawn = binary_resamples(*view, resamples, seed)
+    intervals = {
+        f"{prefix}{key}": percentile_interval(drawn[key], metrics[f"{prefix}{key}"]) for key in BINARY_KEYS
+    }
+    return {"intervals": intervals, "bootstrap": {"resamples": resamples, "seed": seed, "level": LEVEL}}
+
+
+def _row_id(numbered: tuple[int, dict[str, Any]]) -> Any:
+    """A row's ``id`` field, else its line number (JSONL, CSV) or row number (parquet), from 1."""
+    number, record = numbered
+    return record["id"] if "id" in record and record["id"] is not None else number
+
+
+def prediction_rows(
+    probe: Any,
+    texts: Sequence[str],
+    scores: np.ndarray,
+    labels: Sequence[Any],
+    threshold: Any,
+    ids: Sequence[Any],
+) -> list[dict[str, Any]]:
+    """One row per text: ``id``, ``text``, ``label`` (the true one), the task's scores as
+    ``predict`` gives them (binary: ``probability``, ``confidence``, ``probabilities`` by label;
+    multi-class: ``confidence``, ``probabilities``, and with a negative class ``score`` and
+    ``flagged``; multi-label: ``probabilities``; regression: ``value``) and ``decision`` (the
+    predicted label at ``threshold``; multi-label: the list of predicted labels; none for a
+    regression)."""
+    task = probe.task
+    names = list(probe.label_names)
+    given = scores.tolist() if task.target == "binary" else scores
+    rows = task.predictions(list(texts), given, threshold, names)
+    out: list[dict[str, Any]] = []
+    for row_id, text, label, row in zip(ids, texts, labels, rows, strict=True):
+        decision = row.pop("labels" if task.target == "multilabel" else "label", None)
+        row.pop("text", None)
+        shown: dict[str, Any] = {
+            "id": row_id,
+            "text": str(text),
+            "label": _true_label(task.target, label, names),
+        }
+        shown.update(row)
+        if task.target != "regression":
+            shown["decision"] = decision
+        out.append(shown)
+    return out
+
+
+def _true_label(target: str, label: Any, names: list[Any]) -> Any:
+    if target == "regression":
+        return float(label)
+    if target == "multilabel":
+        keys = (
+            [str(name) for name in names] if len(names) == len(label) else [str(i) for i in range(len(label))]
+        )
+        return {key: None if math.isnan(cell) else int(cell) for key, cell in zip(keys, label, strict=True)}
+    return names[int(label)] if names and int(label) < len(names) else int(label)
+
+
+def _save_predictions(root: Path, name: str, text: str) -> Path | None:
+    from probekit.runfiles import write_inside
+
+    try:
+        return write_inside(root, "eval", name, text.encode("utf-8"))
+    except (OSError, ValueError) as exc:
+        reason = (exc.strerror or type(exc).__name__) if isinstance(exc, OSError) else str(exc)
+        logging.getLogger("probekit").warning(
+            "%s: could not write the predictions there (%s); they are not saved", root / "eval" / name, reason
+        )
+        return None
 
 
 def read_texts(path: str | Path, run: str | Path) -> list[str]:
-    """Texts from ``--input``: data files (``.jsonl``, ``.json``, ``.ndjson``, ``.csv``, ``.parquet``)
-    give their rows' text field (the run's ``data.text_field``), or for a run that reads
-    conversations (``data.chat``) each row's conversation; any other file one text per line
-    (blank lines skipped; a chat run reads each as a user's prompt).
+    """The texts of `read_inputs`."""
+    return read_inputs(path, run)[0]
+
+
+def read_inputs(
+    path: str | Path, run: str | Path, keep: Sequence[str] = ()
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Texts from ``--input`` and, per row, the fields to pass through to the output: the row's
+    ``id`` when it has one, and each field of ``keep`` (every row must hold it). Data files
+    (``.jsonl``, ``.json``, ``.ndjson``, ``.csv``, ``.parquet``) give their rows' text field
+    (the run's ``data.text_field``), or for a run that reads conversations (``data.chat``) each
+    row's conversation; any other file one text per line (blank lines skipped; a chat run reads
+    each as a user's prompt).
 
     Every text is checked, never coerced: a field that is not a string, an empty or invisible-only
     text, or one longer than the run's ``data.max_text_chars`` raises `DataError` naming
-    ``file:line`` (``file: row N`` for parquet).
+    ``file:line`` (``file: row N`` for parquet); so does a row without a ``keep`` field, and
+    ``keep`` with a plain text file (its lines have no fields).
     """
     from probekit.data import (
         check_data_file,
@@ -70,15 +310,32 @@ def read_texts(path: str | Path, run: str | Path) -> list[str]:
     field, max_chars = spec.text_field, spec.max_text_chars
     check_data_file(path)  # a missing file or a folder is named as such, whatever its suffix
     if path.suffix.lower() not in FORMAT_SUFFIXES:
-        return read_text_lines(path, max_chars)
+        if keep:
+            raise DataError(
+                f"{path}: --keep {','.join(keep)} needs a data file (.jsonl, .csv, .parquet); "
+                "a plain text file's lines have no fields"
+            )
+        lines = read_text_lines(path, max_chars)
+        return lines, [{} for _ in lines]
     parquet = path.suffix.lower() == ".parquet"
     texts: list[str] = []
+    extras: list[dict[str, Any]] = []
     for line, record in read_records(path, max_text_chars=max_chars):
         where = f"{path}: row {line}" if parquet else f"{path}:{line}"
+        kept: dict[str, Any] = {"id": record["id"]} if "id" in record else {}
+        for name in keep:
+            if name not in record:
+                hint = did_you_mean(name, [str(k) for k in record])
+                raise DataError(
+                    f"{where}: no field {name!r} to keep (found: {', '.join(map(str, record))})"
+                    + (f"; {hint}" if hint else "")
+                )
+            kept[name] = record[name]
+        extras.append(kept)
         if spec.chat is not None:
             texts.append(conversation_from_record(record, where, spec.chat, max_chars))
             continue
         if field not in record:
             raise DataError(f"{where}: no field {field!r} (found: {', '.join(map(str, record))})")
         texts.append(field_text(record[field], where, field, max_chars))
-    return texts
+    return texts, extras

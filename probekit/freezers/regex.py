@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, field_validator
-from torch import nn
 
-from probekit.backbone import locate
 from probekit.errors import ConfigError
 from probekit.freezers.plan import FreezePlan
 from probekit.registry import FREEZERS
 from probekit.spec import FreezerSpec
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @FREEZERS.register
@@ -35,6 +36,8 @@ class RegexFreezeSpec(FreezerSpec):
         return patterns
 
     def resolve(self, backbone: nn.Module) -> FreezePlan:
+        from probekit.backbone import locate
+
         names = [n for n, _ in backbone.named_parameters()]
         frozen: set[str] = set()
         for i, pattern in enumerate(self.patterns):

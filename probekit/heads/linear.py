@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
-from torch import nn
 
 from probekit.registry import HEADS
 from probekit.spec import BuildContext, HeadSpec
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @HEADS.register
@@ -19,5 +21,7 @@ class LinearHeadSpec(HeadSpec):
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
 
     def build(self, ctx: BuildContext, in_dim: int) -> nn.Module:
+        from torch import nn
+
         layers: list[nn.Module] = [nn.Dropout(self.dropout)] if self.dropout > 0 else []
         return nn.Sequential(*layers, nn.Linear(in_dim, self.num_classes))

@@ -6,20 +6,19 @@ Dropout(0.2) -> Linear(128, 2), ``d`` read from the backbone through the pooler.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, PositiveInt
-from torch import nn
 
 from probekit.registry import HEADS
 from probekit.spec import MAX_WIDTH, BuildContext, HeadSpec
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "gelu": nn.GELU,
-    "relu": nn.ReLU,
-    "silu": nn.SiLU,
-    "tanh": nn.Tanh,
-}
+if TYPE_CHECKING:
+    from torch import nn
+
+ACTIVATIONS: dict[str, str] = {"gelu": "GELU", "relu": "ReLU", "silu": "SiLU", "tanh": "Tanh"}
+"""``activation`` -> the name of its ``torch.nn`` module (looked up when the head is built: no
+torch import before then)."""
 
 
 @HEADS.register
@@ -35,10 +34,13 @@ class MLPHeadSpec(HeadSpec):
     dropout: float = Field(default=0.2, ge=0.0, lt=1.0)
 
     def build(self, ctx: BuildContext, in_dim: int) -> nn.Module:
+        from torch import nn
+
+        activation: type[nn.Module] = getattr(nn, ACTIVATIONS[self.activation])
         layers: list[nn.Module] = [nn.LayerNorm(in_dim)] if self.norm == "layernorm" else []
         width = in_dim
         for hidden in self.hidden_sizes:
-            layers += [nn.Linear(width, hidden), ACTIVATIONS[self.activation](), nn.Dropout(self.dropout)]
+            layers += [nn.Linear(width, hidden), activation(), nn.Dropout(self.dropout)]
             width = hidden
         layers.append(nn.Linear(width, self.num_classes))
         return nn.Sequential(*layers)

@@ -1,16 +1,32 @@
 """Poolers: hidden states + attention mask -> one vector per row.
 
-Every built-in registers itself in `probekit.registry.POOLERS` under its ``kind``.
+Every built-in registers itself in `probekit.registry.POOLERS` under its ``kind``. The specs
+import no torch; the torch modules (`Pooler` and the built-ins' modules) load on first use.
 """
 
-from probekit.poolers.base import Pooler
-from probekit.poolers.cls import ClsSpec, FirstToken
-from probekit.poolers.ema import Ema, EmaSpec
-from probekit.poolers.last_token import LastToken, LastTokenSpec
-from probekit.poolers.masked_mean import MaskedMean, MaskedMeanSpec
-from probekit.poolers.max import MaskedMax, MaxSpec
-from probekit.poolers.multilayer import MultiLayerPooler, MultiLayerSpec
-from probekit.poolers.rolling_max import RollingMax, RollingMaxSpec
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from probekit.poolers.cls import ClsSpec
+from probekit.poolers.ema import EmaSpec
+from probekit.poolers.last_token import LastTokenSpec
+from probekit.poolers.masked_mean import MaskedMeanSpec
+from probekit.poolers.max import MaxSpec
+from probekit.poolers.multilayer import MultiLayerSpec
+from probekit.poolers.rolling_max import RollingMaxSpec
+
+if TYPE_CHECKING:
+    from probekit.poolers.base import Pooler
+    from probekit.poolers.modules import (
+        Ema,
+        FirstToken,
+        LastToken,
+        MaskedMax,
+        MaskedMean,
+        MultiLayerPooler,
+        RollingMax,
+    )
 
 __all__ = [
     "ClsSpec",
@@ -29,3 +45,20 @@ __all__ = [
     "RollingMax",
     "RollingMaxSpec",
 ]
+
+_TORCH_MODULES = {
+    "Pooler": "probekit.poolers.base",
+    **dict.fromkeys(
+        ["Ema", "FirstToken", "LastToken", "MaskedMax", "MaskedMean", "MultiLayerPooler", "RollingMax"],
+        "probekit.poolers.modules",
+    ),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The torch modules, imported on first use (PEP 562)."""
+    if name in _TORCH_MODULES:
+        import importlib
+
+        return getattr(importlib.import_module(_TORCH_MODULES[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

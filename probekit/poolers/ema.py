@@ -8,45 +8,15 @@ from (probelab's EMA aggregation, here over features; the head then scores the a
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import Field
-from torch import Tensor
 
-from probekit.poolers.base import Pooler, as_bool_mask
 from probekit.registry import POOLERS
 from probekit.spec import BuildContext, TokenPoolerSpec
 
-
-class Ema(Pooler):
-    """Exponential moving average over the tokens whose mask is set; all-masked rows give zeros."""
-
-    def __init__(self, alpha: float) -> None:
-        super().__init__()
-        self.alpha = alpha
-
-    def running(self, hidden: Tensor, mask: Tensor) -> Tensor:
-        keep = as_bool_mask(mask, hidden)
-        zero = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
-        state = torch.zeros_like(hidden[:, 0])
-        seen = torch.zeros_like(keep[:, 0])
-        steps = []
-        for i in range(hidden.shape[1]):
-            real = keep[:, i].unsqueeze(-1)
-            x = torch.where(real, hidden[:, i], zero)  # padding (even nan) never enters
-            first = real & ~seen.unsqueeze(-1)
-            updated = torch.where(first, x, self.alpha * x + (1 - self.alpha) * state)
-            state = torch.where(real, updated, state)
-            seen = seen | keep[:, i]
-            steps.append(state)
-        return torch.stack(steps, dim=1)
-
-    def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
-        return self.running(hidden, mask)[:, -1]
-
-    def output_dim(self, hidden_size: int) -> int:
-        return hidden_size
+if TYPE_CHECKING:
+    from probekit.poolers.modules import Ema as Ema
 
 
 @POOLERS.register
@@ -59,4 +29,16 @@ class EmaSpec(TokenPoolerSpec):
     )
 
     def build(self, ctx: BuildContext) -> Ema:
+        from probekit.poolers.modules import Ema
+
         return Ema(self.alpha)
+
+
+def __getattr__(name: str) -> Any:
+    """``Ema``, the torch module this spec builds, imported on first use: importing the spec
+    (to validate a config) imports no torch."""
+    if name == "Ema":
+        from probekit.poolers.modules import Ema
+
+        return Ema
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

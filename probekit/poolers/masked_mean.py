@@ -2,39 +2,13 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import torch
-from einops import reduce
-from torch import Tensor
-
-from probekit.poolers.base import Pooler, as_bool_mask, running_count
 from probekit.registry import POOLERS
 from probekit.spec import BuildContext, TokenPoolerSpec
 
-
-class MaskedMean(Pooler):
-    """Mean over the tokens whose mask is set; all-masked rows give zeros."""
-
-    def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
-        keep = as_bool_mask(mask, hidden)
-        kept = torch.where(
-            keep.unsqueeze(-1), hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device)
-        )
-        total = reduce(kept, "b t h -> b h", "sum")
-        count = reduce(keep.to(hidden.dtype), "b t -> b", "sum").clamp(min=1.0)
-        return total / count.unsqueeze(-1)
-
-    def running(self, hidden: Tensor, mask: Tensor) -> Tensor:
-        keep = as_bool_mask(mask, hidden)
-        kept = torch.where(
-            keep.unsqueeze(-1), hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device)
-        )
-        count = running_count(keep, hidden.dtype).clamp(min=1.0)
-        return kept.cumsum(dim=1) / count.unsqueeze(-1)
-
-    def output_dim(self, hidden_size: int) -> int:
-        return hidden_size
+if TYPE_CHECKING:
+    from probekit.poolers.modules import MaskedMean as MaskedMean
 
 
 @POOLERS.register
@@ -45,4 +19,16 @@ class MaskedMeanSpec(TokenPoolerSpec):
     permutation_invariant: ClassVar[bool] = True
 
     def build(self, ctx: BuildContext) -> MaskedMean:
+        from probekit.poolers.modules import MaskedMean
+
         return MaskedMean()
+
+
+def __getattr__(name: str) -> Any:
+    """``MaskedMean``, the torch module this spec builds, imported on first use: importing the spec
+    (to validate a config) imports no torch."""
+    if name == "MaskedMean":
+        from probekit.poolers.modules import MaskedMean
+
+        return MaskedMean
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

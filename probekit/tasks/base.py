@@ -8,13 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch.nn.functional as F
-from torch import Tensor
-
 from probekit.errors import UserError
 
 if TYPE_CHECKING:
+    import numpy as np
+    from torch import Tensor
+
     from probekit.data import Dataset
 
 
@@ -32,6 +31,8 @@ def show_threshold(threshold: Threshold) -> str:
 def refuse_non_finite(scores: np.ndarray, what: str) -> None:
     """`probekit.errors.UserError` naming the first text whose score (a row of ``scores``) is not
     finite: ``predict`` never passes a nan on as an answer (a nan would fail every threshold)."""
+    import numpy as np
+
     finite = np.isfinite(scores) if scores.ndim == 1 else np.isfinite(scores).all(axis=1)
     if not finite.all():
         bad = int(np.flatnonzero(~finite)[0])
@@ -169,8 +170,12 @@ class Task(ABC):
         scores: Scores,
         threshold: Threshold,
         class_names: Sequence[str],
+        *,
+        split: str | None = None,
+        monitor: str | None = None,
     ) -> list[Path]:
-        """The report's plots of a run, into ``folder``."""
+        """The report's plots of a run, into ``folder``; ``split`` names the split ``scores`` are
+        of (in titles), ``monitor`` the run's monitored metric (in the training curves)."""
 
 
 def weighted_cross_entropy(
@@ -184,6 +189,8 @@ def weighted_cross_entropy(
     which breaks that equivalence.) Without weights it is exactly
     ``F.cross_entropy(..., reduction="sum")``.
     """
+    import torch.nn.functional as F
+
     if weights is None:
         return F.cross_entropy(logits, labels, label_smoothing=smoothing, reduction="sum")
     rows = F.cross_entropy(logits, labels, label_smoothing=smoothing, reduction="none")

@@ -14,16 +14,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-import torch
-from torch import Tensor
-
 from probekit.errors import UserError
 from probekit.registry import TASKS
 from probekit.spec import TaskSpec
 from probekit.tasks.base import CrossEntropyTask, Scores
 
 if TYPE_CHECKING:
+    import numpy as np
+    from torch import Tensor
+
     from probekit.config import ThresholdSpec
     from probekit.data import Dataset
 
@@ -48,6 +47,8 @@ class BinaryTask(CrossEntropyTask):
             )
 
     def scores(self, logits: Tensor) -> Tensor:
+        import torch
+
         return torch.softmax(logits, dim=-1)[:, 1]
 
     def metrics(self, scores: Scores, threshold: Any = None) -> dict[str, float]:
@@ -79,6 +80,8 @@ class BinaryTask(CrossEntropyTask):
 
     def probability_matrix(self, scores: np.ndarray) -> np.ndarray:
         """``(rows, 2)``: the negative class's probability, then the positive class's."""
+        import numpy as np
+
         return np.stack([1.0 - scores, scores], axis=1)
 
     def predictions(
@@ -106,11 +109,21 @@ class BinaryTask(CrossEntropyTask):
         scores: Scores,
         threshold: Any,
         class_names: Sequence[str],
+        *,
+        split: str | None = None,
+        monitor: str | None = None,
     ) -> list[Path]:
         from probekit import plots
 
         return plots.write_report_plots(
-            folder, list(history), scores.labels, scores.scores, threshold, tuple(class_names)
+            folder,
+            list(history),
+            scores.labels,
+            scores.scores,
+            threshold,
+            tuple(class_names),
+            split=split,
+            monitor=monitor,
         )
 
 

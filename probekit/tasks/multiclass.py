@@ -20,10 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-import torch
 from pydantic import Field, field_validator
-from torch import Tensor
 
 from probekit.errors import ConfigError, UserError, did_you_mean
 from probekit.registry import TASKS
@@ -31,6 +28,8 @@ from probekit.spec import TaskSpec, label_key
 from probekit.tasks.base import CrossEntropyTask, Scores, refuse_non_finite
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from probekit.config import ThresholdSpec
     from probekit.data import Dataset
 
@@ -88,9 +87,13 @@ class MulticlassTask(CrossEntropyTask):
                 )
 
     def scores(self, logits: Tensor) -> Tensor:
+        import torch
+
         return torch.softmax(logits, dim=-1)
 
     def _names(self, scores: Scores) -> list[str]:
+        import numpy as np
+
         width = int(np.asarray(scores.scores).shape[-1]) if np.asarray(scores.scores).ndim == 2 else 0
         names = list(self.class_names)
         return names if len(names) == width else [str(index) for index in range(width)]
@@ -150,6 +153,8 @@ class MulticlassTask(CrossEntropyTask):
     def predictions(
         self, texts: Sequence[str], scores: Sequence[Any], threshold: Any, label_names: Sequence[Any]
     ) -> list[dict[str, Any]]:
+        import numpy as np
+
         probs = np.asarray(scores, dtype=np.float64).reshape(len(texts), -1)
         names = list(label_names) or list(range(probs.shape[1]))
         keys = list(self.class_names) if len(self.class_names) == len(names) else [str(n) for n in names]
@@ -180,6 +185,9 @@ class MulticlassTask(CrossEntropyTask):
         scores: Scores,
         threshold: Any,
         class_names: Sequence[str],
+        *,
+        split: str | None = None,
+        monitor: str | None = None,
     ) -> list[Path]:
         from probekit.plots_multiclass import write_multiclass_plots
 

@@ -21,17 +21,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import Tensor
-
 from probekit.errors import UserError
 from probekit.registry import TASKS
 from probekit.spec import TaskSpec
 from probekit.tasks.base import Scores, Task, refuse_non_finite
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from probekit.config import ThresholdSpec
     from probekit.data import Dataset
 
@@ -45,6 +42,9 @@ def masked_bce(
 
     An unknown cell's target is replaced by 0 before the loss and its term multiplied by 0, so it
     contributes nothing, not even a ``nan``, to the sum or to the gradient."""
+    import torch
+    import torch.nn.functional as F
+
     known = ~torch.isnan(targets)
     filled = torch.where(known, targets, torch.zeros_like(targets))
     if smoothing:
@@ -94,11 +94,15 @@ class MultilabelTask(Task):
 
     def correct(self, logits: Tensor, labels: Tensor) -> int:
         """Rows whose every known label is right at 0.5 (the running train subset accuracy)."""
+        import torch
+
         known = ~torch.isnan(labels)
         right = ((logits >= 0) == (labels == 1)) | ~known
         return int(right.all(dim=-1).sum())
 
     def scores(self, logits: Tensor) -> Tensor:
+        import torch
+
         return torch.sigmoid(logits)
 
     def _names(self, width: int) -> list[str]:
@@ -111,6 +115,8 @@ class MultilabelTask(Task):
         return [0.5] * width
 
     def metrics(self, scores: Scores, threshold: Any = None) -> dict[str, Any]:
+        import numpy as np
+
         from probekit.multilabel_metrics import multilabel_metrics
 
         width = int(np.asarray(scores.scores).shape[1])
@@ -152,6 +158,8 @@ class MultilabelTask(Task):
     def predictions(
         self, texts: Sequence[str], scores: Sequence[Any], threshold: Any, label_names: Sequence[Any]
     ) -> list[dict[str, Any]]:
+        import numpy as np
+
         probs = np.asarray(scores, dtype=np.float64).reshape(len(texts), -1)
         width = probs.shape[1]
         names = [str(name) for name in label_names] if len(label_names) == width else self._names(width)
@@ -173,7 +181,12 @@ class MultilabelTask(Task):
         scores: Scores,
         threshold: Any,
         class_names: Sequence[str],
+        *,
+        split: str | None = None,
+        monitor: str | None = None,
     ) -> list[Path]:
+        import numpy as np
+
         from probekit.plots_extra import write_multilabel_plots
 
         width = int(np.asarray(scores.scores).shape[1])

@@ -19,10 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-import torch.nn.functional as F
 from pydantic import Field
-from torch import Tensor
 
 from probekit.errors import UserError
 from probekit.registry import TASKS
@@ -30,6 +27,8 @@ from probekit.spec import TaskSpec
 from probekit.tasks.base import Scores, Task, refuse_non_finite
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from probekit.config import ThresholdSpec
     from probekit.data import Dataset
 
@@ -79,6 +78,8 @@ class RegressionTask(Task):
             )
 
     def fit(self, dataset: Dataset) -> RegressionTask:
+        import numpy as np
+
         if not self.standardize:
             return self
         values = np.asarray(dataset.train.labels, dtype=np.float64)
@@ -101,6 +102,8 @@ class RegressionTask(Task):
     def loss(
         self, logits: Tensor, labels: Tensor, *, smoothing: float = 0.0, weights: Tensor | None = None
     ) -> Tensor:
+        import torch.nn.functional as F
+
         predicted, wanted = logits[:, 0], self._standard(labels.to(logits.dtype))
         if self.loss_kind == "huber":
             return F.huber_loss(predicted, wanted, delta=self.huber_delta, reduction="sum")
@@ -142,6 +145,8 @@ class RegressionTask(Task):
     def predictions(
         self, texts: Sequence[str], scores: Sequence[Any], threshold: Any, label_names: Sequence[Any]
     ) -> list[dict[str, Any]]:
+        import numpy as np
+
         values = np.asarray(scores, dtype=np.float64).reshape(len(texts))
         refuse_non_finite(values, "a non-finite value")
         return [{"text": text, "value": float(value)} for text, value in zip(texts, values, strict=True)]
@@ -153,6 +158,9 @@ class RegressionTask(Task):
         scores: Scores,
         threshold: Any,
         class_names: Sequence[str],
+        *,
+        split: str | None = None,
+        monitor: str | None = None,
     ) -> list[Path]:
         from probekit.plots_extra import write_regression_plots
 

@@ -105,9 +105,17 @@ def write_outputs(
     report = _report(plan, result, facts)
     (folder / "report.json").write_text(jsonio.dumps(report, indent=2) + "\n", encoding="utf-8")
     (folder / "summary.txt").write_text("\n".join(result.summary()[1:]) + "\n", encoding="utf-8")
-    shown = scores.get("test", scores["val"])
+    split = "test" if "test" in scores else "val"
     names = tuple(class_keys(plan.dataset.label_map))
-    plan.task.write_plots(folder / "plots", result.history, shown, result.threshold, names)
+    plan.task.write_plots(
+        folder / "plots",
+        result.history,
+        scores[split],
+        result.threshold,
+        names,
+        split=split,
+        monitor=plan.config.train.monitor,
+    )
 
 
 def _report(plan: TrainPlan, result: RunResult, facts: RunFacts) -> dict[str, Any]:
