@@ -345,3 +345,24 @@ class Recorder(Callback):
     def on_fit_end(self, fit: Any) -> None:
         best = next(cb for cb in fit.callbacks if isinstance(cb, BestWeights))
         self.best_val = best.val
+
+
+def assert_one_line_error(code: int, out: str, err: str, *fragments: str) -> None:
+    """Exit 2, nothing on stdout, one ``probekit: error:`` line on stderr, no traceback."""
+    assert code == 2, (code, out, err)
+    assert out == "" and "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("probekit: error: "), err
+    for fragment in fragments:
+        assert fragment in err, f"{fragment!r} not in:\n{err}"
+
+
+def tiny_binary_run(bert_dir: Path, toy_data: ToyData, folder: Path) -> Path:
+    """One tiny binary run on the toy data (1 epoch, linear head, no report plots): a middling
+    probe for the commands that read a run (eval, predict)."""
+    import probekit.plots
+
+    config = make_config(bert_dir, toy_data, "train.epochs=1", "head.kind=linear")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(probekit.plots, "write_report_plots", lambda *a, **k: [])
+        return quiet_train(config, folder / "run").run_dir  # type: ignore[no-any-return]

@@ -30,7 +30,15 @@ from probekit.bootstrap import (
 from probekit.metrics import compute_metrics
 from probekit.multiclass_metrics import multiclass_metrics
 from tests import engine_fixtures
-from tests.engine_fixtures import ToyData, make_config, quiet_train, read_jsonl, run_cli, write_jsonl
+from tests.engine_fixtures import (
+    ToyData,
+    assert_one_line_error,
+    quiet_train,
+    read_jsonl,
+    run_cli,
+    tiny_binary_run,
+    write_jsonl,
+)
 
 bert_dir = engine_fixtures.bert_dir
 toy_data = engine_fixtures.toy_data
@@ -41,11 +49,8 @@ SOURCES = ("web", "forum", "chat")
 
 @pytest.fixture(scope="module")
 def run(bert_dir: Path, toy_data: ToyData, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tiny binary run (1 epoch, linear head): a middling probe, so intervals are wide."""
-    config = make_config(bert_dir, toy_data, "train.epochs=1", "head.kind=linear")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(probekit.plots, "write_report_plots", lambda *a, **k: [])
-        return quiet_train(config, tmp_path_factory.mktemp("eval-run") / "run").run_dir  # type: ignore[no-any-return]
+    """One tiny binary run (1 epoch, linear head): a middling probe."""
+    return tiny_binary_run(bert_dir, toy_data, tmp_path_factory.mktemp("eval-run"))
 
 
 @pytest.fixture(scope="module")
@@ -83,15 +88,6 @@ def evaluated(run: Path, data: Path) -> dict[str, Any]:
 
 def probabilities(run: Path, texts: list[str]) -> np.ndarray:
     return np.asarray(Probe.from_pretrained(run).predict_proba(texts), dtype=np.float64)
-
-
-def assert_one_line_error(code: int, out: str, err: str, *fragments: str) -> None:
-    assert code == 2, (code, out, err)
-    assert out == "" and "Traceback" not in err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("probekit: error: "), err
-    for fragment in fragments:
-        assert fragment in err, f"{fragment!r} not in {err!r}"
 
 
 # -- predictions.jsonl ------------------------------------------------------------------------------

@@ -11,10 +11,9 @@ from typing import Any
 
 import pytest
 
-import probekit.plots
 from probekit import Probe
 from tests import engine_fixtures
-from tests.engine_fixtures import ToyData, make_config, quiet_train, run_cli, write_jsonl
+from tests.engine_fixtures import ToyData, run_cli, tiny_binary_run, write_jsonl
 
 bert_dir = engine_fixtures.bert_dir
 toy_data = engine_fixtures.toy_data
@@ -23,10 +22,8 @@ single_thread = engine_fixtures.single_thread
 
 @pytest.fixture(scope="module")
 def run(bert_dir: Path, toy_data: ToyData, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = make_config(bert_dir, toy_data, "train.epochs=1", "head.kind=linear")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(probekit.plots, "write_report_plots", lambda *a, **k: [])
-        return quiet_train(config, tmp_path_factory.mktemp("predict-run") / "run").run_dir  # type: ignore[no-any-return]
+    """One tiny binary run (1 epoch, linear head): a middling probe."""
+    return tiny_binary_run(bert_dir, toy_data, tmp_path_factory.mktemp("predict-run"))
 
 
 @pytest.fixture

@@ -42,7 +42,15 @@ from probekit.sweep import (
     sweep_pooler,
 )
 from tests import engine_fixtures
-from tests.engine_fixtures import ToyData, leftovers, make_config, names, quiet, run_cli
+from tests.engine_fixtures import (
+    ToyData,
+    assert_one_line_error,
+    leftovers,
+    make_config,
+    names,
+    quiet,
+    run_cli,
+)
 
 bert_dir = engine_fixtures.bert_dir
 toy_data = engine_fixtures.toy_data
@@ -63,16 +71,6 @@ def sweep_args(model: Path, data: ToyData, *extra: str | Path) -> list[str]:
         *("--set", "train.cpu=true", "--set", "model.max_length=16", "--set", "train.epochs=3"),
         *map(str, extra),
     ]
-
-
-def assert_one_line_error(code: int, out: str, err: str, *fragments: str) -> None:
-    """Exit 2, nothing on stdout, one ``probekit: error:`` line on stderr, no traceback."""
-    assert code == 2, (code, out, err)
-    assert out == "" and "Traceback" not in err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("probekit: error: "), err
-    for fragment in fragments:
-        assert fragment in err, f"{fragment!r} not in:\n{err}"
 
 
 # -- the one-pass cache equals a probe on each layer --------------------------------------------
