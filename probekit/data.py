@@ -521,12 +521,27 @@ def _resolve_format(path: Path, fmt: str) -> str:
     return found
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def _hub_hint(path: Path) -> str:
+    """For a missing path shaped like a Hugging Face dataset id (``owner/name``): how to use one."""
+    text = str(path)
+    if path.is_absolute() or path.suffix.lower() in FORMAT_SUFFIXES or not _HUB_ID.fullmatch(text):
+        return ""
+    return (
+        f"; {text!r} looks like a Hugging Face dataset id: probekit reads local data only, so load it "
+        f"with datasets.load_dataset({text!r}) and pass it as probekit.train(config, data=...), or "
+        "save_to_disk(FOLDER) and give that folder"
+    )
+
+
 def check_data_file(path: Path) -> None:
     """Refuse a path that does not exist, is a folder, or is not a regular file (or a pipe)."""
     try:
         info = path.stat()
     except (FileNotFoundError, NotADirectoryError):
-        raise DataError(f"{path}: no such file or folder") from None
+        raise DataError(f"{path}: no such file or folder{_hub_hint(path)}") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if stat.S_ISDIR(info.st_mode):

@@ -955,3 +955,12 @@ def test_text_lines_skip_blank_lines_and_refuse_invisible_ones(tmp_path: Path) -
     with pytest.raises(DataError, match=r"^<stdin>:2: line holds more than 10 characters"):
         stream_text_lines(stream, max_text_chars=10)
     assert max(stream.asked) == 12  # never the whole line
+
+
+def test_a_hub_dataset_id_says_how_to_load_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    message = error(DataSpec(path="allenai/wildguardmix"))
+    assert message.startswith("allenai/wildguardmix: no such file or folder; 'allenai/wildguardmix' looks")
+    assert "datasets.load_dataset('allenai/wildguardmix')" in message and "data=" in message
+    assert error(DataSpec(path="data/train.jsonl")) == "data/train.jsonl: no such file or folder"
+    assert error(DataSpec(path=str(tmp_path / "a" / "b"))).endswith("no such file or folder")
