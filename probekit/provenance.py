@@ -43,13 +43,24 @@ def require_plugins(meta: ProbeMeta, where: Path) -> None:
     """Refuse, naming the package to install, a run whose plugin kinds are not available here.
     The names come from the run folder: a distribution name is shown in an install command only
     when it is a valid one (PEP 508), shell-quoted; anything else is shown with ``repr``."""
-    from probekit.registry import REGISTRIES
+    from probekit.registry import BUILTIN, REGISTRIES
 
     by_family = {registry.family: registry for registry in REGISTRIES.values()}
     for component in meta.components:
         dist, kind = component.distribution, component.kind
         registry = by_family.get(component.family)
-        if dist is None or registry is None or kind in registry:
+        if registry is None or kind in registry:
+            continue
+        if dist is None:
+            source = component.source
+            if source and source != BUILTIN:
+                family = registry.family
+                raise PluginError(
+                    f"{where}: this run uses the {family} kind {shown(kind)}, which was registered in "
+                    f"code ({printable(source)}) and is not registered now: run the code that registers "
+                    f"it (import its module, or {family.upper()}S.register(...)) before loading the run, "
+                    "or package it as a plugin (docs/plugins.md)"
+                )
             continue
         if not is_distribution_name(dist):
             raise PluginError(

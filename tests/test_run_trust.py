@@ -985,3 +985,22 @@ def test_shown_escapes_and_caps() -> None:
     capped = runfiles.shown("x" * 1000)
     assert len(capped) < 120 and capped.endswith("(1002 characters)")
     assert runfiles.printable("line\nnext\x07") == "line\\nnext\\x07"
+
+
+def test_a_kind_registered_in_code_says_how_to_register_it(
+    trained: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run whose pooler was registered in a script (no package) names that code and how to
+    register the kind again before loading."""
+    run = copy_run(trained, tmp_path)
+
+    def in_code(meta: dict[str, Any]) -> None:
+        meta["components"].append(
+            {"family": "pooler", "kind": "my_pool", "source": "my_experiment (module)", "distribution": None}
+        )
+
+    edit_meta(run, in_code)
+    line = refused(
+        capsys, run, "'my_pool'", "registered in code (my_experiment (module))", "POOLERS.register"
+    )
+    assert "pip install" not in line
