@@ -430,6 +430,26 @@ def _metric_lines(metrics: dict[str, Any]) -> list[str]:
     return report_lines(metrics)
 
 
+def _predict_options(
+    texts: bool, input_file: Path | None, output_format: str, per_text_rows: bool, keep: str | None
+) -> list[str]:
+    """Check `predict_command`'s options against each other; return the ``--keep`` fields."""
+    from probekit.errors import UserError
+
+    if texts and input_file is not None:
+        raise UserError("give texts as arguments or --input, not both")
+    if output_format not in ("jsonl", "csv"):
+        raise UserError(f"--format {output_format!r}: expected jsonl or csv")
+    if output_format == "csv" and per_text_rows:
+        raise UserError("--format csv writes one row per text: not with --per-token or --show-positions")
+    kept = [name.strip() for name in keep.split(",")] if keep else []
+    if any(not name for name in kept):
+        raise UserError(f"--keep {keep!r}: expected field names separated by commas")
+    if kept and input_file is None:
+        raise UserError("--keep copies fields of --input rows: give --input FILE")
+    return kept
+
+
 @app.command("predict")
 def predict_command(
     run_text: Annotated[
@@ -498,20 +518,9 @@ def predict_command(
 
     run, input_file = _path(run_text, "RUN"), _path(input_text, "--input")
     assert run is not None
-    if texts and input_file is not None:
-        raise UserError("give texts as arguments or --input, not both")
-    if output_format not in ("jsonl", "csv"):
-        raise UserError(f"--format {output_format!r}: expected jsonl or csv")
-    if output_format == "csv" and (per_token or show_positions):
-        raise UserError("--format csv writes one row per text: not with --per-token or --show-positions")
-    kept = [name.strip() for name in keep.split(",")] if keep else []
-    if any(not name for name in kept):
-        raise UserError(f"--keep {keep!r}: expected field names separated by commas")
-    if kept and input_file is None:
-        raise UserError("--keep copies fields of --input rows: give --input FILE")
+    kept = _predict_options(bool(texts), input_file, output_format, per_token or show_positions, keep)
     folder, meta = read_meta(run)
-    # Texts are checked (never coerced) and bounded by the run's data.max_text_chars, before the
-    # model loads.
+    # Texts are checked (never coerced), bounded by the run's data.max_text_chars, before loading.
     max_chars = stored_data_spec(
         (meta.get("config") or {}).get("data"), label=str(folder / "probe.json")
     ).max_text_chars

@@ -297,3 +297,100 @@ def progress_bar(
     from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
     yield from tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
+def in_notebook() -> bool:
+    """True in a Jupyter kernel (IPython's ZMQ shell), where tqdm's auto front end draws widgets."""
+    ipython = sys.modules.get("IPython")
+    get = getattr(ipython, "get_ipython", None)
+    shell = get() if callable(get) else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
+class Progress:
+    """``iterable`` with its progress shown: a bar (tqdm's auto front end: a terminal or a notebook)
+    when ``bar``, with the values last given to `note` beside it; else, with ``heartbeat``, one line
+    at most every ``every`` seconds (done/total, the noted values, elapsed time and ETA), so a log
+    that is not a terminal (CI, a batch job) still shows the run moving.
+
+    Args:
+        iterable: what to iterate.
+        bar: draw a progress bar (on stderr).
+        desc: what is iterated (``epoch 3/10``).
+        total: how many items (for the percentage and ETA).
+        heartbeat: where heartbeat lines go (``RunContext.log``); None: no heartbeat.
+        every: the fewest seconds between two heartbeat lines.
+        clock: the time source (seconds; monotonic).
+    """
+
+    def __init__(
+        self,
+        iterable: Iterable[Any],
+        *,
+        bar: bool,
+        desc: str,
+        total: int | None = None,
+        heartbeat: Callable[[str], None] | None = None,
+        every: float = 30.0,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        import time
+
+        self.iterable, self.bar, self.desc, self.total = iterable, bar, desc, total
+        self.heartbeat, self.every = heartbeat, every
+        self.clock = clock or time.monotonic
+        self.values: dict[str, float] = {}
+        self._tqdm: Any = None
+
+    def note(self, **values: float) -> None:
+        """Values to show with the progress (e.g. the running loss and learning rate)."""
+        self.values.update(values)
+        if self._tqdm is not None:
+            self._tqdm.set_postfix({k: f"{v:.4g}" for k, v in self.values.items()}, refresh=False)
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.bar:
+            from tqdm.auto import tqdm
+
+            self._tqdm = tqdm(
+                self.iterable,
+                desc=self.desc,
+                total=self.total,
+                leave=False,
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
+            try:
+                yield from self._tqdm
+            finally:
+                self._tqdm.close()
+                self._tqdm = None
+            return
+        if self.heartbeat is None:
+            yield from self.iterable
+            return
+        start = last = self.clock()
+        for done, item in enumerate(self.iterable):
+            yield item
+            now = self.clock()
+            if now - last >= self.every:
+                last = now
+                self.heartbeat(self.line(done + 1, now - start))
+
+    def line(self, done: int, elapsed: float) -> str:
+        """A heartbeat line: ``epoch 2/10: 40/120 (33%), loss 0.4123, lr 2e-05; 1m05s elapsed, ETA 2m10s``."""
+        count = f"{done}/{self.total} ({done / self.total:.0%})" if self.total else f"{done}"
+        values = "".join(f", {k} {v:.4g}" for k, v in self.values.items())
+        eta = ""
+        if self.total and done:
+            eta = f", ETA {_duration(elapsed / done * (self.total - done))}"
+        return f"{self.desc}: {count}{values}; {_duration(elapsed)} elapsed{eta}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"

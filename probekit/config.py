@@ -61,6 +61,10 @@ FAMILY_FIELDS: dict[str, Registry[Any]] = {
 _NESTED_FIELDS: dict[str, Registry[Any]] = {"token_pooler": POOLERS}
 
 
+TRACKERS = ("tensorboard", "mlflow", "wandb", "comet_ml", "aim", "clearml", "dvclive")
+"""The experiment trackers ``train.report_to`` may name (Accelerate's names)."""
+
+
 class TrainSpec(BaseModel):
     """How training runs: batches, epochs, precision, loss, stopping."""
 
@@ -127,10 +131,34 @@ class TrainSpec(BaseModel):
         description="Write a training-state checkpoint every this many optimiser steps (and after "
         "every epoch), so a stopped run continues with --resume; null: after epochs only.",
     )
+    report_to: list[str] = Field(
+        default_factory=list,
+        description="Experiment trackers (through Accelerate) that also get the per-step and per-epoch "
+        f"scalars: any of {', '.join(TRACKERS)}; each needs its package installed. Empty: none "
+        "(steps.jsonl in the run folder has them anyway).",
+    )
     cache: CacheSpec = Field(default_factory=CacheSpec, description="The frozen-prefix activation cache.")
     distributed: DistributedSpec = Field(
         default_factory=DistributedSpec, description="Multi-process training (torchrun, accelerate launch)."
     )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, value: Any) -> Any:
+        """Known tracker names, each once (``a,b`` in one string: a list of both)."""
+        names = [n.strip() for n in value.split(",") if n.strip()] if isinstance(value, str) else value
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"expected a list of tracker names ({', '.join(TRACKERS)})")
+        for name in names:
+            if name not in TRACKERS:
+                hint = did_you_mean(name, TRACKERS)
+                raise ValueError(
+                    f"unknown tracker {name!r}; known: {', '.join(TRACKERS)}" + (f"; {hint}" if hint else "")
+                )
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"{', '.join(repeated)} named more than once")
+        return names
 
 
 MAX_CLASS_WEIGHT = 1e6

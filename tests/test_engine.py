@@ -412,6 +412,7 @@ def test_run_folder_layout(bert_run: SimpleNamespace) -> None:
         "metrics.jsonl",
         "plots",
         "report.json",
+        "steps.jsonl",
         "summary.txt",
     ]
     assert leftovers(out.parent) == []

@@ -59,6 +59,7 @@ from probekit.training.resume import (
     restore_training,
 )
 from probekit.training.state import TrainState
+from probekit.training.trackers import StepsFile
 
 __all__ = [
     "Callback",
@@ -243,6 +244,7 @@ def default_callbacks(
         EarlyStopping(spec.monitor, spec.patience, spec.epochs),
         BestWeights(ctx.group),
         MetricsFile(folder),
+        StepsFile(folder, spec.report_to),
         *extra,
         StateCheckpoints(folder, spec.checkpoint_every_steps, saved),
         StopOnSignal(folder),

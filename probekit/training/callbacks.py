@@ -9,8 +9,9 @@ A callback's ``state_dict`` goes into every training-state checkpoint and comes 
 The built-in ones, in the order a run uses them: `EarlyStopping` (marks the best epoch, stops
 after ``train.patience`` epochs without improvement), `BestWeights` (keeps the best epoch's
 weights and validation scores, restores them at the end), `MetricsFile` (``metrics.jsonl`` and
-the epoch's log line), then the user's callbacks, then `StateCheckpoints` (writes and restores
-training-state checkpoints) and `StopOnSignal` (SIGTERM / Ctrl-C stop after a checkpoint).
+the epoch's log line), `probekit.training.trackers.StepsFile` (``steps.jsonl``, the trackers),
+then the user's callbacks, then `StateCheckpoints` (writes and restores training-state
+checkpoints) and `StopOnSignal` (SIGTERM / Ctrl-C stop after a checkpoint).
 
 A callback of your own, passed as ``probekit.train(config, callbacks=[...])``::
 
@@ -284,9 +285,14 @@ class StateCheckpoints(Callback):
         save_state(self.folder, checkpoint_name(state.step, state.window == 0), tensors, document)
 
 
+BUILTIN: set[type[Callback]] = set()
+"""probekit's own callback classes defined in other modules (`probekit.training.trackers`)."""
+
+
 def is_builtin(cb: Callback) -> bool:
     """One of probekit's own callbacks (exactly: a subclass of one is the user's)."""
-    return type(cb) in (EarlyStopping, BestWeights, MetricsFile, StateCheckpoints, StopOnSignal)
+    own = (EarlyStopping, BestWeights, MetricsFile, StateCheckpoints, StopOnSignal)
+    return type(cb) in own or type(cb) in BUILTIN
 
 
 def state_keys(callbacks: list[Callback]) -> dict[int, str]:

@@ -116,7 +116,11 @@ class RunContext:
         group = Group(accelerator, spec.distributed.strategy)
         if not group.is_main:  # one process speaks and writes
             log, progress = silent, False
-        show = sys.stderr.isatty() if progress is None else progress
+        if progress is None:  # a terminal, or a Jupyter notebook (tqdm's auto front end draws there)
+            from probekit.batching import in_notebook
+
+            progress = sys.stderr.isatty() or in_notebook()
+        show = progress
         set_seed(spec.seed)
         return cls(accelerator, group, precision, log, show)
 

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from probekit.batching import Batch, Collator, Encoded, inference_loader, progress_bar
+from probekit.batching import Batch, Collator, Encoded, Progress, inference_loader
 from probekit.cache import CachePlan, SplitCache
 from probekit.distributed import gradient_sync, shard_windows
 from probekit.errors import DivergedError
@@ -91,6 +91,9 @@ class Fit:
     window_loss: float = 0.0
     """At a window end: this process's summed training loss of the window divided by the window's
     examples over every process (with one process: the window's mean loss)."""
+    grad_norm: float | None = None
+    """At a window end: the gradient norm before clipping (``train.max_grad_norm``); None without
+    clipping."""
     row: dict[str, Any] = field(default_factory=dict)
     """At an epoch end: the epoch's ``metrics.jsonl`` row."""
     val: Scores | None = None
@@ -214,7 +217,14 @@ def _train_epoch(run: Fit, schedule: Sequence[Any], collate: Collator) -> None:
     bad_loss, window_loss = False, 0.0
     epochs = spec.epochs
     weights = None if plan.class_weights is None else torch.tensor(plan.class_weights, device=ctx.device)
-    for micro in progress_bar(schedule, ctx.progress, f"epoch {state.epoch}/{epochs}", total=len(schedule)):
+    shown = Progress(
+        schedule,
+        bar=ctx.progress,
+        desc=f"epoch {state.epoch}/{epochs}",
+        total=len(schedule),
+        heartbeat=None if ctx.progress else ctx.log,
+    )
+    for micro in shown:
         batch = collate(micro.rows).to(ctx.device)
         # Gradients are synchronised across processes on a window's last micro-batch only.
         # Autocast here too: a sharded probe is not wrapped by Accelerate, which would add it.
@@ -248,6 +258,7 @@ def _train_epoch(run: Fit, schedule: Sequence[Any], collate: Collator) -> None:
         run.window_loss = window_loss / max(micro.window_examples, 1)
         window_loss = 0.0
         run.call("on_window_end")
+        shown.note(loss=run.window_loss, lr=run.optimizer.param_groups[0]["lr"])
 
 
 def _where(state: TrainState) -> str:
@@ -259,8 +270,10 @@ def _step(run: Fit) -> bool:
     clear the gradients; return whether the optimiser stepped."""
     ctx, parts, state = run.ctx, run.parts, run.state
     spec = run.plan.config.train
+    run.grad_norm = None
     if spec.max_grad_norm is not None:
         norm = ctx.accelerator.clip_grad_norm_(parts.model.parameters(), spec.max_grad_norm)
+        run.grad_norm = None if norm is None else float(norm)
         finite = norm is None or bool(torch.isfinite(torch.as_tensor(norm)))
         if not finite and ctx.scaler is None:  # fp16's scaler skips the step itself
             raise DivergedError(f"training diverged: non-finite gradient at {_where(state)}")

@@ -32,6 +32,7 @@ from probekit.probe import Probe
 from probekit.reading import describe_reading
 from probekit.tasks.base import Task
 from probekit.training.context import Precision, default_device
+from probekit.training.trackers import check_trackers
 
 LR_RANGES = {
     "head": (1e-4, 1e-1, "a pooler and head"),
@@ -175,6 +176,7 @@ class TrainPlan:
             f"precision: {cfg.train.precision} -> {self.precision} on {self.device}",
             f"stopping: best val {cfg.train.monitor}, patience {cfg.train.patience} epochs; "
             f"threshold: {self.task.threshold_rule()}",
+            f"per-step scalars: steps.jsonl; trackers: {', '.join(cfg.train.report_to) or 'none'}",
         ]
         lines += self.warmup_warnings() + self.learning_rate_warnings()
         if self.weights_note:
@@ -221,6 +223,7 @@ def prepare(
     if config.data.chat is not None:  # the run keeps the template's text, not a path to it
         chat = config.data.chat.resolved()
         config = config.model_copy(update={"data": config.data.model_copy(update={"chat": chat})})
+    check_trackers(config.train.report_to)
     task = task_of(config)
     if config.train.monitor not in task.monitors:
         raise ConfigError(
