@@ -24,6 +24,7 @@ guard_start_up()  # only in the `probekit` command's own process, before the imp
 from typing import TYPE_CHECKING, Any
 
 import probekit.builtins  # noqa: F401  (registers the built-in components)
+from probekit._lazy import lazy_attributes
 from probekit._version import __version__
 from probekit.config import (
     ProbeConfig,
@@ -105,9 +106,4 @@ _LAZY = {"Probe": "probekit.probe", "train": "probekit.training", "RunResult": "
 starts fast and configs validate without them."""
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'probekit' has no attribute {name!r}")
+__getattr__ = lazy_attributes("probekit", _LAZY)

@@ -6,8 +6,9 @@ import no torch; the torch modules (`Pooler` and the built-ins' modules) load on
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from probekit._lazy import lazy_attributes
 from probekit.poolers.cls import ClsSpec
 from probekit.poolers.ema import EmaSpec
 from probekit.poolers.last_token import LastTokenSpec
@@ -55,10 +56,5 @@ _TORCH_MODULES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """The torch modules, imported on first use (PEP 562)."""
-    if name in _TORCH_MODULES:
-        import importlib
-
-        return getattr(importlib.import_module(_TORCH_MODULES[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _TORCH_MODULES)
+"""The torch modules, imported on first use (PEP 562)."""

@@ -8,10 +8,11 @@ from (probelab's EMA aggregation, here over features; the head then scores the a
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
+from probekit._lazy import lazy_attributes
 from probekit.registry import POOLERS
 from probekit.spec import BuildContext, TokenPoolerSpec
 
@@ -34,11 +35,6 @@ class EmaSpec(TokenPoolerSpec):
         return Ema(self.alpha)
 
 
-def __getattr__(name: str) -> Any:
-    """``Ema``, the torch module this spec builds, imported on first use: importing the spec
-    (to validate a config) imports no torch."""
-    if name == "Ema":
-        from probekit.poolers.modules import Ema
-
-        return Ema
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, {"Ema": "probekit.poolers.modules"})
+"""``Ema``, the torch module this spec builds, imported on first use: importing the spec (to
+validate a config) imports no torch."""

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
+from probekit._lazy import lazy_attributes
 from probekit.registry import POOLERS
 from probekit.spec import BuildContext, TokenPoolerSpec
 
@@ -23,11 +24,6 @@ class LastTokenSpec(TokenPoolerSpec):
         return LastToken()
 
 
-def __getattr__(name: str) -> Any:
-    """``LastToken``, the torch module this spec builds, imported on first use: importing the spec
-    (to validate a config) imports no torch."""
-    if name == "LastToken":
-        from probekit.poolers.modules import LastToken
-
-        return LastToken
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, {"LastToken": "probekit.poolers.modules"})
+"""``LastToken``, the torch module this spec builds, imported on first use: importing the spec (to
+validate a config) imports no torch."""

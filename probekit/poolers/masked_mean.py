@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
+from probekit._lazy import lazy_attributes
 from probekit.registry import POOLERS
 from probekit.spec import BuildContext, TokenPoolerSpec
 
@@ -24,11 +25,6 @@ class MaskedMeanSpec(TokenPoolerSpec):
         return MaskedMean()
 
 
-def __getattr__(name: str) -> Any:
-    """``MaskedMean``, the torch module this spec builds, imported on first use: importing the spec
-    (to validate a config) imports no torch."""
-    if name == "MaskedMean":
-        from probekit.poolers.modules import MaskedMean
-
-        return MaskedMean
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, {"MaskedMean": "probekit.poolers.modules"})
+"""``MaskedMean``, the torch module this spec builds, imported on first use: importing the spec (to
+validate a config) imports no torch."""

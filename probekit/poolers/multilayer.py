@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import Field, SerializeAsAny, field_validator
 from pydantic_core import PydanticCustomError
 
+from probekit._lazy import lazy_attributes
 from probekit.errors import ProbekitError
 from probekit.poolers.masked_mean import MaskedMeanSpec
 from probekit.registry import POOLERS
@@ -98,11 +99,6 @@ class MultiLayerSpec(PoolerSpec):
         )
 
 
-def __getattr__(name: str) -> Any:
-    """``MultiLayerPooler``, the torch module this spec builds, imported on first use: importing the spec
-    (to validate a config) imports no torch."""
-    if name == "MultiLayerPooler":
-        from probekit.poolers.modules import MultiLayerPooler
-
-        return MultiLayerPooler
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, {"MultiLayerPooler": "probekit.poolers.modules"})
+"""``MultiLayerPooler``, the torch module this spec builds, imported on first use: importing the spec (to
+validate a config) imports no torch."""

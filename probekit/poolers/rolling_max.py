@@ -9,10 +9,11 @@ features; with ``window: 1`` it is ``max``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
+from probekit._lazy import lazy_attributes
 from probekit.registry import POOLERS
 from probekit.spec import BuildContext, TokenPoolerSpec
 
@@ -33,11 +34,6 @@ class RollingMaxSpec(TokenPoolerSpec):
         return RollingMax(self.window)
 
 
-def __getattr__(name: str) -> Any:
-    """``RollingMax``, the torch module this spec builds, imported on first use: importing the spec
-    (to validate a config) imports no torch."""
-    if name == "RollingMax":
-        from probekit.poolers.modules import RollingMax
-
-        return RollingMax
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, {"RollingMax": "probekit.poolers.modules"})
+"""``RollingMax``, the torch module this spec builds, imported on first use: importing the spec (to
+validate a config) imports no torch."""
