@@ -1432,23 +1432,37 @@ def _class_name(label_map: dict[str, int], index: int) -> str:
 
 
 def read_split(
-    path: str | Path, spec: DataSpec, label_map: dict[str, int], name: str = "eval", target: Target = "binary"
+    path: str | Path,
+    spec: DataSpec,
+    label_map: dict[str, int],
+    name: str = "eval",
+    target: Target = "binary",
+    *,
+    records: Iterable[tuple[int, dict[str, Any]]] | None = None,
 ) -> Split:
     """Read one labelled file with ``spec``'s fields and format and a fixed ``label_map``.
 
     Used to evaluate a trained run on new data: labels are read exactly as in training (for the
     run's ``target``, as `load_data` reads them) and mapped through the run's stored label map.
+    ``records``: the file's ``(number, record)`` pairs when the caller read them already
+    (`read_records`), so the file is read once.
     """
+
+    def source(fixed: DataSpec) -> _Source:
+        if records is None:
+            return _read_source(Path(path), fixed)
+        return source_from_records(Path(path), _resolve_format(Path(path), fixed.format), records, fixed)
+
     if target in ("multilabel", "regression"):
         fixed = (
             spec
             if spec.label_fields is not None or not label_map
             else spec.model_copy(update={"label_map": dict(label_map)})
         )
-        source = _read_source(Path(path), fixed)
-        (values,), _ = _targets([source], fixed, target)
-        return Split(name, tuple(source.texts), tuple(values), str(path))
+        read = source(fixed)
+        (values,), _ = _targets([read], fixed, target)
+        return Split(name, tuple(read.texts), tuple(values), str(path))
     fixed = spec.model_copy(update={"label_map": dict(label_map)})
-    source = _read_source(Path(path), fixed)
-    (indices,), _ = _resolve_labels([source], fixed)
-    return Split(name, tuple(source.texts), tuple(indices), str(path))
+    read = source(fixed)
+    (indices,), _ = _resolve_labels([read], fixed)
+    return Split(name, tuple(read.texts), tuple(indices), str(path))

@@ -6,12 +6,12 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
 from probekit.checkpoint import read_meta
-from probekit.data import FORMAT_SUFFIXES, DataError, Split, read_records
+from probekit.data import FORMAT_SUFFIXES, DataError, Target, read_records, read_split
 from probekit.errors import UserError, did_you_mean
 
 COUNT_KEYS = frozenset({"n", "positives", "binary_n", "binary_positives", "support", "known"})
@@ -74,7 +74,8 @@ def evaluate_file(
     _check_options(task, threshold, resamples, seed)
     records = read_records(path, spec.format, max_text_chars=spec.max_text_chars)
     groups = None if by is None else group_values(path, records, by)
-    split = _split(path, records, spec, described.meta.label_map, task.target)
+    target = cast("Target", task.target)  # a task's target is one of data.Target's names
+    split = read_split(path, spec, described.meta.label_map, "eval", target, records=records)
     probe, _ = load_run(run, trust_remote_code, cls=Probe)
     assert probe.task is not None
     scores = np.asarray(probe.predict_proba(split.texts), dtype=np.float64)
@@ -133,28 +134,6 @@ def _check_options(task: Any, threshold: float | None, resamples: int, seed: int
 
 MAX_RESAMPLES = 100_000
 """The most bootstrap resamples ``--resamples`` takes."""
-
-
-def _split(
-    path: Path, records: list[tuple[int, dict[str, Any]]], spec: Any, label_map: dict[str, int], target: str
-) -> Split:
-    """The split those records give, read exactly as `probekit.data.read_split` reads the file."""
-    from probekit.data import _resolve_format, _resolve_labels, _targets, source_from_records
-
-    fmt = _resolve_format(path, spec.format)
-    if target in ("multilabel", "regression"):
-        fixed = (
-            spec
-            if spec.label_fields is not None or not label_map
-            else spec.model_copy(update={"label_map": dict(label_map)})
-        )
-        source = source_from_records(path, fmt, records, fixed)
-        (values,), _ = _targets([source], fixed, target)  # type: ignore[arg-type]
-    else:
-        fixed = spec.model_copy(update={"label_map": dict(label_map)})
-        source = source_from_records(path, fmt, records, fixed)
-        (values,), _ = _resolve_labels([source], fixed)
-    return Split("eval", tuple(source.texts), tuple(values), str(path))
 
 
 def _counted(metrics: dict[str, Any]) -> dict[str, Any]:
