@@ -88,7 +88,8 @@ def token_predictions(
     readable form, as in ``predict``."""
     tokenizer = probe._require_tokenizer()
     task = probe._task()
-    encoding = probe.reader().encode(texts)
+    reader = probe.reader()
+    encoding = reader.encode(texts)
     ids = encoding.ids
     check_causal(probe, ids[0], device, autocast)
     pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
@@ -117,7 +118,7 @@ def token_predictions(
         if encoding.reads is not None:
             chosen = [t for t, read in enumerate(encoding.reads[i]) if read]
             row.update(tokens=[tokens[t] for t in chosen], positions=chosen)
-        if probe.reader().chat is not None:
+        if reader.chat is not None:
             row["rendered"] = encoding.texts[i]
         if task.target == "binary" and isinstance(threshold, float):
             flagged = [t for t, s in enumerate(scores[i]) if s >= threshold]
