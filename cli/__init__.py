@@ -609,6 +609,9 @@ def main(argv: list[str] | None = None) -> int:
     from probekit.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, PeerLostError, ProbekitError, Terminated
 
     logging.basicConfig(format="probekit: warning: %(message)s", level=logging.WARNING, stream=sys.stderr)
+    # huggingface_hub prints its warnings through its own handler, and they would reach the root
+    # handler above too: each was printed twice. Its handler alone prints them (as transformers').
+    logging.getLogger("huggingface_hub").propagate = False
     previous = signal.signal(signal.SIGTERM, _terminate)
     previous_int = signal.getsignal(signal.SIGINT)
     if previous_int is not signal.SIG_IGN:  # from here on Ctrl-C unwinds (see probekit._startup)

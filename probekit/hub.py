@@ -8,6 +8,7 @@ Remote code is never run unless the spec sets ``trust_remote_code``.
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,13 @@ from probekit.blocks import EMBEDDED_PACKAGE as EMBEDDED_PACKAGE
 from probekit.blocks import ModelSpec as ModelSpec
 from probekit.blocks import QuantizationSpec as QuantizationSpec
 from probekit.errors import UserError
+
+HUB_TIMEOUT = 3.0
+"""Seconds the reachability check of the hub waits for an answer (`hub_unreachable`)."""
+
+_unreachable: dict[str, str | None] = {}
+"""Per hub endpoint: why it could not be reached, or None when it answered (checked once)."""
+_warned: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,61 @@ def resolve_location(spec: ModelSpec) -> tuple[str, str]:
     return spec.name, f"Hugging Face hub id {spec.name}" + (f"@{spec.revision}" if spec.revision else "")
 
 
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached, or None when it answers or ``HF_HUB_OFFLINE`` is
+    set. One request, `HUB_TIMEOUT` seconds at most, once per process and endpoint (``HF_ENDPOINT``);
+    any HTTP answer counts as reachable. huggingface_hub's own session is used, so its proxy and
+    certificate settings apply."""
+    from huggingface_hub import constants, get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    endpoint = constants.ENDPOINT
+    if endpoint not in _unreachable:
+        try:
+            get_session().head(endpoint, timeout=HUB_TIMEOUT, follow_redirects=False)
+            _unreachable[endpoint] = None
+        except Exception as exc:  # a connection error of whichever HTTP library the hub uses
+            _unreachable[endpoint] = " ".join(str(exc).split())[:200] or type(exc).__name__
+    return _unreachable[endpoint]
+
+
+def hub_options(spec: ModelSpec, location: str) -> dict[str, Any]:
+    """The loading options for ``location``: none for a folder or a reachable hub; for a hub id
+    the hub cannot serve, ``local_files_only`` when the id is in the local cache (said once, as a
+    warning), else a one-line error. Without this check huggingface_hub retries each file for
+    about 30 s before it fails.
+
+    Raises:
+        UserError: the hub is unreachable (or ``HF_HUB_OFFLINE`` is set) and the id is not cached.
+    """
+    if Path(location).is_dir():
+        return {}
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else hub_unreachable()
+    if reason is None:
+        return {}
+    cached = try_to_load_from_cache(location, "config.json", revision=spec.revision)
+    if not isinstance(cached, str):
+        where = f"the local cache ({constants.HF_HUB_CACHE})"
+        raise UserError(
+            f"model.name: HF_HUB_OFFLINE is set and {location!r} is not in {where}; pass a local model "
+            "folder, or unset HF_HUB_OFFLINE where the hub is reachable to download it"
+            if constants.HF_HUB_OFFLINE
+            else f"model.name: cannot reach {constants.ENDPOINT} ({reason}) and {location!r} is not in "
+            f"{where}; pass a local model folder, or download it once where the hub is reachable "
+            "(then HF_HUB_OFFLINE=1 loads it without trying the network)"
+        )
+    if not constants.HF_HUB_OFFLINE and location not in _warned:
+        _warned.add(location)
+        logging.getLogger("probekit").warning(
+            f"cannot reach {constants.ENDPOINT} ({reason}); loading the cached copy of {location} "
+            "(set HF_HUB_OFFLINE=1 to skip this check)"
+        )
+    return {"local_files_only": True}
+
+
 def load_backbone(
     spec: ModelSpec, dtype: torch.dtype = torch.float32, quantization: Any = None
 ) -> LoadedBackbone:
@@ -72,7 +135,11 @@ def load_backbone(
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # probekit says what it loads
     location, provenance = resolve_location(spec)
-    kwargs: dict[str, Any] = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
+    kwargs: dict[str, Any] = {
+        "revision": spec.revision,
+        "trust_remote_code": spec.trust_remote_code,
+        **hub_options(spec, location),
+    }
     try:
         # The config first: a model that needs its own code is refused here, before any tokenizer
         # or model code could run.

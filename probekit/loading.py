@@ -186,7 +186,7 @@ def backbone_for(
 ) -> tuple[LoadedBackbone, torch.dtype]:
     """The backbone ``config.model`` names, loaded in its dtype (frozen blocks quantised with
     ``model.quantization``), or the ``model`` given, checked against the run's precision."""
-    from probekit.hub import given_backbone, load_backbone, resolve_location
+    from probekit.hub import given_backbone, hub_options, load_backbone, resolve_location
 
     if model is not None:
         given = given_backbone(model, tokenizer, config.model)
@@ -201,7 +201,10 @@ def backbone_for(
 
         location, _ = resolve_location(config.model)
         model_config = AutoConfig.from_pretrained(
-            location, revision=config.model.revision, trust_remote_code=config.model.trust_remote_code
+            location,
+            revision=config.model.revision,
+            trust_remote_code=config.model.trust_remote_code,
+            **hub_options(config.model, location),
         )
         quantization = quantization_config(config.model, not_quantised(skeleton(config, model_config)))
     loaded = load_backbone(config.model, dtype, quantization)
