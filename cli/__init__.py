@@ -338,10 +338,20 @@ def sweep_command(
         str | None, typer.Option("--out", help="Output folder (default runs/sweep-<time>).")
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
+    resamples: Annotated[
+        int,
+        typer.Option(
+            "--resamples",
+            help="Bootstrap resamples for the 95% intervals and the winner-vs-runner-up check (0: none).",
+        ),
+    ] = 1000,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap resamples.")] = 0,
     trust_remote_code: TrustOption = False,
 ) -> None:
     """Probe every layer: one frozen pass caches each layer's pooled features, a head trains on
-    each layer and on combinations; prints the table, writes it with a plot and best.yaml."""
+    each layer and on combinations; prints the table (the monitored metric with its 95% bootstrap
+    interval) and whether the winner is within the runner-up's interval; writes them with a plot
+    and best.yaml."""
     from probekit.sweep import parse_layers, sweep
 
     out, config = _path(out_text, "--out"), _path(config_text, "--config")
@@ -354,6 +364,8 @@ def sweep_command(
         overwrite=overwrite,
         layers=chosen,
         combos=combos,
+        resamples=resamples,
+        seed=seed,
         log=_echo_err,
         protect=_protect(config),
     )

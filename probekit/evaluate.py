@@ -126,6 +126,11 @@ def _check_options(task: Any, threshold: float | None, resamples: int, seed: int
             )
         if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
             raise UserError(f"--threshold {threshold:g}: expected a probability in [0, 1]")
+    check_bootstrap(resamples, seed)
+
+
+def check_bootstrap(resamples: int, seed: int) -> None:
+    """``--resamples`` within 0 .. `MAX_RESAMPLES` and ``--seed`` within 0 .. 2^32-1."""
     if resamples < 0 or resamples > MAX_RESAMPLES:
         raise UserError(f"--resamples {resamples}: expected 0 (no intervals) to {MAX_RESAMPLES}")
     if not 0 <= seed < 2**32:
@@ -159,35 +164,40 @@ def confusion(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[
     }
 
 
+def metric_resamples(
+    task: Any, labels: np.ndarray, scores: np.ndarray, resamples: int, seed: int
+) -> dict[str, np.ndarray]:
+    """Metric key -> its value in each bootstrap resample of the rows (`probekit.bootstrap`), for
+    the metrics that get an interval: a binary probe's ranking metrics; a multi-class probe's
+    macro AUROC and, with ``task.negative_class``, its guard view's (``binary_*``); none for
+    other tasks. The resamples depend only on ``seed``, the row count and ``resamples``, so two
+    probes scored on the same rows are resampled alike (a paired comparison)."""
+    from probekit.bootstrap import BINARY_KEYS, binary_resamples, macro_auroc_resamples
+
+    if task.target == "binary":
+        drawn = binary_resamples(labels, scores, resamples, seed)
+        return {key: drawn[key] for key in BINARY_KEYS}
+    if task.target != "multiclass":
+        return {}
+    out = {"auroc": macro_auroc_resamples(labels, scores, resamples, seed)}
+    if getattr(task, "negative", None) is not None:
+        from probekit.multiclass_metrics import derived_binary
+
+        drawn = binary_resamples(*derived_binary(labels, scores, task.negative), resamples, seed)
+        out.update({f"binary_{key}": drawn[key] for key in BINARY_KEYS})
+    return out
+
+
 def _intervals(
     task: Any, labels: np.ndarray, scores: np.ndarray, metrics: dict[str, Any], resamples: int, seed: int
 ) -> dict[str, Any]:
-    """``intervals`` and ``bootstrap`` of a binary probe (its ranking metrics), of a multi-class
-    one (its guard view's, with ``task.negative_class``; else its macro AUROC); none otherwise."""
-    from probekit.bootstrap import (
-        BINARY_KEYS,
-        LEVEL,
-        binary_resamples,
-        macro_auroc_resamples,
-        percentile_interval,
-    )
+    """``intervals`` and ``bootstrap`` (its settings) of the metrics `metric_resamples` covers."""
+    from probekit.bootstrap import LEVEL, percentile_interval
 
-    if task.target == "binary":
-        prefix, view = "", (labels, scores)
-    elif task.target == "multiclass" and getattr(task, "negative", None) is not None:
-        from probekit.multiclass_metrics import derived_binary
-
-        prefix, view = "binary_", derived_binary(labels, scores, task.negative)
-    elif task.target == "multiclass":
-        values = macro_auroc_resamples(labels, scores, resamples, seed)
-        intervals = {"auroc": percentile_interval(values, metrics["auroc"])}
-        return {"intervals": intervals, "bootstrap": {"resamples": resamples, "seed": seed, "level": LEVEL}}
-    else:
+    drawn = metric_resamples(task, labels, scores, resamples, seed)
+    if not drawn:
         return {}
-    drawn = binary_resamples(*view, resamples, seed)
-    intervals = {
-        f"{prefix}{key}": percentile_interval(drawn[key], metrics[f"{prefix}{key}"]) for key in BINARY_KEYS
-    }
+    intervals = {key: percentile_interval(values, metrics[key]) for key, values in drawn.items()}
     return {"intervals": intervals, "bootstrap": {"resamples": resamples, "seed": seed, "level": LEVEL}}
 
 

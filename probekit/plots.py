@@ -82,6 +82,14 @@ def _value(row: Mapping[str, float | None], key: str) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None
 
 
+def _band(row: Mapping[str, Sequence[float] | None], key: str) -> tuple[float, float] | None:
+    """`row[key]` as a finite interval `(lo, hi)`; `None` when missing or not finite."""
+    band = row.get(key)
+    if band is None or len(band) != 2 or not all(math.isfinite(v) for v in band):
+        return None
+    return float(band[0]), float(band[1])
+
+
 def plot_history(history: History, path: PathLike, monitor: str | None = None) -> Path:
     """Loss and accuracy per epoch, train and validation, and the learning rate.
 
@@ -465,13 +473,16 @@ def plot_layers(
     path: PathLike,
     combos: Sequence[tuple[str, Mapping[str, float | None]]] = (),
     best: str | None = None,
+    intervals: Sequence[Mapping[str, Sequence[float] | None]] | None = None,
+    rows: int | None = None,
 ) -> Path:
     """Validation accuracy, AUROC and AUPRC of a probe per hidden state, combinations beside them.
 
     The single layers are drawn as lines over the hidden-state index; each combination (a probe
     reading several layers) gets its own position to the right of them, after a separator, as
-    points of the same colours. A missing, `None` or non-finite value is skipped. The y axis
-    runs from a little below the lowest value drawn (a multiple of 0.05) to 1.
+    points of the same colours. A missing, `None` or non-finite value is skipped. Confidence
+    intervals, where given, are a shaded band around a line and error bars on a combination.
+    The y axis runs from a little below the lowest value drawn (a multiple of 0.05) to 1.
 
     Args:
         layers: the hidden-state indices, in the order of `metrics`.
@@ -480,12 +491,21 @@ def plot_layers(
         combos: `(label, metrics)` per combination, in drawing order.
         best: the tick label to mark with a vertical line: a layer index as text (`"3"`) or a
             combination's label; `None` marks nothing.
+        intervals: per layer, then per combination, a mapping of metric key to its interval
+            `[lo, hi]` (e.g. the 95% bootstrap interval); a missing key or `None` draws none.
+        rows: the number of validation rows, named in the title.
 
     Returns:
         The path written.
     """
     if len(layers) != len(metrics):
         raise UserError(f"plot_layers: {len(layers)} layers but {len(metrics)} rows of metrics")
+    bands = list(intervals) if intervals is not None else [{}] * (len(layers) + len(combos))
+    if len(bands) != len(layers) + len(combos):
+        raise UserError(
+            f"plot_layers: {len(bands)} rows of intervals for {len(layers)} layers and "
+            f"{len(combos)} combinations"
+        )
     xs = list(range(len(layers)))
     combo_xs = [len(layers) + 1 + i for i in range(len(combos))]  # after a one-position gap
     ticks = [*xs, *combo_xs]
@@ -493,13 +513,15 @@ def plot_layers(
     fig = Figure(figsize=(min(max(6.5, 0.32 * len(ticks) + 3.0), 24.0), 4.5))
     ax = fig.subplots()
     drawn: list[float] = []
-    for key, name, color in LAYER_METRICS:
+    for i, (key, name, color) in enumerate(LAYER_METRICS):
         points = [(x, v) for x, row in zip(xs, metrics, strict=True) if (v := _value(row, key)) is not None]
         if points:
             px, py = zip(*points, strict=True)
             ax.plot(px, py, "-", marker="o", markersize=4, color=color, label=f"val {name}")
+        # a combination's metrics side by side around its tick, so their bars do not overlap
+        shift = 0.15 * (i - (len(LAYER_METRICS) - 1) / 2)
         extra = [
-            (x, v)
+            (x + shift, v)
             for x, (_, row) in zip(combo_xs, combos, strict=True)
             if (v := _value(row, key)) is not None
         ]
@@ -507,6 +529,17 @@ def plot_layers(
             cx, cy = zip(*extra, strict=True)
             ax.plot(cx, cy, linestyle="none", marker="D", markersize=6, color=color)
         drawn += [v for _, v in points + extra]
+        spans = [
+            (x, band) for x, row in zip([*xs, *combo_xs], bands, strict=True) if (band := _band(row, key))
+        ]
+        line = [(x, lo, hi) for x, (lo, hi) in spans if x < len(layers)]
+        if line:
+            lx, lows, highs = zip(*line, strict=True)
+            ax.fill_between(lx, lows, highs, color=color, alpha=0.15, linewidth=0)
+        for x, (low, high) in spans:
+            if x > len(layers):
+                ax.plot([x + shift, x + shift], [low, high], color=color, linewidth=1.5, alpha=0.6)
+        drawn += [low for _, (low, _high) in spans]
     if combos:
         ax.axvline(len(layers), color="0.75", linewidth=1)
     if best is not None and best in labels:
@@ -519,7 +552,12 @@ def plot_layers(
     ax.set_ylim(max(-0.02, math.floor(20 * min(drawn, default=0.0) - 1) / 20), 1.02)
     ax.set_xlabel("Hidden state (0 = embeddings)" + ("; then layer combinations" if combos else ""))
     ax.set_ylabel("Validation metric")
-    ax.set_title("Probe per layer")
+    shaded = (
+        " (shaded: 95% interval)"
+        if any(_band(row, key) for row in bands for key, _, _ in LAYER_METRICS)
+        else ""
+    )
+    ax.set_title("Probe per layer: val" + (f", n={rows}" if rows is not None else "") + shaded)
     ax.grid(True, alpha=0.3)
     _legend(ax, "lower right")
     fig.tight_layout()

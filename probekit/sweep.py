@@ -47,10 +47,12 @@ from torch import Tensor, nn
 from probekit import jsonio
 from probekit.backbone import resolve_layers
 from probekit.batching import Encoded, inference_loader, progress_bar
+from probekit.bootstrap import LEVEL
 from probekit.cache import CachePlan, SplitCache, is_static
 from probekit.config import ProbeConfig, dump_config, load_config
 from probekit.distributed import launched_processes
 from probekit.errors import DivergedError, UserError
+from probekit.evaluate import check_bootstrap
 from probekit.freezers.all import FreezeAllSpec
 from probekit.inference import Runner, finish, forward, predict
 from probekit.optim import adamw, decay_groups
@@ -261,6 +263,13 @@ class Candidate:
     threshold: Threshold
     best_epoch: int
     epochs_run: int
+    intervals: dict[str, dict[str, list[float] | None]] = field(default_factory=dict)
+    """Per split: the 95% bootstrap interval ``[lo, hi]`` of each metric that has one (the
+    ranking metrics, `probekit.evaluate.metric_resamples`; None where undefined)."""
+    scores: dict[str, Scores] = field(default_factory=dict, repr=False, compare=False)
+    """Per split (``val``, ``test``): the candidate's scores, in row order."""
+    resampled: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+    """Metric -> its val value in each bootstrap resample (paired across candidates)."""
 
     def value(self, metric: str) -> float:
         """The val value of ``metric`` (``auroc``, ``accuracy``, ``f1``, ``auprc``, ``loss``...)."""
@@ -282,7 +291,109 @@ class Candidate:
             "best_epoch": self.best_epoch,
             "epochs_run": self.epochs_run,
             "metrics": self.metrics,
+            "intervals": self.intervals,
         }
+
+    def interval(self, metric: str, split: str = "val") -> list[float] | None:
+        """The bootstrap interval of ``metric`` on ``split``, None when it has none."""
+        return self.intervals.get(split, {}).get(metric)
+
+    def with_intervals(self, task: Task, resamples: int, seed: int) -> Candidate:
+        """This candidate with `intervals` on every split and its val `resampled`: ``resamples``
+        bootstrap resamples of the rows drawn with ``seed`` (none when ``resamples`` is 0)."""
+        from probekit.bootstrap import percentile_interval
+        from probekit.evaluate import metric_resamples
+
+        if resamples == 0:
+            return self
+        intervals, resampled = {}, {}
+        for split, scored in self.scores.items():
+            drawn = metric_resamples(task, scored.labels, scored.scores, resamples, seed)
+            intervals[split] = {
+                key: percentile_interval(values, self.metrics[split].get(key, math.nan))
+                for key, values in drawn.items()
+            }
+            if split == "val":
+                resampled = drawn
+        return dataclasses.replace(self, intervals=intervals, resampled=resampled)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The sweep's winner against its runner-up on the monitored val metric, with the bootstrap:
+    the runner-up's interval, and the paired interval of the difference (both probes scored on
+    the same resamples of the val rows)."""
+
+    metric: str
+    winner: str
+    runner_up: str
+    winner_value: float
+    runner_up_value: float
+    runner_up_interval: list[float] | None
+    difference_interval: list[float] | None
+
+    @property
+    def within(self) -> bool:
+        """The winner's value lies inside the runner-up's interval: the val rows cannot tell the
+        two apart."""
+        band = self.runner_up_interval
+        return band is not None and band[0] <= self.winner_value <= band[1]
+
+    def line(self) -> str:
+        """One sentence for the log and the summary."""
+        level = "95%"
+        value = _with_interval(self.runner_up_value, self.runner_up_interval)
+        head = f"runner-up: {self.runner_up}, val {self.metric} {value}"
+        if self.runner_up_interval is None:
+            return f"{head}; no {level} interval (a resample lacks a class)"
+        verdict = (
+            f"the winner's {self.winner_value:.4f} is within the runner-up's {level} interval: these val "
+            "rows do not separate them"
+            if self.within
+            else f"the winner's {self.winner_value:.4f} is outside the runner-up's {level} interval"
+        )
+        gap = self.winner_value - self.runner_up_value
+        paired = (
+            f"; paired difference {gap:+.4f} [{self.difference_interval[0]:+.4f}, "
+            f"{self.difference_interval[1]:+.4f}]"
+            if self.difference_interval is not None
+            else ""
+        )
+        return f"{head}; {verdict}{paired}"
+
+    def as_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "within": self.within}
+
+
+def compare(candidates: Sequence[Candidate], best: Candidate, monitor: str) -> Comparison | None:
+    """`Comparison` of ``best`` with the next best candidate by ``monitor``; None with one
+    candidate, or when the monitored metric has no bootstrap (the loss, accuracy, F1)."""
+    from probekit.bootstrap import percentile_interval
+
+    others = [c for c in candidates if c is not best and monitor in c.resampled]
+    if monitor not in best.resampled or not others:
+        return None
+    lower = monitor in LOWER_IS_BETTER
+    runner_up, runner_value = others[0], None
+    for candidate in others:
+        if improves(monitor, candidate.value(monitor), runner_value):
+            runner_up, runner_value = candidate, candidate.value(monitor)
+    gap = best.value(monitor) - runner_up.value(monitor)
+    paired = best.resampled[monitor] - runner_up.resampled[monitor]
+    return Comparison(
+        metric=monitor,
+        winner=best.name,
+        runner_up=runner_up.name,
+        winner_value=best.value(monitor),
+        runner_up_value=runner_up.value(monitor),
+        runner_up_interval=runner_up.interval(monitor),
+        difference_interval=percentile_interval(-paired if lower else paired, -gap if lower else gap),
+    )
+
+
+def _with_interval(value: float, interval: list[float] | None) -> str:
+    """``0.9123 [0.8801, 0.9402]``, or the value alone."""
+    return f"{value:.4f}" + (f" [{interval[0]:.4f}, {interval[1]:.4f}]" if interval is not None else "")
 
 
 @dataclass(frozen=True)
@@ -374,7 +485,14 @@ def fit_candidate(
         split: {**finished.metrics[split], "loss": scores.loss} for split, scores in finished.scores.items()
     }
     return Candidate(
-        name, layers, combine, metrics, finished.threshold, early.best_epoch, len(done.state.history)
+        name,
+        layers,
+        combine,
+        metrics,
+        finished.threshold,
+        early.best_epoch,
+        len(done.state.history),
+        scores=dict(finished.scores),
     )
 
 
@@ -415,10 +533,15 @@ class SweepResult:
     """Training and evaluating every candidate."""
     seconds: float = 0.0
     """The whole sweep, loading included."""
+    comparison: Comparison | None = None
+    """The winner against the runner-up, with bootstrap intervals (`compare`)."""
+    bootstrap: dict[str, Any] = field(default_factory=dict)
+    """The bootstrap's settings: ``resamples``, ``seed``, ``level`` (empty with none)."""
 
     def table(self) -> list[str]:
         """The candidates as a Markdown table (val metrics, then test metrics when there is a test
-        split); the best candidate's name ends in ``(best)``."""
+        split; the monitored metric with its bootstrap interval); the best candidate's name ends
+        in ``(best)``."""
         splits = [s for s in ("val", "test") if s in self.best.metrics]
         shown = [(key, col) for key, col in TABLE_METRICS if key in self.best.metrics["val"]]
         header = ["candidate", "layers"] + [f"{s} {col}" for s in splits for _, col in shown]
@@ -426,7 +549,11 @@ class SweepResult:
         rows = [header, ["---"] * len(header)]
         for c in self.candidates:
             name = f"{c.name} (best)" if c is self.best else c.name
-            cells = [f"{c.metrics[s][key]:.4f}" for s in splits for key, _ in shown]
+            cells = [
+                _with_interval(c.metrics[s][key], c.interval(key, s) if key == self.monitor else None)
+                for s in splits
+                for key, _ in shown
+            ]
             rows.append([name, c.members, *cells, f"{c.best_epoch}/{c.epochs_run}"])
         return ["| " + " | ".join(row) + " |" for row in rows]
 
@@ -435,7 +562,9 @@ class SweepResult:
         return [
             f"sweep: {self.run_dir}",
             f"best: {self.best.name} (hidden states {self.best.members}), val {self.monitor} "
-            f"{self.best.value(self.monitor):.4f}; config in {self.run_dir / 'best.yaml'}",
+            f"{_with_interval(self.best.value(self.monitor), self.best.interval(self.monitor))}; "
+            f"config in {self.run_dir / 'best.yaml'}",
+            *([self.comparison.line()] if self.comparison is not None else []),
             f"features {self.feature_seconds:.1f} s, probes {self.probe_seconds:.1f} s, "
             f"total {self.seconds:.1f} s",
         ]
@@ -468,6 +597,8 @@ def sweep(
     overwrite: bool = False,
     layers: Sequence[int] | None = None,
     combos: bool = True,
+    resamples: int = 1000,
+    seed: int = 0,
     log: Log = print,
     progress: bool | None = None,
     name: str = "sweep",
@@ -485,6 +616,9 @@ def sweep(
         overwrite: replace a non-empty ``out`` once the sweep is complete.
         layers: hidden-state indices (0 = embeddings, negative from the end); default: all.
         combos: also train the combinations (best 2, best 3, all layers).
+        resamples: bootstrap resamples of the val and test rows for the intervals of the ranking
+            metrics and the winner's comparison with the runner-up (0: none).
+        seed: the seed of the resamples.
         log: where progress lines go.
         progress: show progress bars; default: when stderr is a terminal.
         name: prefix of the default run folder name.
@@ -497,6 +631,7 @@ def sweep(
     started = time.perf_counter()
     if launched_processes() > 1:
         raise UserError("probekit sweep runs in one process; start it without torchrun or accelerate launch")
+    check_bootstrap(resamples, seed)
     token_pooler, combine = sweep_pooler(config.pooler)
     _check_fixed(token_pooler, BuildContext(hidden_size=8, num_layers=1), early=True)
     out_dir = Path(out) if out is not None else default_run_dir(name)
@@ -506,7 +641,7 @@ def sweep(
     try:
         partial = folder.create()
         ctx = RunContext.start(config.train, log=log, progress=progress)
-        result = _sweep(config, token_pooler, combine, layers, combos, partial, ctx)
+        result = _sweep(config, token_pooler, combine, layers, combos, (resamples, seed), partial, ctx)
         folder.publish()
     except BaseException as exc:
         folder.abandon(log, keep=False)
@@ -529,6 +664,7 @@ def _sweep(
     combine: Combine,
     layers: Sequence[int] | None,
     combos: bool,
+    bootstrap: tuple[int, int],
     folder: Path,
     ctx: RunContext,
 ) -> SweepResult:
@@ -608,7 +744,8 @@ def _sweep(
             else []
         )
     ]
-    candidates = singles + combined
+    resamples, seed = bootstrap
+    candidates = [c.with_intervals(plan.task, resamples, seed) for c in singles + combined]
     best, best_value = candidates[0], None
     for candidate in candidates:
         if improves(spec.monitor, candidate.value(spec.monitor), best_value):
@@ -624,6 +761,8 @@ def _sweep(
         labels=labels,
         feature_seconds=feature_seconds,
         probe_seconds=time.perf_counter() - begun,
+        comparison=compare(candidates, best, spec.monitor),
+        bootstrap={"resamples": resamples, "seed": seed, "level": LEVEL} if resamples else {},
     )
     _write_outputs(result, plan, token_pooler, rows, folder)
     return result
@@ -660,6 +799,24 @@ def _select(features: Tensor, positions: list[int]) -> Tensor:
     return features if positions == list(range(features.shape[1])) else features[:, positions]
 
 
+def layer_text(layers: Sequence[int]) -> str:
+    """Layers as short text, runs of three or more as a range: ``3,7``, ``0-6``, ``1-3,5``."""
+    parts: list[str] = []
+    ordered = sorted(layers)
+    start = 0
+    for i in range(1, len(ordered) + 1):
+        if i == len(ordered) or ordered[i] != ordered[i - 1] + 1:
+            run = ordered[start:i]
+            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 2 else ",".join(map(str, run)))
+            start = i
+    return ",".join(parts)
+
+
+def _tick(candidate: Candidate) -> str:
+    """A combination's tick label in the plot: its name over its layers."""
+    return f"{candidate.name}\n{layer_text(candidate.layers)}"
+
+
 def _write_outputs(
     result: SweepResult, plan: TrainPlan, token_pooler: TokenPoolerSpec, rows: dict[str, int], folder: Path
 ) -> None:
@@ -676,19 +833,23 @@ def _write_outputs(
         "threshold_rule": plan.task.threshold_rule_id(),
         "candidates": [c.as_json() for c in result.candidates],
         "best": best.as_json(),
+        "bootstrap": result.bootstrap,
+        "comparison": result.comparison.as_json() if result.comparison is not None else None,
         "seconds": {"features": result.feature_seconds, "probes": result.probe_seconds},
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     (folder / "sweep.json").write_text(jsonio.dumps(report, indent=2) + "\n", encoding="utf-8")
     (folder / "sweep.md").write_text("\n".join(result.table()) + "\n", encoding="utf-8")
     singles = [c for c in result.candidates if c.combine is None]
-    combos = [(c.name, c.metrics["val"]) for c in result.candidates if c.combine is not None]
+    combined = [c for c in result.candidates if c.combine is not None]
     plot_layers(
         [c.layers[0] for c in singles],
         [c.metrics["val"] for c in singles],
         folder / "layers.png",
-        combos,
-        best=best.name if best.combine is not None else str(best.layers[0]),
+        [(_tick(c), c.metrics["val"]) for c in combined],
+        best=_tick(best) if best.combine is not None else str(best.layers[0]),
+        intervals=[c.intervals.get("val", {}) for c in singles + combined],
+        rows=rows.get("val"),
     )
     chosen = best_config(config, best, token_pooler)
     (folder / "best.yaml").write_text(dump_config(chosen), encoding="utf-8")
