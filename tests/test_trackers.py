@@ -117,6 +117,8 @@ def test_wandb_offline(
     pytest.importorskip("wandb", reason="the wandb tracker needs the wandb package (not installed)")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    for name in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):  # nothing in the home folder
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
     config = make_config(bert_dir, toy_data, "train.report_to=wandb", "train.epochs=1")
     quiet_train(config, tmp_path / "run")
     assert list((tmp_path / "run" / "trackers" / "wandb").glob("offline-run-*"))
