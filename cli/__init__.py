@@ -373,6 +373,54 @@ def sweep_command(
         typer.echo(line)
 
 
+@app.command("export")
+def export_command(
+    run_text: Annotated[
+        str,
+        typer.Argument(
+            metavar="RUN", help="A run folder written by probekit train.", autocompletion=_complete_run
+        ),
+    ],
+    out_text: Annotated[str, typer.Option("--out", help="The export folder to write.")],
+    export_format: Annotated[str, typer.Option("--format", help="onnx (the only format so far).")] = "onnx",
+    quantize: Annotated[
+        str | None,
+        typer.Option("--quantize", help="int8: also write model.int8.onnx, weights quantised to int8."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an earlier export in --out.")
+    ] = False,
+    trust_remote_code: TrustOption = False,
+) -> None:
+    """Export a trained probe to ONNX: one graph from token ids and attention mask to the task's
+    scores, the tokenizer files and probe.json; checked against PyTorch before it is kept."""
+    from probekit.errors import UserError
+
+    if export_format != "onnx":
+        raise UserError(f"--format {export_format!r}: expected onnx")
+    if quantize not in (None, "int8"):
+        raise UserError(f"--quantize {quantize!r}: expected int8")
+    run, out = _path(run_text, "RUN"), _path(out_text, "--out")
+    assert run is not None and out is not None
+    with _starting():
+        from probekit.export import export_onnx
+
+    result = export_onnx(
+        run,
+        out,
+        quantize="int8" if quantize == "int8" else None,
+        overwrite=overwrite,
+        trust_remote_code=trust_remote_code,
+        log=_echo_err,
+    )
+    typer.echo(
+        f"exported to {result.folder}: {', '.join(sorted(result.files))}, probe.json "
+        f"(max |ONNX - PyTorch| {result.max_abs_diff:.2g}"
+        + (f"; int8 {result.int8_max_abs_diff:.2g}" if result.int8_max_abs_diff is not None else "")
+        + f"; {result.seconds:.1f} s)"
+    )
+
+
 @app.command("eval")
 def eval_command(
     run_text: Annotated[
@@ -514,6 +562,14 @@ def predict_command(
             help="With --per-token and one text: draw its per-token scores and the threshold to this PNG.",
         ),
     ] = None,
+    backend: Annotated[
+        str,
+        typer.Option(
+            "--backend",
+            help="auto (a run folder: torch; an export folder: onnx), torch, onnx, or onnx-int8 "
+            "(an export made with --quantize int8).",
+        ),
+    ] = "auto",
     trust_remote_code: TrustOption = False,
 ) -> None:
     """Classify texts; write one JSON object per text to stdout (binary: text, label, probability,
@@ -521,42 +577,27 @@ def predict_command(
     flagged with a negative class; --per-token: text, tokens, scores, first_flagged), after the
     input row's id and --keep fields; --format csv writes the same as CSV (nested values as
     probabilities.NAME columns)."""
-    from probekit import jsonio
-    from probekit.checkpoint import read_meta
-    from probekit.data import check_text, stored_data_spec, stream_text_lines
     from probekit.errors import UserError
-    from probekit.evaluate import read_inputs
     from probekit.probe import Probe
 
     run, input_file = _path(run_text, "RUN"), _path(input_text, "--input")
     assert run is not None
     kept = _predict_options(bool(texts), input_file, output_format, per_token or show_positions, keep)
-    folder, meta = read_meta(run)
-    # Texts are checked (never coerced), bounded by the run's data.max_text_chars, before loading.
-    max_chars = stored_data_spec(
-        (meta.get("config") or {}).get("data"), label=str(folder / "probe.json")
-    ).max_text_chars
-    extras: list[dict[str, Any]] = []
-    if texts:
-        items = [
-            check_text(text, f"text argument {i} of {len(texts)}", max_chars)
-            for i, text in enumerate(texts, 1)
-        ]
-    elif input_file is not None:
-        items, extras = read_inputs(input_file, run, kept)
-    else:
-        if sys.stdin is not None and sys.stdin.isatty():
-            typer.echo(
-                "probekit: reading texts from the terminal, one per line; end with Ctrl-D "
-                "(or give texts as arguments, or --input FILE)",
-                err=True,
-            )
-        items = stream_text_lines(sys.stdin, "<stdin>", max_chars)
+    exported = _backend(run, backend, per_token or show_positions or plot is not None)
+    items, extras = _predict_inputs(run, texts, input_file, kept, None if exported is None else exported.data)
     plot_file = _path(plot, "--plot")
     if plot_file is not None and not per_token:
         raise UserError("--plot draws per-token scores: add --per-token")
     if plot_file is not None and plot_file.suffix.lower() != ".png":
         raise UserError(f"--plot {plot_file}: expected a .png file")
+    if exported is not None:
+        from probekit.exported import ExportedProbe
+
+        onnx = ExportedProbe(run, precision="int8" if backend == "onnx-int8" else "fp32")
+        answered = onnx.predict(list(items), batch_size=batch_size)
+        assert isinstance(answered, list)  # a list of texts gives a list of rows
+        _write_rows(answered, extras, output_format)
+        return
     probe = Probe.from_pretrained(run, trust_remote_code=trust_remote_code)
     if show_positions:
         from probekit.reading import show_positions as shown
@@ -576,6 +617,44 @@ def predict_command(
 
         plot_token_scores(rows[0], probe.threshold, plot_file)
         typer.echo(f"probekit: per-token scores drawn to {plot_file}", err=True)
+    _write_rows(rows, extras, output_format)
+
+
+def _predict_inputs(
+    run: Path, texts: list[str] | None, input_file: Path | None, kept: list[str], data: Any
+) -> tuple[Any, list[dict[str, Any]]]:
+    """``predict``'s texts (arguments, ``--input`` or stdin) and each input row's kept fields.
+    Texts are checked (never coerced), bounded by the run's ``data.max_text_chars`` (``data``:
+    an export's ``data`` block instead of the run's), before anything loads."""
+    from probekit.checkpoint import read_meta
+    from probekit.data import check_text, stored_data_spec, stream_text_lines
+    from probekit.evaluate import read_inputs
+
+    folder, meta = read_meta(run) if data is None else (run, {"config": {"data": data}})
+    max_chars = stored_data_spec(
+        (meta.get("config") or {}).get("data"), label=str(folder / "probe.json")
+    ).max_text_chars
+    if texts:
+        items = [
+            check_text(text, f"text argument {i} of {len(texts)}", max_chars)
+            for i, text in enumerate(texts, 1)
+        ]
+        return items, []
+    if input_file is not None:
+        return read_inputs(input_file, run, kept, data=data)
+    if sys.stdin is not None and sys.stdin.isatty():
+        typer.echo(
+            "probekit: reading texts from the terminal, one per line; end with Ctrl-D "
+            "(or give texts as arguments, or --input FILE)",
+            err=True,
+        )
+    return stream_text_lines(sys.stdin, "<stdin>", max_chars), []
+
+
+def _write_rows(rows: list[dict[str, Any]], extras: list[dict[str, Any]], output_format: str) -> None:
+    """``predict``'s rows on stdout, after each input row's kept fields, as JSONL or CSV."""
+    from probekit import jsonio
+
     if extras:
         rows = [_with_inputs(extra, row) for extra, row in zip(extras, rows, strict=True)]
     if output_format == "csv":
@@ -583,6 +662,30 @@ def predict_command(
         return
     for row in rows:
         typer.echo(jsonio.dumps(row, ensure_ascii=False))
+
+
+def _backend(run: Path, backend: str, torch_only: bool) -> Any:
+    """The manifest of the export folder ``run`` when ``predict`` runs it with ONNX Runtime, None
+    when it runs a run folder with torch; a backend that does not fit the folder is refused."""
+    from probekit.errors import UserError
+    from probekit.exported import is_export, read_manifest
+
+    if backend not in ("auto", "torch", "onnx", "onnx-int8"):
+        raise UserError(f"--backend {backend!r}: expected auto, torch, onnx or onnx-int8")
+    if not is_export(run):
+        if backend.startswith("onnx"):
+            raise UserError(
+                f"--backend {backend}: {run} is a run folder; export it first "
+                f"(probekit export {run} --out DIR), then predict DIR"
+            )
+        return None
+    if backend == "torch":
+        raise UserError(f"--backend torch: {run} is an ONNX export; it runs with --backend onnx")
+    if torch_only:
+        raise UserError(
+            f"{run} is an ONNX export: --per-token, --show-positions and --plot need the run folder"
+        )
+    return read_manifest(run)
 
 
 def _with_inputs(extra: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:

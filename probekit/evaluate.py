@@ -271,7 +271,7 @@ def read_texts(path: str | Path, run: str | Path) -> list[str]:
 
 
 def read_inputs(
-    path: str | Path, run: str | Path, keep: Sequence[str] = ()
+    path: str | Path, run: str | Path, keep: Sequence[str] = (), data: Any = None
 ) -> tuple[list[str], list[dict[str, Any]]]:
     """Texts from ``--input`` and, per row, the fields to pass through to the output: the row's
     ``id`` when it has one, and each field of ``keep`` (every row must hold it). Data files
@@ -283,7 +283,8 @@ def read_inputs(
     Every text is checked, never coerced: a field that is not a string, an empty or invisible-only
     text, or one longer than the run's ``data.max_text_chars`` raises `DataError` naming
     ``file:line`` (``file: row N`` for parquet); so does a row without a ``keep`` field, and
-    ``keep`` with a plain text file (its lines have no fields).
+    ``keep`` with a plain text file (its lines have no fields). ``data``: the ``data`` block to
+    read by instead of the run's (an export folder's manifest holds it).
     """
     from probekit.data import (
         check_data_file,
@@ -294,7 +295,7 @@ def read_inputs(
     )
 
     path = Path(path)
-    folder, meta = read_meta(run)
+    folder, meta = read_meta(run) if data is None else (Path(run), {"config": {"data": data}})
     spec = stored_data_spec((meta.get("config") or {}).get("data"), label=str(folder / "probe.json"))
     field, max_chars = spec.text_field, spec.max_text_chars
     check_data_file(path)  # a missing file or a folder is named as such, whatever its suffix

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, cast, overload
 
 import numpy as np
 import torch
@@ -388,11 +388,18 @@ class Probe(nn.Module):
         run; a run folder that asks for it (``model.trust_remote_code: true``) is refused without
         it, since a run folder can never grant that itself.
 
+        An export folder (``probekit export``) loads as a `probekit.exported.ExportedProbe`, run by
+        ONNX Runtime without torch: it answers ``predict`` and ``predict_proba`` as a probe does,
+        and has none of its torch methods.
+
         Raises:
             UserError: the run folder is missing, damaged, or not what it claims to be.
         """
+        from probekit.exported import ExportedProbe, is_export
         from probekit.pretrained import load_probe
 
+        if is_export(run_dir):
+            return cast("Probe", ExportedProbe(run_dir))
         return load_probe(run_dir, trust_remote_code, cls=cls)
 
     def reader(self) -> Reader:

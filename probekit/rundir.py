@@ -133,8 +133,10 @@ def _inside(child: Path, parent: Path) -> bool:
 
 
 def is_run_folder(folder: Path) -> bool:
-    """True when ``folder`` holds what a probekit run or sweep writes."""
-    return any((folder / marker).is_file() for marker in RUN_MARKERS)
+    """True when ``folder`` holds what a probekit run, sweep or export writes."""
+    from probekit.exported import is_export
+
+    return any((folder / marker).is_file() for marker in RUN_MARKERS) or is_export(folder)
 
 
 def _listing(folder: Path, limit: int = 3) -> str:
