@@ -578,7 +578,6 @@ def predict_command(
     input row's id and --keep fields; --format csv writes the same as CSV (nested values as
     probabilities.NAME columns)."""
     from probekit.errors import UserError
-    from probekit.probe import Probe
 
     run, input_file = _path(run_text, "RUN"), _path(input_text, "--input")
     assert run is not None
@@ -598,6 +597,8 @@ def predict_command(
         assert isinstance(answered, list)  # a list of texts gives a list of rows
         _write_rows(answered, extras, output_format)
         return
+    from probekit.probe import Probe
+
     probe = Probe.from_pretrained(run, trust_remote_code=trust_remote_code)
     if show_positions:
         from probekit.reading import show_positions as shown
@@ -626,11 +627,14 @@ def _predict_inputs(
     """``predict``'s texts (arguments, ``--input`` or stdin) and each input row's kept fields.
     Texts are checked (never coerced), bounded by the run's ``data.max_text_chars`` (``data``:
     an export's ``data`` block instead of the run's), before anything loads."""
-    from probekit.checkpoint import read_meta
     from probekit.data import check_text, stored_data_spec, stream_text_lines
-    from probekit.evaluate import read_inputs
 
-    folder, meta = read_meta(run) if data is None else (run, {"config": {"data": data}})
+    if data is None:
+        from probekit.checkpoint import read_meta  # torch: not on an export's path
+
+        folder, meta = read_meta(run)
+    else:
+        folder, meta = run, {"config": {"data": data}}
     max_chars = stored_data_spec(
         (meta.get("config") or {}).get("data"), label=str(folder / "probe.json")
     ).max_text_chars
@@ -641,6 +645,8 @@ def _predict_inputs(
         ]
         return items, []
     if input_file is not None:
+        from probekit.evaluate import read_inputs
+
         return read_inputs(input_file, run, kept, data=data)
     if sys.stdin is not None and sys.stdin.isatty():
         typer.echo(

@@ -10,7 +10,6 @@ from typing import Any, NamedTuple, cast
 
 import numpy as np
 
-from probekit.checkpoint import read_meta
 from probekit.data import FORMAT_SUFFIXES, DataError, Target, read_records, read_split
 from probekit.errors import UserError, did_you_mean
 
@@ -295,7 +294,12 @@ def read_inputs(
     )
 
     path = Path(path)
-    folder, meta = read_meta(run) if data is None else (Path(run), {"config": {"data": data}})
+    if data is None:
+        from probekit.checkpoint import read_meta  # torch: not on an export's path
+
+        folder, meta = read_meta(run)
+    else:
+        folder, meta = Path(run), {"config": {"data": data}}
     spec = stored_data_spec((meta.get("config") or {}).get("data"), label=str(folder / "probe.json"))
     field, max_chars = spec.text_field, spec.max_text_chars
     check_data_file(path)  # a missing file or a folder is named as such, whatever its suffix

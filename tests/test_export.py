@@ -65,6 +65,7 @@ def saved(
     import torch
     from transformers import AutoModel, AutoTokenizer
 
+    probekit.discover()  # the attention plugin
     config = compose_config(
         preset="safety8k", assignments=[f"model.name={model}", "model.max_length=32", *assignments]
     )
@@ -390,3 +391,38 @@ def test_a_chat_probe_is_refused_in_one_line(tmp_path: Path, bert_dir: Path) -> 
     with pytest.raises(UserError, match=r"data.positions: this probe reads some token positions only"):
         export_onnx(run, tmp_path / "onnx", log=quiet)
     assert not (tmp_path / "onnx").exists()
+
+
+def test_cli_predict_on_an_export_imports_no_torch(trained: Path, tmp_path: Path) -> None:
+    out = tmp_path / "onnx"
+    export_onnx(trained, out, log=quiet)
+    script = textwrap.dedent(
+        """
+        import sys
+
+        class Blocked:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "transformers"):
+                    raise ImportError(f"{name} is blocked in this test")
+
+        sys.meta_path.insert(0, Blocked())
+        from probekit.cli import main
+
+        sys.exit(main(["predict", sys.argv[1], sys.argv[2]]))
+        """
+    )
+    text = texts(seed=6)[0]
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(out), text],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    row = json.loads(done.stdout)
+    expected = Probe.from_pretrained(trained).predict(text)
+    assert (
+        row["label"] == expected["label"] and abs(row["probability"] - expected["probability"]) <= TOLERANCE
+    )
