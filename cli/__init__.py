@@ -421,6 +421,71 @@ def export_command(
     )
 
 
+@app.command("serve")
+def serve_command(
+    run_text: Annotated[
+        str,
+        typer.Argument(
+            metavar="RUN_OR_EXPORT",
+            help="A run folder (probekit train) or an ONNX export folder (probekit export).",
+            autocompletion=_complete_run,
+        ),
+    ],
+    host: Annotated[
+        str, typer.Option("--host", help="The address to bind (only this machine by default).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="The TCP port.")] = 8000,
+    token_file_text: Annotated[
+        str | None,
+        typer.Option("--token-file", help="A file holding a bearer token /v1/classify and /metrics require."),
+    ] = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="The most texts in one forward pass.")] = 64,
+    max_wait_ms: Annotated[
+        float, typer.Option("--max-wait-ms", help="How long a forward pass waits for more requests.")
+    ] = 5.0,
+    queue: Annotated[
+        int, typer.Option("--queue", help="The most texts waiting; past that a request gets 503.")
+    ] = 256,
+    max_text_chars: Annotated[
+        int | None,
+        typer.Option(
+            "--max-text-chars", help="The longest text (default: the run's data.max_text_chars, <= 20000)."
+        ),
+    ] = None,
+    max_texts: Annotated[int, typer.Option("--max-texts", help="The most texts in one request.")] = 256,
+    max_body_bytes: Annotated[
+        int, typer.Option("--max-body-bytes", help="The largest request body (413 past it).")
+    ] = 1 << 20,
+    threads: Annotated[
+        int | None,
+        typer.Option("--threads", help="Compute threads of a forward pass (default: all cores but one)."),
+    ] = None,
+    trust_remote_code: TrustOption = False,
+) -> None:
+    """Serve a trained probe over HTTP: POST /v1/classify, GET /healthz, GET /metrics (Prometheus),
+    requests micro-batched into shared forward passes; SIGTERM or Ctrl-C stops it gracefully."""
+    run, token_file = _path(run_text, "RUN_OR_EXPORT"), _path(token_file_text, "--token-file")
+    assert run is not None
+    with _starting():
+        from probekit.serve import serve
+
+    serve(
+        run,
+        host,
+        port,
+        token_file=token_file,
+        trust_remote_code=trust_remote_code,
+        threads=threads,
+        log=_echo_err,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        queue_size=queue,
+        max_texts=max_texts,
+        max_text_chars=max_text_chars,
+        max_body_bytes=max_body_bytes,
+    )
+
+
 @app.command("eval")
 def eval_command(
     run_text: Annotated[

@@ -379,3 +379,31 @@ def test_results_report_on_regression_data(bert_dir: Path, tmp_path: Path) -> No
     load_results_module().plot_best_regression(alone, texts, targets, {}, tmp_path)
     assert alone["plotted"] == "probe"
     assert (tmp_path / "regression_probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_inference_benchmark_runs_every_path(bert_dir: Path, toy_data: ToyData, tmp_path: Path) -> None:
+    from .engine_fixtures import tiny_binary_run
+
+    run = tiny_binary_run(bert_dir, toy_data, tmp_path)
+    out = tmp_path / "bench"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "inference.py"),
+            *("--run", str(run), "--data", str(toy_data.path("test")), "--out", str(out)),
+            *("--latency-calls", "5", "--batch1-texts", "4", "--no-cli"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|")[1].strip() for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert {"torch", "onnx", "onnx-int8", "hf-pipeline"} <= set(rows)
+    (report,) = json.loads((out / "inference.json").read_text())
+    paths = report["paths"]
+    assert paths["onnx"]["max_abs_diff"] <= 1e-4 and "max_abs_diff" not in paths["hf-pipeline"]
+    assert paths["onnx"]["metrics"]["accuracy"] == paths["torch"]["metrics"]["accuracy"]
+    assert all(v > 0 for entry in paths.values() for v in entry["texts_per_s"].values())
+    assert (out / "inference.png").read_bytes()[:4] == b"\x89PNG"
