@@ -225,7 +225,14 @@ def _export(
     sides: tuple[Literal["right", "left"], ...] = ("right", "left")
     for side in sides:
         for batch in (len(ids), 1):
-            got = exported.scores(ids, batch_size=batch, padding_side=side)
+            try:
+                got = exported.scores(ids, batch_size=batch, padding_side=side)
+            except Exception as exc:  # ONNX Runtime refused the graph on another shape
+                first = " ".join(str(exc).split())[:300] or type(exc).__name__
+                raise UserError(
+                    f"{run}: the ONNX graph fails on the check texts ({side} padding, batch {batch}): "
+                    f"{first}; nothing was exported ({_parts(probe)})"
+                ) from None
             worst = max(worst, max_difference(reference, got))
     if not worst <= TOLERANCE:
         raise UserError(

@@ -101,6 +101,8 @@ POOLERS_AND_HEADS = {
     "multilayer scalar_mix at tokens": (
         'pooler={"kind": "multilayer", "layers": [0, 2, 4], "combine": "scalar_mix", "combine_at": "tokens"}',
     ),
+    "ema": ('pooler={"kind": "ema", "layer": -1, "alpha": 0.3}',),
+    "rolling_max": ('pooler={"kind": "rolling_max", "layer": 3, "window": 3}',),
     "attention plugin": ('pooler={"kind": "attention", "layer": -2}',),
 }
 
@@ -426,3 +428,17 @@ def test_cli_predict_on_an_export_imports_no_torch(trained: Path, tmp_path: Path
     assert (
         row["label"] == expected["label"] and abs(row["probability"] - expected["probability"]) <= TOLERANCE
     )
+
+
+def test_a_graph_that_fails_in_onnx_runtime_is_one_line(
+    trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(self: ExportedProbe, *args: Any, **kwargs: Any) -> np.ndarray:
+        raise RuntimeError("Non-zero status code returned while running Gather node\nsecond line")
+
+    monkeypatch.setattr(ExportedProbe, "scores", broken)
+    with pytest.raises(
+        UserError, match=r"the ONNX graph fails on the check texts \(right padding, batch 9\): Non-zero"
+    ):
+        export_onnx(trained, tmp_path / "onnx", log=quiet)
+    assert not (tmp_path / "onnx").exists() and not leftovers(tmp_path)

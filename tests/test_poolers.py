@@ -330,3 +330,23 @@ def test_check_pooler_can_draw_widths_divisible_by_heads() -> None:
 
     check_pooler(WidthSpy(), examples=6, hidden_multiple=4)
     assert widths and all(w % 4 == 0 for w in widths)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 4),
+    tokens=st.integers(1, 9),
+    alpha=st.floats(0.01, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_ema_closed_form_equals_its_running_state(rows: int, tokens: int, alpha: float, seed: int) -> None:
+    """`Ema.forward` (closed form, exportable) is the last state of the token-by-token recurrence."""
+    from probekit.poolers.modules import Ema
+
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, tokens, 5, generator=gen, dtype=torch.float64)
+    mask = (torch.rand(rows, tokens, generator=gen) < 0.7).long()
+    pooler = Ema(alpha)
+    torch.testing.assert_close(
+        pooler(hidden, mask), pooler.running(hidden, mask)[:, -1], rtol=1e-9, atol=1e-12
+    )

@@ -129,7 +129,20 @@ class Ema(Pooler):
         return torch.stack(steps, dim=1)
 
     def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
-        return self.running(hidden, mask)[:, -1]
+        """The last state of `running`, in closed form (no loop over tokens, so an ONNX graph
+        traced from it holds for any length): with ``n`` real tokens and ``k`` the rank of a
+        real token among them, the first weighs ``(1 - alpha)^(n-1)`` and the ``k``-th, ``k >=
+        2``, ``alpha (1 - alpha)^(n-k)``."""
+        keep = as_bool_mask(mask, hidden)
+        zero = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
+        rank = keep.long().cumsum(dim=1)  # k at each real token
+        count = rank[:, -1:]  # n per row
+        decay = torch.full((), 1.0 - self.alpha, dtype=hidden.dtype, device=hidden.device)
+        power = torch.pow(decay, (count - rank).clamp(min=0).to(hidden.dtype))
+        weight = torch.where(rank == 1, power, self.alpha * power)
+        weight = torch.where(keep, weight, zero)
+        x = torch.where(keep.unsqueeze(-1), hidden, zero)  # padding (even nan) never enters
+        return (weight.unsqueeze(-1) * x).sum(dim=1)
 
     def output_dim(self, hidden_size: int) -> int:
         return hidden_size
