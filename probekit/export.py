@@ -189,7 +189,11 @@ def _export(
     pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     model_file = folder / MODEL_FILES["fp32"]
     example = _example(probe, pad_id)
-    log(f"export: tracing {type(probe.backbone).__name__} blocks 1..{max(probe.layers)}, pooler, head")
+    top, blocks = max(probe.layers), probe.layout.num_blocks
+    log(
+        f"export: tracing {type(probe.backbone).__name__} up to hidden state {top} of {blocks} "
+        f"(blocks above it left out), pooler, head"
+    )
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracer notes on Python values; the check below decides
