@@ -67,6 +67,14 @@ def _complete_run(incomplete: str) -> list[str]:
     return run_folders(incomplete)
 
 
+RunArgument = Annotated[
+    str,
+    typer.Argument(
+        metavar="RUN", help="A run folder written by probekit train.", autocompletion=_complete_run
+    ),
+]
+
+
 def _discover() -> Any:
     import probekit
 
@@ -375,12 +383,7 @@ def sweep_command(
 
 @app.command("export")
 def export_command(
-    run_text: Annotated[
-        str,
-        typer.Argument(
-            metavar="RUN", help="A run folder written by probekit train.", autocompletion=_complete_run
-        ),
-    ],
+    run_text: RunArgument,
     out_text: Annotated[str, typer.Option("--out", help="The export folder to write.")],
     export_format: Annotated[str, typer.Option("--format", help="onnx (the only format so far).")] = "onnx",
     quantize: Annotated[
@@ -488,12 +491,7 @@ def serve_command(
 
 @app.command("eval")
 def eval_command(
-    run_text: Annotated[
-        str,
-        typer.Argument(
-            metavar="RUN", help="A run folder written by probekit train.", autocompletion=_complete_run
-        ),
-    ],
+    run_text: RunArgument,
     data_text: Annotated[str, typer.Option("--data", help="A labelled JSONL, CSV or Parquet file.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     by: Annotated[
@@ -580,7 +578,9 @@ def predict_command(
     run_text: Annotated[
         str,
         typer.Argument(
-            metavar="RUN", help="A run folder written by probekit train.", autocompletion=_complete_run
+            metavar="RUN",
+            help="A run folder (probekit train) or an export folder (probekit export).",
+            autocompletion=_complete_run,
         ),
     ],
     texts: Annotated[

@@ -56,6 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from probekit._version import __version__
 from probekit.errors import ConfigError, UserError
+from probekit.hashing import sha256_file as sha256_file
 from probekit.provenance import components, require_plugins
 from probekit.rundir import save_tensors
 from probekit.runfiles import (
@@ -112,15 +113,6 @@ def trainable_state(probe: Any, *, keep: bool = True) -> dict[str, torch.Tensor]
     from probekit.distributed import gathered
 
     return gathered({name: p.detach() for name, p in trainable_parameters(probe).items()}, keep=keep)
-
-
-def sha256_file(path: Path) -> str:
-    """The sha256 hex digest of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def versions() -> dict[str, str]:

@@ -41,8 +41,8 @@ from probekit.exported import (
     ExportedProbe,
     manifest_json,
     max_difference,
-    sha256,
 )
+from probekit.hashing import sha256_file
 from probekit.probe import Probe
 from probekit.training.context import Log
 
@@ -215,7 +215,7 @@ def _export(
         first = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise UserError(f"{run}: cannot export this probe to ONNX ({_parts(probe)}): {first}") from None
     tokenizer.save_pretrained(str(folder))
-    files = {path.name: sha256(path) for path in sorted(folder.iterdir()) if path.is_file()}
+    files = {path.name: sha256_file(path) for path in sorted(folder.iterdir()) if path.is_file()}
     if "tokenizer.json" not in files:
         raise UserError(f"{run}: the tokenizer wrote no tokenizer.json; an export needs a fast tokenizer")
     manifest = _manifest(probe, run, files, pad_id, max_abs_diff=0.0, int8=None)
@@ -257,7 +257,7 @@ def _export(
             quantize_dynamic(str(model_file), str(int8_file), weight_type=QuantType.QInt8, per_channel=True)
         finally:
             logging.getLogger().removeFilter(advice)
-        files[int8_file.name] = sha256(int8_file)
+        files[int8_file.name] = sha256_file(int8_file)
         manifest = _manifest(probe, run, files, pad_id, max_abs_diff=worst, int8=None)
         (folder / "probe.json").write_text(manifest_json(manifest), encoding="utf-8")
         int8 = max_difference(reference, ExportedProbe(folder, precision="int8").scores(ids))

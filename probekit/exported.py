@@ -14,7 +14,6 @@ with the same shapes and dicts); this module imports neither torch nor transform
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -26,6 +25,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from probekit.errors import UserError
+from probekit.hashing import sha256_file
 
 FORMAT = "probekit-onnx"
 """``probe.json``'s ``format`` in an export folder (a run's ``probe.json`` has none)."""
@@ -99,14 +99,6 @@ def is_export(folder: str | Path) -> bool:
         return False
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_manifest(folder: str | Path) -> ExportManifest:
     """The validated ``probe.json`` of an export folder, its files checked against their sums.
 
@@ -140,7 +132,7 @@ def read_manifest(folder: str | Path) -> ExportManifest:
             raise UserError(f"{path}: files: {name!r} is not a file of the export folder; refused")
         if not file.is_file():
             raise UserError(f"{root / name}: missing (probe.json lists it)")
-        if sha256(file) != expected:
+        if sha256_file(file) != expected:
             raise UserError(f"{root / name}: its SHA-256 does not match probe.json; the file was changed")
     if MODEL_FILES["fp32"] not in manifest.files or "tokenizer.json" not in manifest.files:
         raise UserError(f"{path}: files: an export holds model.onnx and tokenizer.json")

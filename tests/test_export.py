@@ -40,6 +40,33 @@ onnx = pytest.importorskip("onnx", reason="export needs the onnx extra (onnx, on
 pytest.importorskip("onnxruntime", reason="export needs the onnx extra (onnx, onnxruntime)")
 
 
+BLOCK_TORCH = textwrap.dedent(
+    """
+    import sys
+
+    class Blocked:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("torch", "transformers"):
+                raise ImportError(f"{name} is blocked in this test")
+
+    sys.meta_path.insert(0, Blocked())
+    """
+)
+"""Put first in a script: from there on, importing torch or transformers fails."""
+
+
+def without_torch(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in a fresh interpreter where torch and transformers cannot be imported."""
+    return subprocess.run(
+        [sys.executable, "-c", BLOCK_TORCH + textwrap.dedent(script), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        timeout=300,
+    )
+
+
 @pytest.fixture(scope="module")
 def trained(bert_dir: Path, toy_data: ToyData, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny trained binary run (1 epoch, linear head)."""
@@ -191,16 +218,8 @@ def test_the_export_runs_without_torch(trained: Path, tmp_path: Path) -> None:
     export_onnx(trained, out, log=quiet)
     rows = texts(seed=3)
     expected = Probe.from_pretrained(trained).predict_proba(rows)
-    script = textwrap.dedent(
-        """
+    script = """
         import json, sys
-
-        class Blocked:
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("torch", "transformers"):
-                    raise ImportError(f"{name} is blocked in this test")
-
-        sys.meta_path.insert(0, Blocked())
         folder, rows = sys.argv[1], json.loads(sys.argv[2])
 
         # 1. probekit's runtime for exports
@@ -229,15 +248,7 @@ def test_the_export_runs_without_torch(trained: Path, tmp_path: Path) -> None:
         assert not any(m.split(".")[0] in ("torch", "transformers") for m in sys.modules)
         print(json.dumps({"probekit": through_probekit, "alone": scores.tolist(), "labels": labels}))
         """
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(out), json.dumps(rows)],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-        timeout=300,
-    )
+    done = without_torch(script, str(out), json.dumps(rows))
     assert done.returncode == 0, done.stderr
     answer = json.loads(done.stdout.strip().splitlines()[-1])
     assert max_difference(np.asarray(expected), np.asarray(answer["probekit"])) <= TOLERANCE
@@ -398,30 +409,14 @@ def test_a_chat_probe_is_refused_in_one_line(tmp_path: Path, bert_dir: Path) -> 
 def test_cli_predict_on_an_export_imports_no_torch(trained: Path, tmp_path: Path) -> None:
     out = tmp_path / "onnx"
     export_onnx(trained, out, log=quiet)
-    script = textwrap.dedent(
-        """
+    script = """
         import sys
-
-        class Blocked:
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("torch", "transformers"):
-                    raise ImportError(f"{name} is blocked in this test")
-
-        sys.meta_path.insert(0, Blocked())
         from probekit.cli import main
 
         sys.exit(main(["predict", sys.argv[1], sys.argv[2]]))
         """
-    )
     text = texts(seed=6)[0]
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(out), text],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-        timeout=300,
-    )
+    done = without_torch(script, str(out), text)
     assert done.returncode == 0, done.stderr
     row = json.loads(done.stdout)
     expected = Probe.from_pretrained(trained).predict(text)
