@@ -657,7 +657,9 @@ def predict_command(
     if exported is not None:
         from probekit.exported import ExportedProbe
 
-        onnx = ExportedProbe(run, precision="int8" if backend == "onnx-int8" else "fp32")
+        onnx = ExportedProbe(  # the manifest _backend read: the files are not hashed again
+            run, precision="int8" if backend == "onnx-int8" else "fp32", manifest=exported
+        )
         answered = onnx.predict(list(items), batch_size=batch_size)
         assert isinstance(answered, list)  # a list of texts gives a list of rows
         _write_rows(answered, extras, output_format)

@@ -136,7 +136,7 @@ def export_onnx(
     folder = RunFolder.open(out_dir, overwrite=overwrite, inputs={"RUN": Path(run)}, log=log)
     try:
         partial = folder.create()
-        result = _export(probe, Path(run), partial, quantize, log)
+        files, worst, int8 = _export(probe, Path(run), partial, quantize, log)
         folder.publish()
     except BaseException:
         folder.abandon(log, keep=False)
@@ -144,7 +144,7 @@ def export_onnx(
     finally:
         folder.release()
     seconds = time.perf_counter() - began
-    return ExportResult(out_dir, result.files, result.max_abs_diff, result.int8_max_abs_diff, seconds)
+    return ExportResult(out_dir, files, worst, int8, seconds)
 
 
 def _exportable(probe: Probe, run: Path) -> None:
@@ -182,7 +182,9 @@ def _exportable(probe: Probe, run: Path) -> None:
 
 def _export(
     probe: Probe, run: Path, folder: Path, quantize: Literal["int8"] | None, log: Log
-) -> ExportResult:
+) -> tuple[dict[str, str], float, float | None]:
+    """Write the export into ``folder`` and check it; return its files' checksums and the largest
+    differences from PyTorch (fp32, and int8 when quantised)."""
     probe.eval()
     graph = ProbeGraph(probe).eval()
     tokenizer = probe.tokenizer
@@ -218,8 +220,9 @@ def _export(
     files = {path.name: sha256_file(path) for path in sorted(folder.iterdir()) if path.is_file()}
     if "tokenizer.json" not in files:
         raise UserError(f"{run}: the tokenizer wrote no tokenizer.json; an export needs a fast tokenizer")
-    manifest = _manifest(probe, run, files, pad_id, max_abs_diff=0.0, int8=None)
-    (folder / "probe.json").write_text(manifest_json(manifest), encoding="utf-8")
+    # written now for the check to read, again once the check and the int8 copy add to it
+    manifest = _manifest(probe, run, files, pad_id)
+    _write_manifest(folder, manifest)
 
     texts = _check_texts(probe)
     reference = np.asarray(probe.predict_proba(texts, as_array=False), dtype=np.float64)
@@ -257,14 +260,19 @@ def _export(
             quantize_dynamic(str(model_file), str(int8_file), weight_type=QuantType.QInt8, per_channel=True)
         finally:
             logging.getLogger().removeFilter(advice)
-        files[int8_file.name] = sha256_file(int8_file)
-        manifest = _manifest(probe, run, files, pad_id, max_abs_diff=worst, int8=None)
-        (folder / "probe.json").write_text(manifest_json(manifest), encoding="utf-8")
+        files[int8_file.name] = sha256_file(int8_file)  # ``manifest["files"]`` is this dict
+        manifest["check"]["max_abs_diff"] = worst
+        _write_manifest(folder, manifest)
         int8 = max_difference(reference, ExportedProbe(folder, precision="int8").scores(ids))
         log(f"export: int8 copy differs from PyTorch by at most {int8:.3g} on the check texts")
-    manifest = _manifest(probe, run, files, pad_id, max_abs_diff=worst, int8=int8)
+    manifest["check"].update(max_abs_diff=worst, int8_max_abs_diff=int8)
+    _write_manifest(folder, manifest)
+    return files, worst, int8
+
+
+def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """``probe.json`` of the export folder, validated as `ExportedProbe` reads it."""
     (folder / "probe.json").write_text(manifest_json(manifest), encoding="utf-8")
-    return ExportResult(folder, files, worst, int8, 0.0)
 
 
 class _Drop(logging.Filter):
@@ -313,9 +321,9 @@ def _parts(probe: Probe) -> str:
     return ", ".join(parts)
 
 
-def _manifest(
-    probe: Probe, run: Path, files: dict[str, str], pad_id: int, *, max_abs_diff: float, int8: float | None
-) -> dict[str, Any]:
+def _manifest(probe: Probe, run: Path, files: dict[str, str], pad_id: int) -> dict[str, Any]:
+    """The export's ``probe.json`` before its check: ``files`` is held, not copied, and the check's
+    differences are 0 and None until `_export` measures them."""
     from probekit.checkpoint import read_run
 
     label_map = read_run(run).meta.label_map
@@ -349,8 +357,8 @@ def _manifest(
             "texts": len(CHECK_TEXTS) + 1,
             "padding_sides": ["right", "left"],
             "tolerance": TOLERANCE,
-            "max_abs_diff": max_abs_diff,
-            "int8_max_abs_diff": int8,
+            "max_abs_diff": 0.0,
+            "int8_max_abs_diff": None,
         },
         "source": {
             "run": str(run.resolve()),

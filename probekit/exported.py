@@ -147,10 +147,17 @@ class ExportedProbe:
         precision: ``fp32`` (``model.onnx``) or ``int8`` (``model.int8.onnx``, when the export
             was quantised).
         threads: ONNX Runtime's intra-op threads (default: its own choice, all cores).
+        manifest: what `read_manifest` returned for ``folder`` just before, so its files are not
+            hashed twice.
     """
 
     def __init__(
-        self, folder: str | Path, *, precision: Literal["fp32", "int8"] = "fp32", threads: int | None = None
+        self,
+        folder: str | Path,
+        *,
+        precision: Literal["fp32", "int8"] = "fp32",
+        threads: int | None = None,
+        manifest: ExportManifest | None = None,
     ) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
@@ -159,7 +166,7 @@ class ExportedProbe:
         from probekit.registry import TASKS
 
         self.folder = Path(folder)
-        self.manifest = manifest = read_manifest(self.folder)
+        self.manifest = manifest = read_manifest(self.folder) if manifest is None else manifest
         graph = MODEL_FILES[precision]
         if graph not in manifest.files:
             raise UserError(f"{self.folder}: has no {graph}; export it with --quantize int8 for int8")
