@@ -694,17 +694,11 @@ def _predict_inputs(
     """``predict``'s texts (arguments, ``--input`` or stdin) and each input row's kept fields.
     Texts are checked (never coerced), bounded by the run's ``data.max_text_chars`` (``data``:
     an export's ``data`` block instead of the run's), before anything loads."""
-    from probekit.data import check_text, stored_data_spec, stream_text_lines
+    from probekit.data import check_text, stream_text_lines
+    from probekit.evaluate import input_spec, read_inputs
 
-    if data is None:
-        from probekit.checkpoint import read_meta  # torch: not on an export's path
-
-        folder, meta = read_meta(run)
-    else:
-        folder, meta = run, {"config": {"data": data}}
-    max_chars = stored_data_spec(
-        (meta.get("config") or {}).get("data"), label=str(folder / "probe.json")
-    ).max_text_chars
+    spec = input_spec(run, data)
+    max_chars = spec.max_text_chars
     if texts:
         items = [
             check_text(text, f"text argument {i} of {len(texts)}", max_chars)
@@ -712,9 +706,7 @@ def _predict_inputs(
         ]
         return items, []
     if input_file is not None:
-        from probekit.evaluate import read_inputs
-
-        return read_inputs(input_file, run, kept, data=data)
+        return read_inputs(input_file, run, kept, spec=spec)
     if sys.stdin is not None and sys.stdin.isatty():
         typer.echo(
             "probekit: reading texts from the terminal, one per line; end with Ctrl-D "

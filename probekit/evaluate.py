@@ -269,8 +269,23 @@ def read_texts(path: str | Path, run: str | Path) -> list[str]:
     return read_inputs(path, run)[0]
 
 
+def input_spec(run: str | Path, data: Any = None) -> Any:
+    """The `probekit.data.DataSpec` inputs of ``run`` are read by: its stored config's ``data``
+    block, or ``data`` (an export folder's manifest holds it: torch is then never imported)."""
+    from probekit.data import stored_data_spec
+
+    if data is None:
+        from probekit.checkpoint import read_meta  # torch: not on an export's path
+
+        folder, meta = read_meta(run)
+        data = (meta.get("config") or {}).get("data")
+    else:
+        folder = Path(run)
+    return stored_data_spec(data, label=str(folder / "probe.json"))
+
+
 def read_inputs(
-    path: str | Path, run: str | Path, keep: Sequence[str] = (), data: Any = None
+    path: str | Path, run: str | Path, keep: Sequence[str] = (), spec: Any = None
 ) -> tuple[list[str], list[dict[str, Any]]]:
     """Texts from ``--input`` and, per row, the fields to pass through to the output: the row's
     ``id`` when it has one, and each field of ``keep`` (every row must hold it). Data files
@@ -282,25 +297,18 @@ def read_inputs(
     Every text is checked, never coerced: a field that is not a string, an empty or invisible-only
     text, or one longer than the run's ``data.max_text_chars`` raises `DataError` naming
     ``file:line`` (``file: row N`` for parquet); so does a row without a ``keep`` field, and
-    ``keep`` with a plain text file (its lines have no fields). ``data``: the ``data`` block to
-    read by instead of the run's (an export folder's manifest holds it).
+    ``keep`` with a plain text file (its lines have no fields). ``spec``: the `input_spec` of
+    ``run`` when the caller has it already.
     """
     from probekit.data import (
         check_data_file,
         conversation_from_record,
         field_text,
         read_text_lines,
-        stored_data_spec,
     )
 
     path = Path(path)
-    if data is None:
-        from probekit.checkpoint import read_meta  # torch: not on an export's path
-
-        folder, meta = read_meta(run)
-    else:
-        folder, meta = Path(run), {"config": {"data": data}}
-    spec = stored_data_spec((meta.get("config") or {}).get("data"), label=str(folder / "probe.json"))
+    spec = input_spec(run) if spec is None else spec
     field, max_chars = spec.text_field, spec.max_text_chars
     check_data_file(path)  # a missing file or a folder is named as such, whatever its suffix
     if path.suffix.lower() not in FORMAT_SUFFIXES:
