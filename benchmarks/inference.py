@@ -190,15 +190,10 @@ def metrics_of(paths: Paths, labels: Sequence[Any], scores: np.ndarray) -> dict[
     """Accuracy and AUROC (macro for several classes) of ``scores`` at the probe's threshold."""
     from probekit.tasks.base import Scores
 
-    label_map = paths.onnx.manifest.label_map
-    known = [
-        i
-        for i, label in enumerate(labels)
-        if label is not None and str(label).lower() in {k.lower() for k in label_map}
-    ]
+    lookup = {k.lower(): v for k, v in paths.onnx.manifest.label_map.items()}
+    known = [i for i, label in enumerate(labels) if label is not None and str(label).lower() in lookup]
     if not known:
         return {}
-    lookup = {k.lower(): v for k, v in label_map.items()}
     y = np.asarray([lookup[str(labels[i]).lower()] for i in known])
     found = paths.task.metrics(Scores(y, scores[known], 0.0), paths.probe.threshold)
     return {key: float(found[key]) for key in ("accuracy", "auroc", "binary_auroc") if key in found}

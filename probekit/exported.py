@@ -28,7 +28,7 @@ from probekit.errors import UserError
 from probekit.hashing import sha256_file
 
 FORMAT = "probekit-onnx"
-"""``probe.json``'s ``format`` in an export folder (a run's ``probe.json`` has none)."""
+"""``probe.json``'s ``format`` in an export folder (a run's says ``probekit-checkpoint``)."""
 
 FORMAT_VERSION = 1
 
