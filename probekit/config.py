@@ -117,6 +117,13 @@ class TrainSpec(BaseModel):
         description="Seeds weights of the head, data order and dropout (0 .. 2^32-1).",
     )
     cpu: bool = Field(default=False, description="Train on the CPU even when a GPU is present.")
+    deterministic: bool = Field(
+        default=False,
+        description="Deterministic kernels only (torch.use_deterministic_algorithms, cuDNN "
+        "autotuning off, cuBLAS given a fixed workspace): a GPU run repeats, and resumes, bit for "
+        "bit, at some cost in speed; an operation with no deterministic kernel on the device stops "
+        "the run with its name. CPU runs are deterministic either way.",
+    )
     bucket_batches: int = Field(
         default=50,
         ge=1,
@@ -130,6 +137,12 @@ class TrainSpec(BaseModel):
         le=1 << 40,
         description="Write a training-state checkpoint every this many optimiser steps (and after "
         "every epoch), so a stopped run continues with --resume; null: after epochs only.",
+    )
+    resumable: bool = Field(
+        default=True,
+        description="Write training-state checkpoints (trainable weights and optimiser state; "
+        "--dry-run prints their size). false: none are written, which saves their time and disk "
+        "when the trainable part is large, and a stopped run cannot be resumed.",
     )
     report_to: list[str] = Field(
         default_factory=list,

@@ -63,6 +63,13 @@ def memory_plan(plan: TrainPlan) -> dict[str, dict[str, int]]:
     return {where: dict(parts) for where, parts in table.items()}
 
 
+def checkpoint_bytes(plan: TrainPlan) -> int:
+    """A training-state checkpoint's size: the trainable weights and AdamW's moments (its JSON,
+    the generators and the callbacks' state are small beside them)."""
+    parts = [p for device in memory_plan(plan).values() for p in device.items()]
+    return sum(n for part, n in parts if part in ("trainable weights", "optimizer state"))
+
+
 def cache_bytes(plan: TrainPlan) -> int:
     """The activation cache of train and val (the test split is never cached)."""
     cache = plan.cache_plan

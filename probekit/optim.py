@@ -75,11 +75,26 @@ def param_groups(probe: Probe, spec: OptimizerSpec) -> list[ParamGroup]:
     )
 
 
-def adamw(groups: Iterable[ParamGroup], spec: OptimizerSpec) -> torch.optim.AdamW:
-    """AdamW over ``groups`` with the spec's betas and eps."""
-    return torch.optim.AdamW([g.as_torch() for g in groups], lr=spec.lr_head, betas=spec.betas, eps=spec.eps)
+def adamw(groups: Iterable[ParamGroup], spec: OptimizerSpec, *, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW over ``groups`` with the spec's betas and eps; ``fused``: torch's one-kernel update
+    (see `fused_update`), else its default (a few multi-tensor kernels)."""
+    return torch.optim.AdamW(
+        [g.as_torch() for g in groups],
+        lr=spec.lr_head,
+        betas=spec.betas,
+        eps=spec.eps,
+        fused=True if fused else None,
+    )
 
 
-def build_optimizer(probe: Probe, spec: OptimizerSpec) -> torch.optim.AdamW:
+def fused_update(device: torch.device, precision: str, sharded: bool) -> bool:
+    """Whether AdamW runs fused: on CUDA, where one kernel per step reads each trainable value's
+    weight, gradient and moments once (the step of billions of trainable values is memory-bound).
+    Not with fp16, whose grad scaler counts a skipped step only when the optimiser's own step is
+    not called (a fused step is always called and skips inside), nor on sharded parameters."""
+    return device.type == "cuda" and precision != "fp16" and not sharded
+
+
+def build_optimizer(probe: Probe, spec: OptimizerSpec, *, fused: bool = False) -> torch.optim.AdamW:
     """AdamW over `param_groups`."""
-    return adamw(param_groups(probe, spec), spec)
+    return adamw(param_groups(probe, spec), spec, fused=fused)

@@ -72,7 +72,17 @@ def explain_failure(exc: BaseException, kept: Path | None) -> BaseException:
         return InterruptedRunError(f"interrupted by Ctrl-C; {where}")
     if isinstance(exc, Terminated):
         return TerminatedError(f"terminated by SIGTERM; {where}")
+    if isinstance(exc, RuntimeError) and NOT_DETERMINISTIC in str(exc):
+        operation = str(exc).split(NOT_DETERMINISTIC)[0].strip() or "an operation"
+        return UserError(
+            f"train.deterministic: {operation} has no deterministic kernel on this device; set "
+            f"train.deterministic=false to train with it; {where}"
+        )
     return exc
+
+
+NOT_DETERMINISTIC = "does not have a deterministic implementation"
+"""What torch says of an operation it cannot run under ``torch.use_deterministic_algorithms``."""
 
 
 def save_tensors(tensors: Mapping[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:

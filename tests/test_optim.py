@@ -200,3 +200,13 @@ def test_one_step_changes_only_trainable_parameters() -> None:
         else:
             assert torch.equal(param, before[name]), f"frozen {name} changed"
             assert param.grad is None
+
+
+def test_adamw_is_fused_on_cuda_except_under_fp16_or_sharding() -> None:
+    from probekit.optim import fused_update
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert fused_update(cuda, "bf16", sharded=False) and fused_update(cuda, "fp32", sharded=False)
+    assert not fused_update(cuda, "fp16", sharded=False)  # the grad scaler counts skipped steps
+    assert not fused_update(cuda, "bf16", sharded=True)
+    assert not fused_update(cpu, "fp32", sharded=False)  # CPU runs keep their numbers

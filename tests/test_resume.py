@@ -20,7 +20,7 @@ import probekit.training.plan
 from probekit import state
 from probekit.batching import Collator
 from probekit.config import ProbeConfig
-from probekit.errors import UserError
+from probekit.errors import TerminatedError, UserError
 from probekit.training import Callback, RunResult, train
 
 from .engine_fixtures import (
@@ -454,3 +454,111 @@ def test_resume_that_would_change_the_micro_batch_is_refused(
     with pytest.raises(UserError, match=r"micro-batches of 8 per process; .* would be 4"):
         run(config, out, resume=True)
     assert len(leftovers(tmp_path)) == 1  # the stopped run is kept for a proper resume
+
+
+# -- train.deterministic ------------------------------------------------------------------------
+def test_deterministic_kernels_are_on_for_the_run_only_and_a_missing_one_is_named(
+    bert_dir: Path, toy_data: ToyData, tmp_path: Path, no_plots: list[Any]
+) -> None:
+    """train.deterministic turns torch's deterministic mode on while the run lasts (the plan says
+    so) and restores the process's setting after it, also when the run fails. An operation torch
+    has no deterministic kernel for stops the run in one line that names it and says what to
+    change; the run is kept for --resume. (On a GPU: tests/test_gpu.py.)"""
+
+    class NoDeterministicKernel(Callback):
+        """Raises torch's error at the second window (a checkpoint of the first exists)."""
+
+        def on_window_end(self, fit: Any) -> None:
+            assert torch.are_deterministic_algorithms_enabled()
+            assert os.environ["CUBLAS_WORKSPACE_CONFIG"]
+            if fit.state.step < 2:
+                return
+            raise RuntimeError(
+                "scatter_add_cuda_kernel does not have a deterministic implementation, but you set "
+                "'torch.use_deterministic_algorithms(True)'. You can turn off determinism just for "
+                "this operation, or you can use the 'warn_only=True' option"
+            )
+
+    config = config_for(bert_dir, toy_data, "train.deterministic=true")
+    lines: list[str] = []
+    with pytest.raises(UserError) as raised:
+        train(
+            config,
+            out=tmp_path / "run",
+            log=lines.append,
+            progress=False,
+            callbacks=[NoDeterministicKernel()],
+        )
+    message = str(raised.value)
+    assert message.startswith(
+        "train.deterministic: scatter_add_cuda_kernel has no deterministic kernel on this device; "
+        "set train.deterministic=false to train with it; the unfinished run and its last checkpoint "
+        "are kept in "
+    ), message
+    assert "\n" not in message
+    assert any(
+        line.startswith("precision: fp32 -> fp32 on cpu; deterministic kernels only") for line in lines
+    )
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    assert len(leftovers(tmp_path)) == 1
+
+
+# -- train.resumable ----------------------------------------------------------------------------
+def test_a_run_that_is_not_resumable_writes_no_checkpoint_and_trains_the_same(
+    reference: Path,
+    bert_dir: Path,
+    toy_data: ToyData,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    no_plots: list[Any],
+) -> None:
+    """train.resumable=false: no checkpoint is ever written (a big trainable part's optimiser
+    state would cost tens of GB a write), the plan says so, and the run ends with the weights
+    and metrics of a resumable one (the checkpoints draw no random numbers)."""
+    writes: list[str] = []
+    real_save = state.save_state
+    monkeypatch.setattr(state, "save_state", lambda *a, **k: writes.append(a[1]) or real_save(*a, **k))
+    import probekit.training.callbacks
+
+    monkeypatch.setattr(probekit.training.callbacks, "save_state", state.save_state)
+    lines: list[str] = []
+    config = config_for(bert_dir, toy_data, "train.resumable=false")
+    out = tmp_path / "run"
+    train(config, out=out, log=lines.append, progress=False, callbacks=CALLBACKS)
+    assert writes == []
+    assert "checkpoints: none (train.resumable is false): a stopped run cannot be resumed" in lines
+    (wa, ma), (wb, mb) = outcome(out), outcome(reference)
+    assert all(torch.equal(wa[k], wb[k]) for k in wb) and wa.keys() == wb.keys()
+    assert [json.loads(r)["val_auroc"] for r in ma.splitlines()] == [
+        json.loads(r)["val_auroc"] for r in mb.splitlines()
+    ]
+    # A resumable run's plan gives the checkpoints' size: trainable weights + AdamW's 2 moments.
+    planned = probekit.training.plan.prepare(config_for(bert_dir, toy_data))
+    trainable = sum(p.numel() for p in planned.probe.parameters() if p.requires_grad)
+    from probekit import memplan
+
+    assert memplan.checkpoint_bytes(planned) == 12 * trainable
+    assert (
+        "checkpoints: every 1 optimiser steps and after each epoch, "
+        f"{memplan.size(12 * trainable)} each (trainable weights and optimizer state), the newest 2 "
+        "kept; train.resumable=false writes none"
+    ) in planned.describe()
+
+
+def test_a_run_that_is_not_resumable_stopped_by_sigterm_says_it_cannot_be_continued(
+    bert_dir: Path, toy_data: ToyData, tmp_path: Path, no_plots: list[Any]
+) -> None:
+    class Sigterm(Callback):
+        def on_window_end(self, fit: Any) -> None:
+            if fit.state.step == 2:
+                fit.signal = signal.SIGTERM
+
+    config = config_for(bert_dir, toy_data, "train.resumable=false")
+    with pytest.raises(TerminatedError) as raised:  # exit 143
+        train(config, out=tmp_path / "run", log=lambda _l: None, progress=False, callbacks=[Sigterm()])
+    assert str(raised.value).startswith(  # every process agrees on a stop at the next window end
+        "stopped by SIGTERM after step 3; no checkpoint was written (train.resumable is false), so "
+        "the run cannot be continued"
+    ), str(raised.value)
+    assert leftovers(tmp_path) == [] and not (tmp_path / "run").exists()

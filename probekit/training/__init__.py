@@ -32,7 +32,7 @@ from probekit.config import ProbeConfig
 from probekit.distributed import is_peer_failure, peer_lost, shard_model
 from probekit.errors import Terminated, UserError
 from probekit.inference import Runner, finish, predict
-from probekit.optim import build_optimizer
+from probekit.optim import build_optimizer, fused_update
 from probekit.rundir import RunFolder, check_out, default_run_dir, explain_failure
 from probekit.state import STATE_DIR, Saved, has_checkpoint
 from probekit.tasks.base import Scores
@@ -47,7 +47,7 @@ from probekit.training.callbacks import (
     callback_states,
     state_keys,
 )
-from probekit.training.context import Log, Precision, RunContext
+from probekit.training.context import Log, Precision, RunContext, deterministic_algorithms
 from probekit.training.loop import Fit, Parts, fit
 from probekit.training.outputs import RunFacts, RunResult, write_config, write_outputs
 from probekit.training.plan import TrainPlan, absolute_paths, check_cache_dir, input_paths, prepare
@@ -105,7 +105,8 @@ def train(
         name: prefix of the default run folder name; one folder name (letters, digits, ``.``,
             ``_``, ``-``), never a path.
         resume: continue the unfinished run of ``out`` from its newest intact training-state
-            checkpoint; the result is bit-identical to a run that was never stopped (on CPU).
+            checkpoint; the result is bit-identical to a run that was never stopped (on the CPU;
+            on a GPU with ``train.deterministic``).
         allow_spec_change: with ``resume``, accept a config that differs from the stopped run's.
         protect: more paths ``out`` must not be, hold or lie inside (by description), besides the
             data, model and cache folders of ``config``; the CLI passes its ``--config`` file.
@@ -135,62 +136,63 @@ def train(
     out_dir = Path(out) if out is not None else default_run_dir(name)
     inputs = input_paths(config, dict(protect or {}))
     check_cache_dir(config)
-    try:
-        ctx = RunContext.start(config.train, log=log, progress=progress)
-        # The main process checks and locks the folder first: a refusal should not wait for the model.
-        folder = (
-            RunFolder.open(out_dir, overwrite=overwrite, inputs=inputs, log=ctx.log, resume=resume)
-            if ctx.is_main
-            else None
-        )
-        if folder is None:
-            check_out(out_dir, overwrite=overwrite, inputs=inputs, resume=resume)
-    except (KeyboardInterrupt, Terminated) as exc:  # nothing is written yet: say so
-        raise explain_failure(exc, None) from exc
-    try:
-        saved: Saved | None = None
-        if resume:
-            partial, saved = find_resumable(out_dir, ctx.log)
-            check_same_spec(saved.state["config"], absolute_paths(config), allow_spec_change)
-            if folder is not None:
-                folder.partial = partial
-        else:
-            partial = folder.create() if folder is not None else out_dir  # only the main one writes
+    with deterministic_algorithms(config.train.deterministic):
         try:
-            plan = prepare(
-                config,
-                device=ctx.device,
-                num_processes=ctx.group.size,
-                model=model,
-                tokenizer=tokenizer,
-                data=objects,
+            ctx = RunContext.start(config.train, log=log, progress=progress)
+            # The main process checks and locks the folder first: a refusal should not wait for the model.
+            folder = (
+                RunFolder.open(out_dir, overwrite=overwrite, inputs=inputs, log=ctx.log, resume=resume)
+                if ctx.is_main
+                else None
             )
-            if saved is not None:
-                check_same_data(saved.state, plan, ctx.log)
-                check_same_batches(saved.state, plan)
-            for line in plan.describe():
-                ctx.log(line)
-            result = _run(ctx, plan, partial if folder is not None else None, saved, callbacks, started)
-            ctx.group.barrier()
+            if folder is None:
+                check_out(out_dir, overwrite=overwrite, inputs=inputs, resume=resume)
+        except (KeyboardInterrupt, Terminated) as exc:  # nothing is written yet: say so
+            raise explain_failure(exc, None) from exc
+        try:
+            saved: Saved | None = None
+            if resume:
+                partial, saved = find_resumable(out_dir, ctx.log)
+                check_same_spec(saved.state["config"], absolute_paths(config), allow_spec_change)
+                if folder is not None:
+                    folder.partial = partial
+            else:
+                partial = folder.create() if folder is not None else out_dir  # only the main one writes
+            try:
+                plan = prepare(
+                    config,
+                    device=ctx.device,
+                    num_processes=ctx.group.size,
+                    model=model,
+                    tokenizer=tokenizer,
+                    data=objects,
+                )
+                if saved is not None:
+                    check_same_data(saved.state, plan, ctx.log)
+                    check_same_batches(saved.state, plan)
+                for line in plan.describe():
+                    ctx.log(line)
+                result = _run(ctx, plan, partial if folder is not None else None, saved, callbacks, started)
+                ctx.group.barrier()
+                if folder is not None:
+                    shutil.rmtree(partial / STATE_DIR, ignore_errors=True)  # finished: nothing to resume
+                    folder.publish()
+            except BaseException as exc:
+                if folder is not None:
+                    folder.abandon(ctx.log, keep=has_checkpoint(partial))
+                if ctx.group.active and is_peer_failure(exc):
+                    raise peer_lost(exc, f"training (process {ctx.group.rank} of {ctx.group.size})") from exc
+                error = explain_failure(exc, folder.partial if folder is not None else None)
+                if error is exc:
+                    raise
+                raise error from exc
+        finally:
             if folder is not None:
-                shutil.rmtree(partial / STATE_DIR, ignore_errors=True)  # finished: nothing to resume
-                folder.publish()
-        except BaseException as exc:
-            if folder is not None:
-                folder.abandon(ctx.log, keep=has_checkpoint(partial))
-            if ctx.group.active and is_peer_failure(exc):
-                raise peer_lost(exc, f"training (process {ctx.group.rank} of {ctx.group.size})") from exc
-            error = explain_failure(exc, folder.partial if folder is not None else None)
-            if error is exc:
-                raise
-            raise error from exc
-    finally:
-        if folder is not None:
-            folder.release()
-    result.run_dir = out_dir
-    for line in result.summary():
-        ctx.log(line)
-    return result
+                folder.release()
+        result.run_dir = out_dir
+        for line in result.summary():
+            ctx.log(line)
+        return result
 
 
 def _run(
@@ -246,8 +248,8 @@ def default_callbacks(
         MetricsFile(folder),
         StepsFile(folder, spec.report_to),
         *extra,
-        StateCheckpoints(folder, spec.checkpoint_every_steps, saved),
-        StopOnSignal(folder),
+        StateCheckpoints(folder, spec.checkpoint_every_steps, saved, write=spec.resumable),
+        StopOnSignal(folder, resumable=spec.resumable),
     ]
 
 
@@ -266,7 +268,8 @@ def build_parts(plan: TrainPlan, ctx: RunContext) -> tuple[Parts, RunFacts]:
         optimizer = ctx.accelerator.prepare_optimizer(build_optimizer(probe, config.optimizer))
         model = probe
     else:
-        optimizer = build_optimizer(probe, config.optimizer)
+        fused = fused_update(ctx.device, ctx.precision.name, sharded=False)
+        optimizer = build_optimizer(probe, config.optimizer, fused=fused)
         model, optimizer = ctx.accelerator.prepare(probe, optimizer)
         probe = ctx.accelerator.unwrap_model(model)
     scheduler = config.scheduler.build(optimizer, plan.total_steps, plan.steps_per_epoch)

@@ -219,10 +219,13 @@ class MetricsFile(Callback):
 class StateCheckpoints(Callback):
     """Writes a training-state checkpoint every ``every`` optimiser steps (None: epochs only), at
     a stop request, and after each epoch, into ``folder``'s ``state/`` (`probekit.state`), and
-    brings a run back from one (`resume`)."""
+    brings a run back from one (`resume`). ``write=False`` (``train.resumable=false``): none
+    are written (nor gathered)."""
 
-    def __init__(self, folder: Path | None, every: int | None, saved: Saved | None = None) -> None:
-        self.folder, self.every, self.saved = folder, every, saved
+    def __init__(
+        self, folder: Path | None, every: int | None, saved: Saved | None = None, *, write: bool = True
+    ) -> None:
+        self.folder, self.every, self.saved, self.enabled = folder, every, saved, write
 
     def on_fit_start(self, fit: Fit) -> None:
         if self.saved is None:
@@ -245,6 +248,8 @@ class StateCheckpoints(Callback):
     def write(self, fit: Fit) -> None:
         """Save everything needed to continue from here. Every process takes part (RNG states and
         running sums are gathered, sharded tensors too); only the main process writes."""
+        if not self.enabled:
+            return
         group, state = fit.ctx.group, fit.state
         totals = group.sum(state.loss_sum, state.correct, state.seen) if state.window else None
         rngs = group.gather(rng_state())
@@ -338,8 +343,8 @@ class StopOnSignal(Callback):
     a checkpoint, then stop (exit 143 / 130); a second Ctrl-C stops at once. Every process agrees
     on a request at the next window end (or epoch end), so all stop after the same step."""
 
-    def __init__(self, folder: Path | None) -> None:
-        self.folder = folder
+    def __init__(self, folder: Path | None, *, resumable: bool = True) -> None:
+        self.folder, self.resumable = folder, resumable
         self.previous: dict[int, Any] = {}
         self.fit: Fit | None = None
 
@@ -373,6 +378,12 @@ class StopOnSignal(Callback):
         process is past the checkpoint."""
         fit.ctx.group.barrier()
         what = "SIGTERM" if signum == signal.SIGTERM else "SIGINT"
+        if not self.resumable:
+            message = (
+                f"stopped by {what} after step {fit.state.step}; no checkpoint was written "
+                "(train.resumable is false), so the run cannot be continued"
+            )
+            raise (TerminatedError if signum == signal.SIGTERM else InterruptedRunError)(message)
         where = (
             f"a checkpoint was written to {self.folder / STATE_DIR}"
             if self.folder is not None and fit.ctx.is_main

@@ -8,8 +8,10 @@ the context; nothing re-resolves the device or the precision.
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -70,6 +72,40 @@ class Precision:
 def default_device(cpu: bool) -> torch.device:
     """CUDA when there is a GPU and ``train.cpu`` is false, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
+
+
+CUBLAS_WORKSPACE = ":4096:8"
+"""The cuBLAS workspace setting its documentation gives for reproducible results (CUDA >= 10.2)."""
+
+
+@contextmanager
+def deterministic_algorithms(on: bool) -> Iterator[None]:
+    """``train.deterministic``: within the block torch runs deterministic kernels only, cuDNN does
+    not autotune, and cuBLAS gets a fixed workspace (``CUBLAS_WORKSPACE_CONFIG``, unless the user
+    set one); the process's previous settings come back afterwards (a notebook's later code is
+    not slowed). Off: nothing changes."""
+    if not on:
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        cudnn.benchmark,
+        cudnn.deterministic,
+    )
+    ours = "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    if ours:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
+    torch.use_deterministic_algorithms(True)
+    cudnn.benchmark, cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        cudnn.benchmark, cudnn.deterministic = before[2], before[3]
+        if ours:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def silent(_line: str) -> None:

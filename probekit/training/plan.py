@@ -30,6 +30,7 @@ from probekit.loading import backbone_for, keep_fp32
 from probekit.optim import ParamGroup, param_groups
 from probekit.probe import Probe
 from probekit.reading import describe_reading
+from probekit.state import KEEP
 from probekit.tasks.base import Task
 from probekit.training.context import Precision, default_device
 from probekit.training.trackers import check_trackers
@@ -100,6 +101,21 @@ class TrainPlan:
         if spec.path is None and spec.train is None:
             return f"probekit's shipped demo dataset ({self.dataset.train.source})"
         return ", ".join(dict.fromkeys(s.source for s in self.dataset.splits()))
+
+    def checkpoint_line(self) -> str:
+        """When training-state checkpoints are written, and their size."""
+        spec = self.config.train
+        if not spec.resumable:
+            return "checkpoints: none (train.resumable is false): a stopped run cannot be resumed"
+        every = (
+            f"every {spec.checkpoint_every_steps} optimiser steps and after each epoch"
+            if spec.checkpoint_every_steps is not None
+            else "after each epoch"
+        )
+        return (
+            f"checkpoints: {every}, {memplan.size(memplan.checkpoint_bytes(self))} each (trainable weights "
+            f"and optimizer state), the newest {KEEP} kept; train.resumable=false writes none"
+        )
 
     def warmup_warnings(self) -> list[str]:
         """A warning when the learning-rate warmup takes the whole run, or most of it."""
@@ -173,7 +189,8 @@ class TrainPlan:
             + (spec_batch if self.num_processes > 1 else ""),
             f"steps: {self.steps_per_epoch} optimiser steps per epoch, up to {self.total_steps} "
             f"in {cfg.train.epochs} epochs; warmup {self.warmup_steps} steps ({cfg.scheduler.kind} schedule)",
-            f"precision: {cfg.train.precision} -> {self.precision} on {self.device}",
+            f"precision: {cfg.train.precision} -> {self.precision} on {self.device}"
+            + ("; deterministic kernels only" if cfg.train.deterministic else ""),
             f"stopping: best val {cfg.train.monitor}, patience {cfg.train.patience} epochs; "
             f"threshold: {self.task.threshold_rule()}",
             f"per-step scalars: steps.jsonl; trackers: {', '.join(cfg.train.report_to) or 'none'}",
@@ -195,6 +212,7 @@ class TrainPlan:
             dtype = str(storage_dtype(cfg.train.cache, self.precision.name)).removeprefix("torch.")
             where = f"kept in {cfg.train.cache.dir}" if cfg.train.cache.dir else "for this run"
             lines.append(f"activation cache: {self.cache_plan.describe()} ({dtype}, {where})")
+        lines.append(self.checkpoint_line())
         truncated = {name: enc.truncated for name, enc in self.encoded.items() if enc.truncated}
         if truncated:
             lines.append(f"truncated to {cfg.model.max_length} tokens: {truncated} rows")
