@@ -593,9 +593,20 @@ def main(argv: list[str] | None = None) -> int:
         if nominal:
             print(f"card's bf16 peak (data sheet): {nominal:.1f} TFLOP/s")
         results = {}
-        for role in ("baseline", "probekit"):
+        # probekit first, and each side's figures as soon as it ends: a run cut short (a GPU
+        # lease running out) still leaves them in the log.
+        for role in ("probekit", "baseline"):
             print(f"running {role} ...", flush=True)
             results[role] = child(role, args, data)
+            figures = results[role]
+            memory = figures.get("peak_cuda_mb", figures["peak_rss_mb"])
+            print(
+                f"  {role}: {figures['process_s']:.1f} s end to end, epochs "
+                + ", ".join(f"{e:.2f}" for e in figures["epoch_s"])
+                + f" s (training {', '.join(f'{t:.2f}' for t in figures['train_s'])} s), median step "
+                f"{1000 * statistics.median(figures['step_s']):.1f} ms, peak memory {memory:.0f} MiB",
+                flush=True,
+            )
     report(args, results, sizes, Work(peak, flops, tokens, nominal))
     return 0
 

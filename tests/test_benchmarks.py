@@ -47,7 +47,7 @@ def test_partial_scenario_on_a_given_jsonl(tmp_path: Path) -> None:
         "--scenario", "partial", "--data", str(data), "--rows", "64", "--epochs", "1", tmp_path=tmp_path
     )
     assert LAST_LINE.match(lines[-1]), lines[-1]
-    assert lines[0] == "scenario partial: 64 train / 24 val rows, 1 epochs"
+    assert re.fullmatch(r"scenario partial: 64 train / 24 val rows, [\d,]+ train tokens, 1 epochs", lines[0])
     assert any(line.startswith("probekit activation cache: hidden states [4] per token") for line in lines)
     assert any(line.startswith("GFLOP/s, trainable blocks") for line in lines)
     for side in ("baseline", "probekit"):
@@ -57,12 +57,50 @@ def test_partial_scenario_on_a_given_jsonl(tmp_path: Path) -> None:
         assert figures["peak_rss_mb"] > 0
 
 
-def test_gpu_scenario_code_path_on_a_tiny_llama(tmp_path: Path) -> None:
-    """The gpu scenario's code (random Llama built from its config, synthetic texts) at toy size."""
-    lines, result = bench("--scenario", "gpu", "--tiny", "--rows", "64", "--epochs", "1", tmp_path=tmp_path)
-    assert LAST_LINE.match(lines[-1]), lines[-1]
-    assert any("projected 10 epochs" in line for line in lines)
+def test_the_gpu_check_script_dry_runs_on_the_cpu(tmp_path: Path) -> None:
+    """benchmarks/gpu_check.sh --tiny: every step of the GPU check (install check, pytest -m gpu,
+    the gpu scenario at toy size, versions), its files as the device tool brings them back (at
+    most 8, none in a sub-folder), the benchmark's figures and targets line."""
+    out = tmp_path / "check"
+    done = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "benchmarks" / "gpu_check.sh"),
+            "--tiny",
+            "--out",
+            str(out),
+            "--python",
+            sys.executable,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    summary = (out / "summary.txt").read_text()
+    assert done.returncode == 0, summary + done.stderr[-2000:]
+    files = sorted(p.name for p in out.iterdir())
+    expected = "bench.json bench.log bench.png env.txt install.log summary.txt tests.log tests.xml"
+    assert files == expected.split()
+    for name in (
+        "0. install",
+        "1. pytest -m gpu",
+        "2. benchmark: gpu scenario",
+        "3. nvidia-smi and versions",
+    ):
+        assert f"== {name}: ok (exit 0)" in summary, name
+    assert re.search(r"\d+ passed, \d+ skipped", summary)  # the cpu cases ran, the cuda ones skipped
+    assert "targets: 10 epochs under 10 min: " in summary and "optimiser step, ms (median)" in summary
+    result = json.loads((out / "bench.json").read_text())
     assert result["sizes"] == {"train": 64, "val": 16}
+    assert result["train_tokens"] > 64 * 96  # 96-160 words a row, plus <s>
+    for side in ("baseline", "probekit"):
+        figures = result["results"][side]
+        assert len(figures["epoch_s"]) == len(figures["train_s"]) == 1
+        assert 0 < figures["train_s"][0] <= figures["epoch_s"][0]
+        assert len(figures["step_s"]) == 2  # 64 rows / (8 x 4) per optimiser step
+        assert result["projected_10_epochs_s"][side] > 0
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 RESULTS = ROOT / "benchmarks" / "results.py"
