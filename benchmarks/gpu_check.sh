@@ -9,12 +9,14 @@
 #      this checkout (PYTHONPATH), not installed;
 #   1. the CUDA checks: pytest -m gpu (tests/test_gpu.py), with a JUnit report;
 #   2. the gpu scenario of benchmarks/vs_hf_trainer.py: a 32-block width-4096 Llama with random
-#      bf16 weights, 8,000 examples of ~128 tokens, safety8k against the Hugging Face Trainer;
+#      weights, 8,000 examples of ~128 tokens, safety8k against the Hugging Face Trainer, both
+#      under bf16 autocast;
 #   3. nvidia-smi and the library versions.
 #
-# Every step runs under its own time limit (2 + 5.5 minutes, about 8 in all with the install),
-# and a failed step does not stop the next one. Everything lands in DIR (default: $OUT where
-# that is set, else gpu-check-<time>), at most 8 files, none in sub-folders:
+# Every step runs under its own time limit (install 1 minute, tests 2, benchmark 6, versions 0.5:
+# at most 9.5 in all, so a 10-minute device command always returns), and a failed step does not
+# stop the next one. Everything lands in DIR (default: $OUT where that is set, else
+# gpu-check-<time>), at most 8 files, none in sub-folders:
 #   summary.txt  each step's exit status and time, the test tally, the benchmark's table
 #   install.log  what was missing and what was installed
 #   tests.log    pytest's output;  tests.xml  its JUnit report
@@ -31,13 +33,15 @@ TINY=0
 OUT_DIR="${OUT:-}"
 WHEELS="$ROOT/.whl"
 PYTHON="${PYTHON:-python3}"
+needs() { [ "$2" -ge 2 ] || { echo "gpu_check.sh: $1 needs a value (see --help)" >&2; exit 2; }; }
 while [ $# -gt 0 ]; do
+    case "$1" in --out|--wheels|--python) needs "$1" $# ;; esac
     case "$1" in
         --tiny) TINY=1 ;;
         --out) OUT_DIR="$2"; shift ;;
         --wheels) WHEELS="$2"; shift ;;
         --python) PYTHON="$2"; shift ;;
-        -h|--help) sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -98,7 +102,7 @@ install() {
 }
 export -f install
 export PYTHON WHEELS
-step "0. install" 240 "$OUT_DIR/install.log" install
+step "0. install" 60 "$OUT_DIR/install.log" install
 tail -n 1 "$OUT_DIR/install.log" | tee -a "$SUMMARY"
 
 CUDA=$("$PYTHON" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
@@ -107,14 +111,14 @@ if [ "$TINY" = 0 ] && [ "$CUDA" != 1 ]; then
 fi
 
 # -- 1. the CUDA checks -------------------------------------------------------------------------
-step "1. pytest -m gpu" 150 "$OUT_DIR/tests.log" "$PYTHON" -m pytest -m gpu tests/test_gpu.py \
+step "1. pytest -m gpu" 120 "$OUT_DIR/tests.log" "$PYTHON" -m pytest -m gpu tests/test_gpu.py \
     -p no:cacheprovider -q -rs --junitxml="$OUT_DIR/tests.xml"
 grep -E "^(FAILED|ERROR)|passed|failed|error" "$OUT_DIR/tests.log" | tail -n 12 | tee -a "$SUMMARY"
 
 # -- 2. the gpu benchmark scenario --------------------------------------------------------------
 BENCH=(benchmarks/vs_hf_trainer.py --scenario gpu --json "$OUT_DIR/bench.json" --plot "$OUT_DIR/bench.png")
 [ "$TINY" = 1 ] && BENCH+=(--tiny --rows 64)
-step "2. benchmark: gpu scenario" 330 "$OUT_DIR/bench.log" "$PYTHON" "${BENCH[@]}"
+step "2. benchmark: gpu scenario" 360 "$OUT_DIR/bench.log" "$PYTHON" "${BENCH[@]}"
 sed -n '/^ *baseline  *probekit$/,$p' "$OUT_DIR/bench.log" | tee -a "$SUMMARY" > /dev/null
 grep -E "^(scenario|machine|card)" "$OUT_DIR/bench.log" >> "$SUMMARY"
 tail -n 5 "$OUT_DIR/bench.log" | grep -E "Error|error" >> "$SUMMARY"
@@ -143,7 +147,7 @@ for name in ("transformers", "accelerate", "tokenizers", "safetensors", "pydanti
 EOF
 }
 export -f environment
-step "3. nvidia-smi and versions" 60 "$OUT_DIR/env.txt" environment
+step "3. nvidia-smi and versions" 30 "$OUT_DIR/env.txt" environment
 grep -E "^(device|torch|transformers) " "$OUT_DIR/env.txt" | tee -a "$SUMMARY"
 
 say "results in $OUT_DIR: $(cd "$OUT_DIR" && ls | tr '\n' ' ')"

@@ -117,10 +117,13 @@ def test_an_fp16_run_skips_a_non_finite_step_and_goes_on(
     result = trained(config, tmp_path / "run", PoisonFirstWindow(), optimiser)
     assert optimiser.fused is False  # the scaler must see the skipped step (optim.fused_update)
     facts = numerics(result.run_dir)
-    assert facts["precision"] == "fp16" and facts["skipped_steps"] == 1
-    assert facts["loss_scale"] is not None and facts["loss_scale"] < 2.0**16  # backed off once
     rows = read_jsonl(result.run_dir / "metrics.jsonl")
-    assert rows[0]["skipped_steps"] == 1 and rows[1]["skipped_steps"] == 0
+    # The poisoned window, and perhaps a few early ones that overflow at the initial scale (2^16).
+    assert facts["precision"] == "fp16" and facts["skipped_steps"] >= 1
+    assert rows[0]["skipped_steps"] >= 1 and sum(r["skipped_steps"] for r in rows) == facts["skipped_steps"]
+    assert facts["loss_scale"] is not None and facts["loss_scale"] <= 2.0**15  # backed off
+    windows = 2 * len(toy_data.texts("train")) // (8 * 4)
+    assert rows[-1]["step"] == windows - facts["skipped_steps"]  # skipped steps are not steps
     saved = load_file(result.run_dir / "checkpoint" / "probe.safetensors")
     assert all(torch.isfinite(t).all() for t in saved.values())
 
