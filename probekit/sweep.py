@@ -64,7 +64,7 @@ from probekit.rundir import RunFolder, default_run_dir, explain_failure
 from probekit.spec import BuildContext, PoolerSpec, TokenPoolerSpec
 from probekit.tasks.base import Scores, Task, Threshold
 from probekit.training.callbacks import LOWER_IS_BETTER, BestWeights, EarlyStopping, improves
-from probekit.training.context import Log, RunContext
+from probekit.training.context import Log, RunContext, deterministic_algorithms
 from probekit.training.loop import Parts, fit
 from probekit.training.plan import TrainPlan, absolute_paths, input_paths, prepare
 from probekit.training.state import TrainState
@@ -640,8 +640,9 @@ def sweep(
     )
     try:
         partial = folder.create()
-        ctx = RunContext.start(config.train, log=log, progress=progress)
-        result = _sweep(config, token_pooler, combine, layers, combos, (resamples, seed), partial, ctx)
+        with deterministic_algorithms(config.train.deterministic):
+            ctx = RunContext.start(config.train, log=log, progress=progress)
+            result = _sweep(config, token_pooler, combine, layers, combos, (resamples, seed), partial, ctx)
         folder.publish()
     except BaseException as exc:
         folder.abandon(log, keep=False)

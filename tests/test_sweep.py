@@ -435,3 +435,24 @@ def test_plot_layers_writes_a_png_with_gaps_and_combinations(tmp_path: Path) -> 
     assert empty.read_bytes()[:8] == PNG_SIGNATURE
     with pytest.raises(UserError, match="2 layers but 1 rows"):
         plot_layers([0, 1], rows[:1], tmp_path / "c.png")
+
+
+def test_the_sweep_runs_under_train_deterministic(
+    bert_dir: Path, toy_data: ToyData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train.deterministic holds for the sweep's whole run (backbone pass and candidates) and not
+    after it; an operation without a deterministic kernel is named in one line, nothing kept."""
+    import probekit.sweep
+
+    seen: list[bool] = []
+
+    def no_kernel(*_args: Any, **_kwargs: Any) -> Any:
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        raise RuntimeError("index_add_cuda_ does not have a deterministic implementation, but you set ...")
+
+    monkeypatch.setattr(probekit.sweep, "_sweep", no_kernel)
+    config = make_config(bert_dir, toy_data, "freezer.kind=all", "train.deterministic=true")
+    with pytest.raises(UserError, match=r"^train.deterministic: index_add_cuda_ has no deterministic kernel"):
+        sweep(config, out=tmp_path / "sweep", log=quiet, progress=False)
+    assert seen == [True] and not torch.are_deterministic_algorithms_enabled()
+    assert not (tmp_path / "sweep").exists() and leftovers(tmp_path) == []
