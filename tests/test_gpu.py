@@ -171,31 +171,6 @@ def test_the_activation_cache_built_on_the_device_trains_as_the_uncached_run(
     assert val[0] == pytest.approx(val[1], abs=score_atol)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_killed_and_resumed_with_deterministic_kernels_is_bit_identical(
-    device: str,
-    bert_dir: Path,
-    toy_data: ToyData,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    no_plots: list[Any],
-) -> None:
-    """bf16 autocast, dropout in the trainable block (the device's generator draws it), killed
-    mid-accumulation in the second epoch: the resumed run ends bit for bit where one that was
-    never stopped does, and deterministic kernels were on only while it ran."""
-    config = config_for(bert_dir, toy_data, *on(device), "train.precision=bf16", "train.deterministic=true")
-    assert not torch.are_deterministic_algorithms_enabled()
-    reference, out = tmp_path / "reference", tmp_path / "run"
-    where = Where()
-    trained(config, reference, where)
-    assert where.device == device and where.deterministic is True
-    stop_at_micro_batch(config, out, monkeypatch, MICRO_PER_EPOCH + 5, len(toy_data.texts("train")))
-    trained(config, out, resume=True)
-    assert_identical(out, reference)
-    assert numerics(reference)["precision"] == "bf16"
-    assert not torch.are_deterministic_algorithms_enabled()
-
-
 class Optimiser(Callback):
     """Records whether every parameter group of the run's AdamW is fused."""
 
@@ -207,7 +182,7 @@ class Optimiser(Callback):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_adamw_runs_fused_on_cuda_and_a_fused_run_resumes_bit_identical(
+def test_killed_and_resumed_with_deterministic_kernels_is_bit_identical(
     device: str,
     bert_dir: Path,
     toy_data: ToyData,
@@ -215,19 +190,24 @@ def test_adamw_runs_fused_on_cuda_and_a_fused_run_resumes_bit_identical(
     monkeypatch: pytest.MonkeyPatch,
     no_plots: list[Any],
 ) -> None:
-    """On CUDA (bf16 here) AdamW takes one fused kernel per step; its state (a ``step`` tensor on
-    the device) goes through a checkpoint and back bit for bit. The cpu case forces torch's CPU
-    fused kernel through the same code."""
+    """bf16 autocast, dropout in the trainable block (the device's generator draws it), AdamW
+    fused (its ``step`` a tensor on the device), killed mid-accumulation in the second epoch: the
+    resumed run ends bit for bit where one that was never stopped does, and deterministic
+    kernels were on only while it ran. The cpu case forces torch's CPU fused AdamW through the
+    same code (CUDA runs take it by themselves)."""
     if device == "cpu":
         monkeypatch.setattr(probekit.training, "fused_update", lambda *_a, **_k: True)
     config = config_for(bert_dir, toy_data, *on(device), "train.precision=bf16", "train.deterministic=true")
+    assert not torch.are_deterministic_algorithms_enabled()
     reference, out = tmp_path / "reference", tmp_path / "run"
-    optimiser = Optimiser()
-    trained(config, reference, optimiser)
-    assert optimiser.fused is True
-    stop_at_micro_batch(config, out, monkeypatch, MICRO_PER_EPOCH + 3, len(toy_data.texts("train")))
+    where, optimiser = Where(), Optimiser()
+    trained(config, reference, where, optimiser)
+    assert where.device == device and where.deterministic is True and optimiser.fused is True
+    stop_at_micro_batch(config, out, monkeypatch, MICRO_PER_EPOCH + 5, len(toy_data.texts("train")))
     trained(config, out, resume=True)
     assert_identical(out, reference)
+    assert numerics(reference)["precision"] == "bf16"
+    assert not torch.are_deterministic_algorithms_enabled()
 
 
 def wider_bert(bert_dir: Path, hidden: int = 1024) -> tuple[Any, Any]:
