@@ -733,6 +733,24 @@ def test_resolve_precision_on_the_cpu() -> None:
         Precision.resolve("fp16", cpu)
 
 
+@pytest.mark.parametrize("bf16_units", [True, False])
+def test_resolve_precision_on_a_gpu(bf16_units: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What each setting means on a CUDA device with and without bf16 support (the device is
+    stood in for: only its support flags are read)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *_a, **_k: bf16_units)
+    cuda = torch.device("cuda")
+    assert Precision.resolve("auto", cuda) == Precision("bf16" if bf16_units else "fp32")
+    assert Precision.resolve("fp16", cuda).dtype is torch.float16
+    if bf16_units:
+        assert Precision.resolve("bf16", cuda).dtype is torch.bfloat16
+    else:
+        with pytest.raises(
+            UserError, match=r"^train.precision: this GPU does not support bf16; use fp16 or auto$"
+        ):
+            Precision.resolve("bf16", cuda)
+
+
 def test_fp16_on_the_cpu_is_refused_before_anything_is_written(
     bert_dir: Path, toy_data: ToyData, tmp_path: Path
 ) -> None:
