@@ -155,12 +155,14 @@ def nominal_peak_tflops(device_name: str) -> float | None:
     return next((peak for key, peak in NOMINAL_BF16_TFLOPS.items() if key in device_name), None)
 
 
-def synchronize() -> None:
-    """Wait for the GPU's queued work (timestamps that mean what they say); nothing on the CPU."""
+def now() -> float:
+    """``time.perf_counter()`` once the GPU's queued work is done (timestamps that mean what
+    they say; on the CPU, at once)."""
     import torch
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def peak_memory_mb() -> dict[str, float]:
@@ -274,21 +276,17 @@ def run_probekit(args: argparse.Namespace, data: Path) -> dict[str, Any]:
             self.train_s: list[float] = []
             self.step_s: list[float] = []
 
-        def now(self) -> float:
-            synchronize()
-            return time.perf_counter()
-
         def on_fit_start(self, fit: Any) -> None:
-            self.epoch_start = self.last = self.now()
+            self.epoch_start = self.last = now()
 
         def on_window_end(self, fit: Any) -> None:
-            now = self.now()
-            self.step_s.append(now - self.last)
-            self.last = now
+            stamp = now()
+            self.step_s.append(stamp - self.last)
+            self.last = stamp
 
         def on_epoch_end(self, fit: Any) -> None:
             self.train_s.append(self.last - self.epoch_start)
-            self.epoch_start = self.last = self.now()
+            self.epoch_start = self.last = now()
 
     clock = Clock()
     with tempfile.TemporaryDirectory() as out:
@@ -405,10 +403,6 @@ def run_baseline(args: argparse.Namespace, data: Path) -> dict[str, Any]:
 
     marks: dict[str, list[float]] = {"begin": [], "trained": [], "evaluated": [], "step": []}
     evals: list[dict[str, float]] = []
-
-    def now() -> float:
-        synchronize()
-        return time.perf_counter()
 
     class Clock(TrainerCallback):  # type: ignore[misc]
         def on_epoch_begin(self, *_a: Any, **_k: Any) -> None:

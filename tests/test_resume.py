@@ -516,12 +516,13 @@ def test_a_run_that_is_not_resumable_writes_no_checkpoint_and_trains_the_same(
     """train.resumable=false: no checkpoint is ever written (a big trainable part's optimiser
     state would cost tens of GB a write), the plan says so, and the run ends with the weights
     and metrics of a resumable one (the checkpoints draw no random numbers)."""
-    writes: list[str] = []
-    real_save = state.save_state
-    monkeypatch.setattr(state, "save_state", lambda *a, **k: writes.append(a[1]) or real_save(*a, **k))
     import probekit.training.callbacks
 
-    monkeypatch.setattr(probekit.training.callbacks, "save_state", state.save_state)
+    writes: list[str] = []
+    real_save = state.save_state
+    monkeypatch.setattr(  # where StateCheckpoints calls it
+        probekit.training.callbacks, "save_state", lambda *a, **k: writes.append(a[1]) or real_save(*a, **k)
+    )
     lines: list[str] = []
     config = config_for(bert_dir, toy_data, "train.resumable=false")
     out = tmp_path / "run"

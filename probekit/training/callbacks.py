@@ -338,6 +338,9 @@ def restore_rng(saved: Saved, rank: int) -> None:
         set_rng_state({k: v for k, v in saved.tensors.items() if k.startswith("rng.")}, saved.state["rng"])
 
 
+CONTINUE = "continue with the same command plus --resume"
+
+
 class StopOnSignal(Callback):
     """SIGTERM and the first Ctrl-C during the fit: finish the step, let `StateCheckpoints` write
     a checkpoint, then stop (exit 143 / 130); a second Ctrl-C stops at once. Every process agrees
@@ -379,18 +382,10 @@ class StopOnSignal(Callback):
         fit.ctx.group.barrier()
         what = "SIGTERM" if signum == signal.SIGTERM else "SIGINT"
         if not self.resumable:
-            message = (
-                f"stopped by {what} after step {fit.state.step}; no checkpoint was written "
-                "(train.resumable is false), so the run cannot be continued"
-            )
-            raise (TerminatedError if signum == signal.SIGTERM else InterruptedRunError)(message)
-        where = (
-            f"a checkpoint was written to {self.folder / STATE_DIR}"
-            if self.folder is not None and fit.ctx.is_main
-            else "the main process wrote the checkpoint"
-        )
-        message = (
-            f"stopped by {what} after step {fit.state.step}; {where}; "
-            "continue with the same command plus --resume"
-        )
+            where = "no checkpoint was written (train.resumable is false), so the run cannot be continued"
+        elif self.folder is not None and fit.ctx.is_main:
+            where = f"a checkpoint was written to {self.folder / STATE_DIR}; {CONTINUE}"
+        else:
+            where = f"the main process wrote the checkpoint; {CONTINUE}"
+        message = f"stopped by {what} after step {fit.state.step}; {where}"
         raise (TerminatedError if signum == signal.SIGTERM else InterruptedRunError)(message)
